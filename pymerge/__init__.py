@@ -1,0 +1,68 @@
+"""pymerge: merge neural networks and study the loss landscape between them.
+
+The public API is re-exported here and imported lazily, so ``import pymerge``
+stays fast and works without the optional pieces (Triton, the C++ extension).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "backends": "pymerge._backend",
+    # assignment (issue 2)
+    "linear_sum_assignment": "pymerge.ops.assignment",
+    "linear_sum_assignment_batch": "pymerge.ops.assignment",
+    "AssignmentResult": "pymerge.ops.assignment",
+    # permutation specs (issue 4)
+    "PermutationSpec": "pymerge.spec",
+    "AxisRef": "pymerge.spec",
+    "HeadStructure": "pymerge.spec",
+    "ActivationPoint": "pymerge.spec",
+    "spec_from_model": "pymerge.spec",
+    "apply_permutation": "pymerge.spec",
+    "random_permutation": "pymerge.spec",
+    "identity_permutation": "pymerge.spec",
+    # alignment (issue 4)
+    "weight_matching": "pymerge.align",
+    "WeightMatchingResult": "pymerge.align",
+    "activation_matching": "pymerge.align",
+    "ste_matching": "pymerge.align",
+    "align_to_anchor": "pymerge.align",
+    "merge_many": "pymerge.align",
+    "repair": "pymerge.align",
+    "reset_bn_stats": "pymerge.align",
+}
+
+_SUBMODULES = ("ops", "spec", "align", "kernels", "landscape", "models")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"pymerge.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'pymerge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pymerge._backend import backends  # noqa: F401
+    from pymerge.ops.assignment import (  # noqa: F401
+        AssignmentResult,
+        linear_sum_assignment,
+        linear_sum_assignment_batch,
+    )

@@ -1,0 +1,133 @@
+"""Backend discovery and choice: the one place that says which native path runs.
+
+Two families of fast paths exist:
+
+* ``assignment``: the C++ solver ``pymerge._lap`` ("native") or the pure
+  NumPy/torch fallback ("torch").
+* ``kernels``: Triton kernels in ``pymerge.kernels`` ("triton") or plain torch
+  ("torch"). Triton is used automatically only for CUDA tensors; under
+  ``TRITON_INTERPRET=1`` it can be forced on CPU tensors (the test suite does).
+
+The environment variable ``PYMERGE_BACKEND`` (``auto`` | ``torch`` | ``native``
+| ``triton``) or a ``backend=`` argument forces a choice. ``torch`` forces every
+fallback; ``native`` forces the C++ solver; ``triton`` forces the Triton kernels.
+Forcing a backend that is not available raises ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Literal
+
+import torch
+
+BACKEND_ENV = "PYMERGE_BACKEND"
+_VALID = ("auto", "torch", "native", "triton")
+
+AssignmentBackend = Literal["native", "torch"]
+KernelBackend = Literal["triton", "torch"]
+
+
+def _requested(backend: str | None) -> str:
+    value = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    value = (value or "auto").strip().lower()
+    if value not in _VALID:
+        source = "backend argument" if backend is not None else f"${BACKEND_ENV}"
+        raise ValueError(f"{source}={value!r} is not one of {', '.join(_VALID)}")
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def native_lap():
+    """The compiled assignment module, or ``None`` when it is not built."""
+    try:
+        return importlib.import_module("pymerge._lap")
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def triton_error() -> str | None:
+    """Why Triton cannot be used here (``None`` when it imports)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_interpret() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_assignment(backend: str | None = None) -> AssignmentBackend:
+    """Pick the assignment backend: ``"native"`` when built, else ``"torch"``."""
+    req = _requested(backend)
+    if req == "torch":
+        return "torch"
+    if native_lap() is None:
+        if req == "native":
+            raise RuntimeError(
+                "backend 'native' was requested but pymerge._lap is not built; "
+                "reinstall pymerge with a C++17 compiler available"
+            )
+        return "torch"
+    return "native"
+
+
+def choose_kernels(backend: str | None = None, *tensors: torch.Tensor) -> KernelBackend:
+    """Pick the kernel backend for ``tensors``.
+
+    ``auto`` gives Triton when every tensor is on a CUDA device and Triton imports,
+    and torch otherwise. ``triton`` forces it (CPU tensors need ``TRITON_INTERPRET=1``).
+    """
+    req = _requested(backend)
+    if req in ("torch", "native"):
+        return "torch"
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
+    if req == "auto":
+        return "triton" if on_cuda and triton_error() is None else "torch"
+    # forced triton
+    if triton_error() is not None:
+        raise RuntimeError(f"backend 'triton' was requested but triton does not import: {triton_error()}")
+    if not on_cuda and not triton_interpret():
+        raise RuntimeError(
+            "backend 'triton' was requested for CPU tensors; set TRITON_INTERPRET=1 "
+            "(before importing triton) to run the kernels in the interpreter, or move the tensors to CUDA"
+        )
+    return "triton"
+
+
+def backends() -> dict[str, str]:
+    """What this installation can run and what ``auto`` picks.
+
+    Returns a dict with ``assignment`` (``native``/``torch``), ``kernels`` for CUDA
+    tensors (``triton``/``torch``), ``cuda`` (device name or ``none``), ``triton``
+    (version or the import error) and ``forced`` (the value of ``$PYMERGE_BACKEND``).
+    """
+    err = triton_error()
+    if err is None:
+        import triton
+
+        triton_desc = triton.__version__ + (" (interpreter)" if triton_interpret() else "")
+    else:
+        triton_desc = f"unavailable ({err})"
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    req = _requested(None)
+    lap = native_lap()
+    return {
+        "assignment": choose_assignment(),
+        "assignment_native": "built" + (f" ({lap.__simd__})" if hasattr(lap, "__simd__") else "")
+        if lap is not None
+        else "missing",
+        "kernels": "torch"
+        if req in ("torch", "native")
+        else ("triton" if err is None and torch.cuda.is_available() else "torch"),
+        "cuda": cuda,
+        "triton": triton_desc,
+        "forced": req,
+    }
