@@ -1,0 +1,221 @@
+"""Pure-NumPy linear sum assignment: the fallback behind ``pymerge.linear_sum_assignment``.
+
+Shortest augmenting paths on a rectangular cost matrix, after D. F. Crouse, "On implementing
+2D rectangular assignment algorithms", IEEE Trans. Aerospace and Electronic Systems 52(4),
+2016 (the algorithm scipy uses), preceded by a row reduction that assigns every row whose
+cheapest column is still free (the cheap part of Jonker & Volgenant's initialisation). Each
+Dijkstra step is vectorised over the columns, so the cost is O(n^2) NumPy calls of length m.
+
+Same contract as the compiled ``pymerge._lap.solve``:
+
+``solve(cost, maximize=False, init_col4row=None, init_v=None) -> (col4row, u, v)`` for a
+2-D float cost with ``n_rows <= n_cols``. ``+inf`` (``-inf`` when maximising) forbids a pair;
+NaN or the other infinity raises ``ValueError``; no complete finite assignment raises
+``ValueError("cost matrix is infeasible ...")``. The duals ``u``/``v`` are those of the
+minimisation problem actually solved (the negated costs when maximising): opaque values to
+pass back as ``init_v`` to warm-start a following solve of the same shape and sense.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["solve", "solve_batch", "check_costs", "INVALID_NAN", "INVALID_INF", "INFEASIBLE"]
+
+INVALID_NAN = "cost matrix contains invalid numeric entries: NaN"
+INVALID_INF = "cost matrix contains invalid numeric entries: {sign}inf"
+INFEASIBLE = "cost matrix is infeasible: no complete assignment has a finite total cost"
+
+
+def check_costs(cost: np.ndarray, maximize: bool) -> None:
+    """Raise ``ValueError`` naming the first NaN, or ``-inf`` (``+inf`` when maximising)."""
+    if cost.dtype.kind != "f" or cost.size == 0:
+        return
+    bad = np.isnan(cost)
+    if bad.any():
+        where = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(f"{INVALID_NAN} at index {where}")
+    wrong = np.inf if maximize else -np.inf
+    bad = cost == wrong
+    if bad.any():
+        where = tuple(int(k) for k in np.argwhere(bad)[0])
+        sign, allowed = ("+", "-inf") if maximize else ("-", "+inf")
+        raise ValueError(
+            f"{INVALID_INF.format(sign=sign)} at index {where} "
+            f"(when {'maximising' if maximize else 'minimising'}, forbid a pair with {allowed})"
+        )
+
+
+def _as_cost(cost: np.ndarray) -> np.ndarray:
+    cost = np.asarray(cost)
+    if cost.ndim != 2:
+        raise ValueError(f"expected a 2-D cost matrix, got shape {cost.shape}")
+    if cost.dtype.kind not in "biuf":
+        raise TypeError(f"cost matrix must be numeric (float/int/bool), got dtype {cost.dtype}")
+    if cost.shape[0] > cost.shape[1]:
+        raise ValueError(
+            f"solve needs n_rows <= n_cols, got shape {cost.shape}; transpose the problem"
+        )
+    return cost
+
+
+def _initial_assignment(
+    red: np.ndarray, u: np.ndarray, hint: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Assign tight pairs (reduced cost 0) greedily: the hint first, then each row's argmin."""
+    n, m = red.shape
+    col4row = np.full(n, -1, dtype=np.int64)
+    row4col = np.full(m, -1, dtype=np.int64)
+    rows = np.arange(n)
+    if hint is not None:
+        ok = hint >= 0
+        cand_rows = rows[ok]
+        cand_cols = hint[ok]
+        tight = red[cand_rows, cand_cols] == u[cand_rows]
+        cand_rows, cand_cols = cand_rows[tight], cand_cols[tight]
+        # keep the first row naming each column (a validated hint has no repeats)
+        _, first = np.unique(cand_cols, return_index=True)
+        col4row[cand_rows[first]] = cand_cols[first]
+        row4col[cand_cols[first]] = cand_rows[first]
+    free_rows = np.flatnonzero(col4row < 0)
+    if free_rows.size:
+        best = np.argmin(red[free_rows], axis=1)
+        usable = row4col[best] < 0
+        free_rows, best = free_rows[usable], best[usable]
+        _, first = np.unique(best, return_index=True)
+        col4row[free_rows[first]] = best[first]
+        row4col[best[first]] = free_rows[first]
+    return col4row, row4col
+
+
+def _augment(
+    c: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    col4row: np.ndarray,
+    row4col: np.ndarray,
+    root: int,
+) -> None:
+    """One Dijkstra search from free row ``root``, then dual update and augmentation."""
+    m = c.shape[1]
+    dist = np.full(m, np.inf)
+    path = np.full(m, -1, dtype=np.int64)
+    unscanned = np.ones(m, dtype=bool)
+    masked = np.full(m, np.inf)  # dist on unscanned columns, +inf on scanned ones
+    scanned: list[int] = []
+    min_val = 0.0
+    i = root
+    while True:
+        reduced = c[i] - v
+        reduced += min_val - u[i]
+        better = reduced < masked
+        better &= unscanned
+        np.copyto(masked, reduced, where=better)
+        path[better] = i
+        j = int(np.argmin(masked))
+        lowest = masked[j]
+        if lowest == np.inf:
+            raise ValueError(INFEASIBLE)
+        if row4col[j] >= 0:
+            # prefer a free column among ties: it ends the search (scipy does the same)
+            ties = np.flatnonzero(masked == lowest)
+            if ties.size > 1:
+                free = ties[row4col[ties] < 0]
+                if free.size:
+                    j = int(free[0])
+        min_val = float(lowest)
+        dist[j] = lowest
+        masked[j] = np.inf
+        unscanned[j] = False
+        if row4col[j] < 0:
+            sink = j
+            break
+        scanned.append(j)
+        i = int(row4col[j])
+    # dual update: rows reached through scanned columns, and the scanned columns
+    u[root] += min_val
+    if scanned:
+        cols = np.asarray(scanned, dtype=np.int64)
+        delta = min_val - dist[cols]
+        u[row4col[cols]] += delta
+        v[cols] -= delta
+    # augment along the path back to the root
+    j = sink
+    while True:
+        i = int(path[j])
+        row4col[j] = i
+        col4row[i], j = j, int(col4row[i])
+        if i == root:
+            break
+
+
+def solve(
+    cost: np.ndarray,
+    maximize: bool = False,
+    init_col4row: np.ndarray | None = None,
+    init_v: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Solve one ``[n, m]`` problem (``n <= m``): ``(col4row int64[n], u f64[n], v f64[m])``.
+
+    ``init_v`` (column duals of a previous solve of the same shape and sense) and
+    ``init_col4row`` (a previous assignment, ``-1`` for "none") only speed the solve up;
+    the optimum is the same. Column duals are used for square problems only (a rectangular
+    problem needs zero duals on unassigned columns, which a stale ``v`` does not give).
+    """
+    cost = _as_cost(cost)
+    maximize = bool(maximize)
+    check_costs(cost, maximize)
+    n, m = cost.shape
+    c = np.array(cost, dtype=np.float64, order="C", copy=True)
+    if maximize:
+        np.negative(c, out=c)
+    v = np.zeros(m)
+    if init_v is not None and n == m:
+        init_v = np.asarray(init_v, dtype=np.float64)
+        if init_v.shape != (m,):
+            raise ValueError(f"init_v must have shape ({m},), got {init_v.shape}")
+        if not np.isfinite(init_v).all():
+            raise ValueError("init_v must be finite")
+        v[:] = init_v
+    hint = None
+    if init_col4row is not None:
+        hint = np.asarray(init_col4row)
+        if hint.shape != (n,) or hint.dtype.kind not in "iu":
+            raise ValueError(
+                f"init_col4row must be an integer array of shape ({n},), "
+                f"got {hint.dtype} {hint.shape}"
+            )
+        hint = hint.astype(np.int64)
+        if ((hint < -1) | (hint >= m)).any():
+            raise ValueError(f"init_col4row entries must lie in [-1, {m})")
+        used = hint[hint >= 0]
+        if np.unique(used).size != used.size:
+            raise ValueError("init_col4row assigns a column to more than one row")
+    if n == 0:
+        return np.empty(0, np.int64), np.empty(0), v
+    red = c - v
+    u = red.min(axis=1)
+    if np.isinf(u).any():
+        raise ValueError(INFEASIBLE)
+    col4row, row4col = _initial_assignment(red, u, hint)
+    del red
+    for root in np.flatnonzero(col4row < 0):
+        _augment(c, u, v, col4row, row4col, int(root))
+    return col4row, u, v
+
+
+def solve_batch(costs: np.ndarray, maximize: bool = False, threads: int = 0) -> np.ndarray:
+    """Solve a ``[B, n, m]`` (``n <= m``) stack; returns ``col4row int64 [B, n]``.
+
+    ``threads`` is accepted for signature parity with the native module and ignored.
+    """
+    costs = np.asarray(costs)
+    if costs.ndim != 3:
+        raise ValueError(f"expected a 3-D stack of costs [B, n, m], got shape {costs.shape}")
+    out = np.empty(costs.shape[:2], dtype=np.int64)
+    for b in range(costs.shape[0]):
+        try:
+            out[b] = solve(costs[b], maximize)[0]
+        except ValueError as exc:
+            raise ValueError(f"{exc} (problem {b} of the batch)") from None
+    return out
