@@ -1,0 +1,516 @@
+"""Weight matching: Git Re-Basin coordinate descent over permutation groups.
+
+Maximises the summed inner product between model A's weights and the permuted
+weights of model B,
+
+    J(pi) = sum over state keys w (except ``spec.no_cost``) of <W_w^A, pi(W_w^B)>_F,
+
+one group at a time: with every other group fixed, the best permutation of one
+group is a linear assignment problem on
+
+    A_p = sum over axes (w, axis) of group p: Wa_w(axis first, (n, -1)) @ Wb_w(other axes
+          permuted, axis first, (n, -1)).T
+
+solved with :func:`pymerge.linear_sum_assignment` (``maximize=True``), warm-started from
+the previous duals of the same group. Groups under a :class:`~pymerge.spec.HeadStructure`
+are solved jointly: for every pair of heads the within-head assignment of each member
+group, then one head-to-head assignment on the summed within-head optima.
+
+Numerics: costs are accumulated and solved in float64 by default (``dtype``) so that
+the stopping test (improvement > ``tol`` relative) is not decided by float32 round-off;
+the matrix products are a small part of the time on CPU. Pass ``dtype=torch.float32``
+to trade exactness for speed on a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pymerge.spec import PermutationSpec
+
+Permutation = dict[str, Tensor]
+
+__all__ = ["MatchingHistory", "WeightMatchingResult", "weight_matching", "matching_objective"]
+
+
+@dataclass
+class MatchingHistory:
+    """What happened during coordinate descent.
+
+    ``objective[i]`` is J after iteration ``i`` (``initial_objective`` before the first);
+    ``solves[i]`` the number of assignment problems solved in iteration ``i`` (a head
+    structure counts its within-head problems too); ``seconds[i]`` wall time of iteration
+    ``i``; ``improved[i]`` the number of groups (or head structures) whose permutation
+    changed for the better.
+    """
+
+    initial_objective: float = float("nan")
+    objective: list[float] = field(default_factory=list)
+    solves: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    improved: list[int] = field(default_factory=list)
+    setup_seconds: float = 0.0
+
+    @property
+    def iterations(self) -> int:
+        return len(self.objective)
+
+    @property
+    def total_solves(self) -> int:
+        return int(sum(self.solves))
+
+    @property
+    def total_seconds(self) -> float:
+        return float(self.setup_seconds + sum(self.seconds))
+
+
+@dataclass
+class WeightMatchingResult:
+    """Result of :func:`weight_matching`.
+
+    ``perm`` maps group -> LongTensor [n] (CPU): ``apply_permutation(spec, perm, state_b)``
+    looks like ``state_a``. ``converged`` is True when the last iteration improved no group.
+    Passing a result as ``init=`` to a later call also reuses its assignment duals.
+    """
+
+    perm: Permutation
+    history: MatchingHistory
+    converged: bool
+    _duals: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def objective(self) -> float:
+        """Final objective J (float64 arithmetic)."""
+        if self.history.objective:
+            return self.history.objective[-1]
+        return self.history.initial_objective
+
+
+# --------------------------------------------------------------------------- solver
+
+
+def _assignment_api():
+    from pymerge.ops import assignment as _asg
+
+    return _asg
+
+
+def _solve(cost: Tensor, prev: Any, backend: str | None) -> tuple[Tensor, Any]:
+    """Maximising assignment of a square float cost; returns (col_ind LongTensor, state)."""
+    res = _assignment_api().solve_assignment(cost, True, init=prev, backend=backend)
+    return torch.as_tensor(res.col_ind, dtype=torch.long).cpu(), res
+
+
+def _solve_batch(costs: Tensor, backend: str | None) -> Tensor:
+    """Maximising assignments of a batch [B, d, d] of square costs -> col_ind [B, d]."""
+    _, col = _assignment_api().linear_sum_assignment_batch(costs, True, backend=backend)
+    return torch.as_tensor(col, dtype=torch.long).cpu().reshape(costs.shape[0], costs.shape[1])
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class _Ref:
+    param: str
+    axis: int
+    start: int
+    stop: int
+    inner: int
+    group: str
+
+
+@dataclass
+class _Term:
+    """One (param, axis segment) of a group: the cached A-side matrix and what B needs."""
+
+    ref: _Ref
+    a_mat: Tensor  # (n, m) float, A's segment with the axis first
+    other_axes: list[int]  # axes of the param (other than ref.axis) that carry a permutation
+
+
+class _Plan:
+    """Everything precomputed once for a (spec, state_a, state_b) pair."""
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        state_a: Mapping[str, Tensor],
+        state_b: Mapping[str, Tensor],
+        dtype: torch.dtype,
+    ) -> None:
+        self.spec = spec
+        self.sizes = _validate(spec, state_a, state_b)
+        self.groups = list(spec.groups())
+        no_cost = set(spec.no_cost)
+        self.cost_keys = [
+            k for k, v in state_a.items() if k not in no_cost and torch.is_floating_point(v)
+        ]
+        self.a = {k: state_a[k].detach().to(dtype) for k in self.cost_keys}
+        self.b = {k: state_b[k].detach().to(dtype) for k in self.cost_keys}
+        # refs by param and axis
+        self.refs_by_param: dict[str, dict[int, list[_Ref]]] = {}
+        self.refs_by_group: dict[str, list[_Ref]] = {g: [] for g in self.groups}
+        for g in self.groups:
+            for raw in spec.perm_to_axes[g]:
+                ref = _normalise_ref(raw, g, state_a)
+                self.refs_by_group[g].append(ref)
+                self.refs_by_param.setdefault(ref.param, {}).setdefault(ref.axis, []).append(ref)
+        # cost terms per group
+        self.terms: dict[str, list[_Term]] = {g: [] for g in self.groups}
+        for g in self.groups:
+            n = self.sizes[g]
+            for ref in self.refs_by_group[g]:
+                if ref.param not in self.a:
+                    continue
+                a_mat = _axis_first(self.a[ref.param], ref, n)
+                others = [ax for ax in self.refs_by_param[ref.param] if ax != ref.axis]
+                self.terms[g].append(_Term(ref, a_mat, sorted(others)))
+        # groups of each head structure; the other groups solve alone
+        self.head_of: dict[str, str] = {}
+        self.heads = dict(getattr(spec, "heads", {}) or {})
+        for name, hs in self.heads.items():
+            for g in hs.groups:
+                self.head_of[g] = name
+        units: list[tuple[str, str]] = [("group", g) for g in self.groups if g not in self.head_of]
+        units += [("heads", h) for h in self.heads]
+        self.units = sorted(units, key=lambda u: u[1])
+        # index cache: (param, axis) -> full-length index or None (identity)
+        self._index: dict[tuple[str, int], Tensor | None] = {}
+        self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
+
+    # -- indices ---------------------------------------------------------------------
+
+    def invalidate(self, group: str) -> None:
+        for ref in self.refs_by_group[group]:
+            self._index.pop((ref.param, ref.axis), None)
+
+    def axis_index(self, param: str, axis: int, perm: Permutation) -> Tensor | None:
+        key = (param, axis)
+        if key in self._index:
+            return self._index[key]
+        refs = self.refs_by_param[param][axis]
+        length = self.a[param].shape[axis] if param in self.a else None
+        idx: Tensor | None = None
+        for ref in refs:
+            p = perm[ref.group]
+            if _is_identity(p):
+                continue
+            if idx is None:
+                idx = torch.arange(length if length is not None else ref.stop, dtype=torch.long)
+            seg = (p.view(-1, 1) * ref.inner + torch.arange(ref.inner)).reshape(-1) + ref.start
+            idx[ref.start : ref.stop] = seg
+        if idx is not None:
+            idx = idx.to(self.device)
+        self._index[key] = idx
+        return idx
+
+    def permuted_b(self, param: str, axes: list[int], perm: Permutation) -> Tensor:
+        t = self.b[param]
+        for ax in axes:
+            idx = self.axis_index(param, ax, perm)
+            if idx is not None:
+                t = t.index_select(ax, idx)
+        return t
+
+    # -- costs and objective --------------------------------------------------------
+
+    def cost(self, group: str, perm: Permutation) -> Tensor | None:
+        terms = self.terms[group]
+        if not terms:
+            return None
+        n = self.sizes[group]
+        total: Tensor | None = None
+        for term in terms:
+            b = self.permuted_b(term.ref.param, term.other_axes, perm)
+            b_mat = _axis_first(b, term.ref, n)
+            if b_mat.shape[1] == 1:
+                c = term.a_mat * b_mat.view(1, n)  # outer product of vectors
+            else:
+                c = term.a_mat @ b_mat.T
+            total = c if total is None else total.add_(c)
+        return total
+
+    def objective(self, perm: Permutation) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k in self.cost_keys:
+            axes = sorted(self.refs_by_param.get(k, {}))
+            b = self.permuted_b(k, axes, perm) if axes else self.b[k]
+            total += torch.vdot(self.a[k].reshape(-1), b.reshape(-1)).to(torch.float64)
+        return float(total)
+
+
+def _is_identity(p: Tensor) -> bool:
+    return bool(torch.equal(p, torch.arange(p.numel())))
+
+
+def _normalise_ref(raw: Any, group: str, state: Mapping[str, Tensor]) -> _Ref:
+    if isinstance(raw, tuple) and not hasattr(raw, "param"):
+        param, axis = raw[0], raw[1]
+        start, stop, inner = 0, None, 1
+    else:
+        param, axis = raw.param, raw.axis
+        start, stop, inner = raw.start, raw.stop, raw.inner
+    t = state[param]
+    axis = axis % t.dim()
+    stop = t.shape[axis] if stop is None else stop
+    return _Ref(param, axis, int(start), int(stop), int(inner), group)
+
+
+def _axis_first(t: Tensor, ref: _Ref, n: int) -> Tensor:
+    """Segment of ``t`` along ``ref.axis`` as an (n, -1) matrix (blocks of ``inner`` rows)."""
+    seg = t.narrow(ref.axis, ref.start, ref.stop - ref.start)
+    return seg.movedim(ref.axis, 0).reshape(n, -1)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate(
+    spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]
+) -> dict[str, int]:
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    for name, state in (("state_a", state_a), ("state_b", state_b)):
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{name} must be a mapping of str -> Tensor, got {type(state).__name__}"
+            )
+        for k, v in state.items():
+            if not isinstance(v, Tensor):
+                raise TypeError(f"{name}[{k!r}] is a {type(v).__name__}, not a torch.Tensor")
+    missing_b = [k for k in state_a if k not in state_b]
+    if missing_b:
+        raise ValueError(f"key {missing_b[0]!r} is in state_a but not in state_b")
+    missing_a = [k for k in state_b if k not in state_a]
+    if missing_a:
+        raise ValueError(f"key {missing_a[0]!r} is in state_b but not in state_a")
+    for k, va in state_a.items():
+        vb = state_b[k]
+        if va.shape != vb.shape:
+            raise ValueError(
+                f"key {k!r} has shape {tuple(va.shape)} in state_a but {tuple(vb.shape)} in state_b"
+            )
+        if va.device != vb.device:
+            raise ValueError(f"key {k!r} is on {va.device} in state_a but {vb.device} in state_b")
+    sizes = spec.validate(state_a)
+    spec.validate(state_b)
+    return dict(sizes)
+
+
+def _check_perm(
+    init: Mapping[str, Tensor], plan: _Plan
+) -> Permutation:
+    perm: Permutation = {}
+    for g in init:
+        if g not in plan.sizes:
+            raise ValueError(f"init has group {g!r} that is not in the spec")
+    for g in plan.groups:
+        n = plan.sizes[g]
+        if g not in init:
+            perm[g] = torch.arange(n)
+            continue
+        p = init[g]
+        if not isinstance(p, Tensor):
+            p = torch.as_tensor(p)
+        if p.dtype.is_floating_point or p.dtype == torch.bool or p.dim() != 1:
+            raise ValueError(
+                f"init[{g!r}] must be a 1-D integer tensor, got dtype {p.dtype} shape "
+                f"{tuple(p.shape)}"
+            )
+        if p.numel() != n:
+            raise ValueError(f"init[{g!r}] has length {p.numel()} but group {g!r} has size {n}")
+        p = p.detach().to(device="cpu", dtype=torch.long)
+        if not torch.equal(torch.sort(p).values, torch.arange(n)):
+            raise ValueError(f"init[{g!r}] is not a permutation of range({n})")
+        perm[g] = p.clone()
+    for name, hs in plan.heads.items():
+        for g in hs.groups:
+            blocks = perm[g].view(hs.num_heads, hs.head_dim) // hs.head_dim
+            if not bool((blocks == blocks[:, :1]).all()):
+                raise ValueError(
+                    f"init[{g!r}] splits attention heads of head structure {name!r} "
+                    f"(every head must map onto one whole head)"
+                )
+    return perm
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def weight_matching(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    max_iter: int = 100,
+    init: Mapping[str, Tensor] | WeightMatchingResult | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    backend: str | None = None,
+    *,
+    tol: float = 1e-12,
+    dtype: torch.dtype = torch.float64,
+) -> WeightMatchingResult:
+    """Git Re-Basin weight matching (Ainsworth et al. 2022, Alg. 1) by coordinate descent.
+
+    Args:
+        spec: permutation spec validated against both state dicts.
+        state_a: reference state dict (key -> Tensor); never modified.
+        state_b: state dict to permute towards ``state_a``; same keys and shapes.
+        max_iter: maximum number of sweeps over all groups.
+        init: warm start, a Permutation (missing groups start at identity) or a previous
+            :class:`WeightMatchingResult` (its assignment duals are reused too).
+        seed: seeds the random group order of each sweep (``torch.randperm`` on a
+            ``torch.Generator`` seeded with ``seed``): same seed, same result.
+        progress: show a tqdm bar over sweeps.
+        backend: assignment backend (``"native"``, ``"torch"`` or None for auto).
+        tol: a group counts as improved when its score rises by more than
+            ``tol * max(1, |old score|)``; the loop stops after a sweep with no improvement.
+            An assignment that does not improve keeps the old permutation.
+        dtype: dtype of costs and scores (float64 default).
+
+    Returns:
+        :class:`WeightMatchingResult` with ``perm`` (group -> LongTensor [n] on CPU), the
+        ``history`` and ``converged``.
+    """
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    t0 = time.perf_counter()
+    plan = _Plan(spec, state_a, state_b, dtype)
+    duals: dict[str, Any] = {}
+    if isinstance(init, WeightMatchingResult):
+        duals = dict(init._duals)
+        init = init.perm
+    perm = _check_perm(init or {}, plan)
+    history = MatchingHistory()
+    history.initial_objective = plan.objective(perm)
+    history.setup_seconds = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(int(seed))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc="weight matching", unit="sweep")
+    converged = False
+    try:
+        for _ in range(max_iter):
+            t_it = time.perf_counter()
+            solves = 0
+            improved = 0
+            order = torch.randperm(len(plan.units), generator=gen).tolist()
+            for u in order:
+                kind, name = plan.units[u]
+                if kind == "group":
+                    ok, s = _step_group(plan, name, perm, duals, backend, tol)
+                else:
+                    ok, s = _step_heads(plan, name, perm, backend, tol)
+                solves += s
+                improved += int(ok)
+            history.objective.append(plan.objective(perm))
+            history.solves.append(solves)
+            history.improved.append(improved)
+            history.seconds.append(time.perf_counter() - t_it)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(objective=f"{history.objective[-1]:.6g}", improved=improved)
+            if improved == 0:
+                converged = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return WeightMatchingResult(perm=perm, history=history, converged=converged, _duals=duals)
+
+
+def _improves(new: float, old: float, tol: float) -> bool:
+    return new > old + tol * max(1.0, abs(old))
+
+
+def _score(cost: Tensor, p: Tensor) -> float:
+    n = cost.shape[0]
+    return float(cost[torch.arange(n, device=cost.device), p.to(cost.device)].sum())
+
+
+def _step_group(
+    plan: _Plan,
+    g: str,
+    perm: Permutation,
+    duals: dict[str, Any],
+    backend: str | None,
+    tol: float,
+) -> tuple[bool, int]:
+    cost = plan.cost(g, perm)
+    if cost is None:
+        return False, 0
+    new, state = _solve(cost, duals.get(g), backend)
+    duals[g] = state
+    if torch.equal(new, perm[g]):
+        return False, 1
+    if _improves(_score(cost, new), _score(cost, perm[g]), tol):
+        perm[g] = new
+        plan.invalidate(g)
+        return True, 1
+    return False, 1
+
+
+def _step_heads(
+    plan: _Plan, name: str, perm: Permutation, backend: str | None, tol: float
+) -> tuple[bool, int]:
+    hs = plan.heads[name]
+    h, d = hs.num_heads, hs.head_dim
+    costs = {g: plan.cost(g, perm) for g in hs.groups}
+    costs = {g: c for g, c in costs.items() if c is not None}
+    if not costs:
+        return False, 0
+    solves = 0
+    head_score = None
+    within: dict[str, Tensor] = {}
+    for g, c in costs.items():
+        blocks = c.reshape(h, d, h, d).permute(0, 2, 1, 3).reshape(h * h, d, d)
+        if d == 1:
+            cols = torch.zeros(h * h, 1, dtype=torch.long)
+        else:
+            cols = _solve_batch(blocks.contiguous(), backend)
+            solves += h * h
+        within[g] = cols
+        sc = blocks.gather(2, cols.to(blocks.device).view(h * h, d, 1)).sum(dim=(1, 2))
+        sc = sc.reshape(h, h)
+        head_score = sc if head_score is None else head_score + sc
+    assert head_score is not None
+    sigma, _ = _solve(head_score, None, backend)
+    solves += 1
+    new_perm: dict[str, Tensor] = {}
+    rows = torch.arange(h)
+    for g in costs:
+        w = within[g].view(h, h, d)[rows, sigma]  # (h, d): within-head perm for pair (i, sigma_i)
+        new_perm[g] = (sigma.view(h, 1) * d + w).reshape(-1)
+    old = sum(_score(costs[g], perm[g]) for g in costs)
+    new = sum(_score(costs[g], new_perm[g]) for g in costs)
+    if all(torch.equal(new_perm[g], perm[g]) for g in costs):
+        return False, solves
+    if _improves(new, old, tol):
+        for g, p in new_perm.items():
+            perm[g] = p
+            plan.invalidate(g)
+        return True, solves
+    return False, solves
+
+
+def matching_objective(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    perm: Mapping[str, Tensor] | None = None,
+) -> float:
+    """J(perm) = sum over keys (except ``spec.no_cost``) of <A_w, perm(B)_w>, in float64."""
+    plan = _Plan(spec, state_a, state_b, torch.float64)
+    return plan.objective(_check_perm(perm or {}, plan))
