@@ -101,33 +101,37 @@ def _augment(
     dist = np.full(m, np.inf)
     path = np.full(m, -1, dtype=np.int64)
     unscanned = np.ones(m, dtype=bool)
+    free = row4col < 0  # fixed during one search
     masked = np.full(m, np.inf)  # dist on unscanned columns, +inf on scanned ones
+    reduced = np.empty(m)
+    better = np.empty(m, dtype=bool)
+    tie = np.empty(m, dtype=bool)
     scanned: list[int] = []
     min_val = 0.0
     i = root
     while True:
-        reduced = c[i] - v
+        np.subtract(c[i], v, out=reduced)
         reduced += min_val - u[i]
-        better = reduced < masked
+        np.less(reduced, masked, out=better)
         better &= unscanned
         np.copyto(masked, reduced, where=better)
-        path[better] = i
-        j = int(np.argmin(masked))
+        np.copyto(path, i, where=better)
+        j = int(masked.argmin())
         lowest = masked[j]
         if lowest == np.inf:
             raise ValueError(INFEASIBLE)
-        if row4col[j] >= 0:
+        if not free[j]:
             # prefer a free column among ties: it ends the search (scipy does the same)
-            ties = np.flatnonzero(masked == lowest)
-            if ties.size > 1:
-                free = ties[row4col[ties] < 0]
-                if free.size:
-                    j = int(free[0])
+            np.equal(masked, lowest, out=tie)
+            tie &= free
+            k = int(tie.argmax())
+            if tie[k]:
+                j = k
         min_val = float(lowest)
         dist[j] = lowest
         masked[j] = np.inf
         unscanned[j] = False
-        if row4col[j] < 0:
+        if free[j]:
             sink = j
             break
         scanned.append(j)
