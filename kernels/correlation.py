@@ -292,7 +292,8 @@ def correlation_update(
     shift_b = shift_b.to(device=device, dtype=torch.float32).contiguous()
     if shift_a.shape != (d_a,) or shift_b.shape != (d_b,):
         raise ValueError(
-            f"shifts must be [{d_a}] and [{d_b}], got {tuple(shift_a.shape)}, {tuple(shift_b.shape)}"
+            f"shifts must be [{d_a}] and [{d_b}], "
+            f"got {tuple(shift_a.shape)}, {tuple(shift_b.shape)}"
         )
     accumulate = out is not None
     if out is None:
@@ -352,9 +353,7 @@ def correlation_update(
         if symmetric and bm != bn:
             raise ValueError(f"symmetric=True needs BLOCK_M == BLOCK_N, got {block}")
         grid = (triton.cdiv(d_a, bm) * triton.cdiv(d_b, bn), split_k)
-        _corr_update_kernel[grid](
-            *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4
-        )
+        _corr_update_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
     else:
 
         def grid(meta):
