@@ -7,6 +7,11 @@ import time
 
 import numpy as np
 
+# what the demo times: square sizes, the batch shape, the warm-start size
+DEMO_SIZES: tuple[int, ...] = (256, 1024)
+DEMO_BATCH: tuple[int, int, int] = (1000, 64, 64)
+DEMO_WARM_N = 512
+
 
 def demo(argv: list[str] | None = None) -> int:
     """Print the backends, solve one small problem, print the quick comparison table.
@@ -36,7 +41,7 @@ def demo(argv: list[str] | None = None) -> int:
 
     print("\nQuick comparison on this machine (pymerge bench --full for more):", flush=True)
     t0 = time.perf_counter()
-    rows_ = _demo.quick_comparison((256, 1024), repeat=3, batch=(1000, 64, 64), warm_n=512)
+    rows_ = _demo.quick_comparison(DEMO_SIZES, repeat=3, batch=DEMO_BATCH, warm_n=DEMO_WARM_N)
     print(_demo.format_table(rows_))
     print(f"\n'x pymerge' = time / pymerge's time (above 1: pymerge faster); "
           f"lapx only minimises, so maximised costs are negated before timing it. "

@@ -116,6 +116,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def _warn_plugin(name: str, exc: BaseException) -> None:
+    print(f"pymerge: commands from {name} unavailable ({type(exc).__name__}: {exc})",
+          file=sys.stderr)
+
+
 def _load_plugins() -> None:
     for name in PLUGINS:
         try:
@@ -123,7 +128,10 @@ def _load_plugins() -> None:
         except ModuleNotFoundError as exc:
             if exc.name is not None and name.startswith(exc.name):
                 continue  # that part of pymerge is not there: no command
-            print(f"pymerge: commands from {name} unavailable ({exc})", file=sys.stderr)
+            _warn_plugin(name, exc)
+            continue
+        except Exception as exc:  # a broken command module must not take the CLI down
+            _warn_plugin(name, exc)
             continue
         add = getattr(module, "add_parser", None)
         if add is not None:
