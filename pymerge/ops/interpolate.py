@@ -1,0 +1,459 @@
+"""Interpolation over whole state dicts: weighted sums and permuted lerps.
+
+``interpolate(states, weights)`` returns ``sum_k w_k * theta_k`` for every tensor of K
+state dicts; ``permuted_interpolate(a, b, alpha, spec_axes)`` returns
+``(1 - alpha) * theta_A + alpha * pi(theta_B)`` where ``pi`` gathers B along permuted axes
+while reading (``pi(theta_B)`` is never materialised by the Triton path), for one alpha or
+many at once (one read of A and B per tile, every alpha written).
+
+Backends (``pymerge._backend.choose_kernels``): Triton for CUDA tensors (one launch per
+dtype group, however many tensors), torch otherwise (``torch._foreach_*`` ops).
+
+Rules shared by both functions:
+
+* **Floating entries** (fp16/bf16/fp32; fp64 and other floating dtypes always take the torch
+  path) are combined. Triton computes in fp32 and rounds once to the output dtype. The torch
+  path computes each op in fp32 (torch's "opmath") and rounds after each op: once for K=1,
+  for K=2 with ``w_0 + w_1 == 1`` (``torch.lerp``) and for ``permuted_interpolate``; for
+  general weights up to K roundings of the storage dtype (exact fp32 for fp32 tensors).
+* **Non-floating entries** (e.g. BatchNorm's ``num_batches_tracked``) are copied (cloned)
+  from the first state dict (``state_a``); their shape and dtype must match across state
+  dicts but their values may differ. Complex tensors are rejected.
+* **NaN/inf** propagate as in IEEE arithmetic (as torch does): an output element is
+  non-finite wherever a contributing input element is non-finite, even when its weight is
+  0 (``0 * inf = nan``); other elements are unaffected.
+* Inputs are never modified and outputs never alias inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from pymerge._backend import choose_kernels
+
+StateDict = Mapping[str, torch.Tensor]
+IndexLike = torch.Tensor | Sequence[int]
+AxisSpec = Sequence[tuple[int, Any]]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ALIGN_BYTES = 16
+
+__all__ = ["interpolate", "permuted_interpolate"]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_states(states: Sequence[StateDict], names: Sequence[str]) -> list[str]:
+    """Same keys, shapes, dtypes and devices in every state dict; returns the keys."""
+    if len(states) == 0:
+        raise ValueError("states is empty: need at least one state dict")
+    for s, name in zip(states, names, strict=True):
+        if not isinstance(s, Mapping):
+            raise TypeError(f"{name} must be a mapping of str -> Tensor, got {type(s).__name__}")
+    keys = list(states[0].keys())
+    ref = states[0]
+    for k in keys:
+        if not isinstance(ref[k], torch.Tensor):
+            raise TypeError(f"{names[0]}[{k!r}] is a {type(ref[k]).__name__}, not a Tensor")
+        if ref[k].is_complex():
+            raise TypeError(f"{names[0]}[{k!r}] has complex dtype {ref[k].dtype}; not supported")
+    key_set = set(keys)
+    for s, name in zip(states[1:], names[1:], strict=True):
+        if set(s.keys()) != key_set:
+            missing = [k for k in keys if k not in s]
+            extra = [k for k in s if k not in key_set]
+            parts = []
+            if missing:
+                parts.append(f"missing key(s) {missing[:5]}")
+            if extra:
+                parts.append(f"extra key(s) {extra[:5]}")
+            raise ValueError(f"{name} does not match {names[0]}: " + ", ".join(parts))
+        for k in keys:
+            t, r = s[k], ref[k]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{k!r}] is a {type(t).__name__}, not a Tensor")
+            if t.shape != r.shape:
+                raise ValueError(
+                    f"shape mismatch for key {k!r}: {names[0]} has {tuple(r.shape)}, "
+                    f"{name} has {tuple(t.shape)}"
+                )
+            if t.dtype != r.dtype:
+                raise ValueError(
+                    f"dtype mismatch for key {k!r}: {names[0]} has {r.dtype}, {name} has {t.dtype}"
+                )
+            if t.device != r.device:
+                raise ValueError(
+                    f"device mismatch for key {k!r}: {names[0]} on {r.device}, {name} on {t.device}"
+                )
+    return keys
+
+
+def _as_floats(values: Any, what: str) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        if values.dim() > 1:
+            raise ValueError(f"{what} must be 1-D, got shape {tuple(values.shape)}")
+        if values.is_complex():
+            raise TypeError(f"{what} must be real, got {values.dtype}")
+        return [float(v) for v in values.detach().reshape(-1).cpu().double().tolist()]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        try:
+            values = list(values)
+        except TypeError:
+            raise TypeError(
+                f"{what} must be a sequence of floats, got {type(values).__name__}"
+            ) from None
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise TypeError(f"{what}[{i}] = {v!r} is not a number") from None
+    return out
+
+
+def _check_out_dtype(out_dtype: torch.dtype | None) -> None:
+    if out_dtype is not None and (
+        not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point
+    ):
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (copy only when it is not)."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.data_ptr() % _ALIGN_BYTES:
+        t = t.clone()
+    return t
+
+
+def _flat_layout(numels: Sequence[int], dtype: torch.dtype) -> tuple[list[int], int]:
+    """Aligned offsets of each tensor in one flat buffer, and the buffer length."""
+    step = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    offsets, total = [], 0
+    for n in numels:
+        offsets.append(total)
+        total += -(-n // step) * step
+    return offsets, total
+
+
+def _group_keys(state: StateDict, keys: Sequence[str], out_dtype) -> dict[tuple, list[str]]:
+    groups: dict[tuple, list[str]] = {}
+    for k in keys:
+        t = state[k]
+        if t.is_floating_point():
+            od = out_dtype or t.dtype
+            groups.setdefault((t.device, t.dtype, od), []).append(k)
+    return groups
+
+
+# ----------------------------------------------------------------------------- interpolate
+
+
+def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) -> list[torch.Tensor]:
+    in_dtype = lists[0][0].dtype
+    cdt = torch.promote_types(in_dtype, out_dtype)
+    if cdt != in_dtype:
+        lists = [[t.to(cdt) for t in lst] for lst in lists]
+    K = len(lists)
+    if K == 1:
+        res = torch._foreach_mul(lists[0], w[0])
+    elif K == 2 and w[0] == 1.0 - w[1]:
+        res = torch._foreach_lerp(lists[0], lists[1], w[1])
+    else:
+        res = torch._foreach_mul(lists[0], w[0])
+        for lst, wk in zip(lists[1:], w[1:], strict=True):
+            torch._foreach_add_(res, lst, alpha=wk)
+    if out_dtype != cdt:
+        res = [t.to(out_dtype) for t in res]
+    return list(res)
+
+
+def _interp_triton(
+    lists: list[list[torch.Tensor]], w: list[float], out_dtype, device
+) -> list[torch.Tensor]:
+    from pymerge.kernels import interpolate as kern
+
+    T = len(lists[0])
+    rows = [[_kernel_ready(lst[i]) for lst in lists] for i in range(T)]
+    numels = [r[0].numel() for r in rows]
+    offsets, total = _flat_layout(numels, out_dtype)
+    out = torch.empty(total, dtype=out_dtype, device=device)
+    wt = torch.tensor(w, dtype=torch.float32).to(device, non_blocking=True)
+    kern.weighted_sum_(rows, wt, out, offsets)
+    return [out[o : o + n].view(r[0].shape) for o, n, r in zip(offsets, numels, rows, strict=True)]
+
+
+def interpolate(
+    states: Sequence[StateDict],
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Weighted sum ``sum_k weights[k] * states[k][key]`` for every key of K state dicts.
+
+    Args:
+        states: K >= 1 state dicts with the same keys, shapes, dtypes and devices.
+        weights: K floats (or a 1-D tensor); they need not sum to 1 (task arithmetic).
+        backend: ``None``/``"auto"``, ``"torch"`` or ``"triton"`` (see ``pymerge._backend``).
+        out_dtype: dtype of the floating outputs (default: each tensor's own dtype).
+    Returns:
+        A new state dict (same key order as ``states[0]``). Floating entries have the same
+        shape as the inputs (the Triton path returns views of one flat buffer per dtype);
+        non-floating entries are clones of ``states[0]``'s.
+    Raises:
+        ValueError: empty ``states``, mismatched keys/shapes/dtypes/devices (naming the
+            key), ``len(weights) != len(states)``.
+        TypeError: non-tensor values, complex tensors, non-numeric weights, bad out_dtype.
+    """
+    if isinstance(states, Mapping):
+        raise TypeError("states must be a sequence of state dicts, not a single state dict")
+    states = list(states)
+    names = [f"states[{i}]" for i in range(len(states))]
+    keys = _check_states(states, names)
+    w = _as_floats(weights, "weights")
+    if len(w) != len(states):
+        raise ValueError(f"got {len(w)} weights for {len(states)} state dicts")
+    _check_out_dtype(out_dtype)
+    out: dict[str, torch.Tensor] = {}
+    for (device, in_dtype, od), gkeys in _group_keys(states[0], keys, out_dtype).items():
+        lists = [[s[k] for k in gkeys] for s in states]
+        use = "torch"
+        if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
+            use = choose_kernels(backend, *lists[0])
+        if use == "triton":
+            res = _interp_triton(lists, w, od, device)
+        else:
+            res = _interp_torch(lists, w, od)
+        out.update(zip(gkeys, res, strict=True))
+    return {k: out[k] if k in out else states[0][k].clone() for k in keys}
+
+
+# ----------------------------------------------------------------------------- permuted
+
+
+def _normalise_axes(
+    spec_axes: Mapping[str, Any],
+    perm: Mapping[str, Any] | None,
+    state: StateDict,
+) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """Validated ``key -> [(axis, int64 CPU index)]`` (indices checked to be permutations)."""
+    if not isinstance(spec_axes, Mapping):
+        raise TypeError(
+            "spec_axes must be a mapping param -> ((axis, index), ...) or a PermutationSpec, "
+            f"got {type(spec_axes).__name__}"
+        )
+    raw: dict[str, list[tuple[int, Any, str]]] = {}
+    for key, entries in spec_axes.items():
+        if key not in state:
+            raise ValueError(f"spec_axes names key {key!r}, which is not in the state dicts")
+        t = state[key]
+        if not t.is_floating_point():
+            raise TypeError(f"spec_axes permutes {key!r}, whose dtype {t.dtype} is not floating")
+        if (
+            isinstance(entries, tuple)
+            and len(entries) == 2
+            and isinstance(entries[0], int)
+            and not isinstance(entries[1], int)
+        ):
+            entries = (entries,)  # a single (axis, index) pair
+        lst = []
+        for entry in entries:
+            try:
+                axis, idx = entry
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"spec_axes[{key!r}] entries must be (axis, index) pairs, got {entry!r}"
+                ) from None
+            if not isinstance(axis, int) or isinstance(axis, bool):
+                raise TypeError(f"spec_axes[{key!r}]: axis {axis!r} is not an int")
+            nd = t.dim()
+            if not -nd <= axis < nd:
+                raise ValueError(
+                    f"spec_axes[{key!r}]: axis {axis} out of range for shape {tuple(t.shape)}"
+                )
+            axis %= nd
+            label = f"key {key!r} axis {axis}"
+            if perm is not None:
+                if not isinstance(idx, str):
+                    raise TypeError(
+                        f"spec_axes[{key!r}]: with perm given, entries are (axis, group name); "
+                        f"got {type(idx).__name__}"
+                    )
+                if idx not in perm:
+                    raise ValueError(f"{label}: group {idx!r} is not in perm")
+                label += f" (group {idx!r})"
+                idx = perm[idx]
+            lst.append((axis, idx, label))
+        raw[key] = lst
+    # validate each distinct index object once (a group's index serves many params)
+    checked: dict[tuple[int, int], torch.Tensor] = {}
+    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, lst in raw.items():
+        t = state[key]
+        res = []
+        for axis, idx, label in lst:
+            n = t.shape[axis]
+            ck = (id(idx), n)
+            if ck not in checked:
+                checked[ck] = _check_index(idx, n, label)
+            res.append((axis, checked[ck]))
+        if res:
+            out[key] = res
+    return out
+
+
+def _check_index(idx: Any, n: int, label: str) -> torch.Tensor:
+    if not isinstance(idx, torch.Tensor):
+        try:
+            idx = torch.as_tensor(idx)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{label}: index is not a tensor or sequence of ints") from None
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise TypeError(f"{label}: index dtype {idx.dtype} is not an integer dtype")
+    if idx.dim() != 1:
+        raise ValueError(f"{label}: index must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.numel() != n:
+        raise ValueError(f"{label}: index has length {idx.numel()}, the axis has size {n}")
+    cpu = idx.detach().to("cpu", torch.int64)
+    if n:
+        lo, hi = int(cpu.min()), int(cpu.max())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{label}: index value {bad} out of range [0, {n})")
+        counts = torch.bincount(cpu, minlength=n)
+        if bool((counts != 1).any()):
+            dup = int(torch.nonzero(counts > 1)[0])
+            raise ValueError(f"{label}: index is not a permutation (value {dup} repeated)")
+    return cpu
+
+
+def _perm_torch(
+    a_list, b_list, axes_list, alphas: list[float], out_dtype
+) -> list[list[torch.Tensor]]:
+    in_dtype = a_list[0].dtype
+    cdt = torch.promote_types(in_dtype, out_dtype)
+    bp = []
+    for b, axes in zip(b_list, axes_list, strict=True):
+        for axis, idx in axes:
+            b = b.index_select(axis, idx.to(b.device))
+        bp.append(b)
+    if cdt != in_dtype:
+        a_list = [t.to(cdt) for t in a_list]
+        bp = [t.to(cdt) for t in bp]
+    res = []
+    for al in alphas:
+        r = torch._foreach_lerp(a_list, bp, al)
+        if out_dtype != cdt:
+            r = [t.to(out_dtype) for t in r]
+        res.append(list(r))
+    return res
+
+
+def _perm_triton(
+    a_list, b_list, axes_list, alphas: list[float], out_dtype, device
+) -> list[list[torch.Tensor]]:
+    from pymerge.kernels import permuted_interpolate as kern
+
+    a_list = [_kernel_ready(t) for t in a_list]
+    b_list = [_kernel_ready(t) for t in b_list]
+    shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    maps = []
+    for a, axes in zip(a_list, axes_list, strict=True):
+        mk = (tuple(a.shape), tuple((ax, id(i)) for ax, i in axes))
+        if mk not in shared:
+            shared[mk] = kern.build_maps(a.shape, axes)
+        maps.append(shared[mk])
+    numels = [t.numel() for t in a_list]
+    offsets, total = _flat_layout(numels, out_dtype)
+    M = len(alphas)
+    out = torch.empty((M, total), dtype=out_dtype, device=device)
+    at = torch.tensor(alphas, dtype=torch.float32).to(device, non_blocking=True)
+    kern.permuted_lerp_(a_list, b_list, maps, at, out, offsets)
+    return [
+        [out[m, o : o + n].view(a.shape) for o, n, a in zip(offsets, numels, a_list, strict=True)]
+        for m in range(M)
+    ]
+
+
+def permuted_interpolate(
+    state_a: StateDict,
+    state_b: StateDict,
+    alpha: float | Sequence[float] | torch.Tensor,
+    spec_axes: Mapping[str, AxisSpec] | Any,
+    perm: Mapping[str, torch.Tensor] | None = None,
+    *,
+    backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    """``(1 - alpha) * state_a + alpha * pi(state_b)``, gathering B's permuted axes on the fly.
+
+    ``pi(B)[key] = B[key].index_select(ax0, idx0).index_select(ax1, idx1)...`` for the
+    ``(axis, index)`` pairs of ``spec_axes[key]`` (applied in order); keys not in
+    ``spec_axes`` are plain lerps. Endpoints are exact: ``alpha=0`` gives A and ``alpha=1``
+    gives ``pi(B)`` (for finite inputs).
+
+    Args:
+        state_a, state_b: state dicts with the same keys, shapes, dtypes and devices.
+        alpha: a float, or a sequence / 1-D tensor of floats (many alphas in one pass).
+        spec_axes: mapping ``param -> ((axis, index), ...)`` with full-length integer
+            index tensors (permutations of ``range(shape[axis])``); with ``perm`` given,
+            ``param -> ((axis, group), ...)`` and indices come from ``perm[group]``. A
+            ``pymerge.spec.PermutationSpec`` (with ``perm``) is turned into the plain
+            mapping by ``pymerge.spec.permutation_index_map``.
+        perm: group name -> index tensor, see ``spec_axes``.
+        backend: ``None``/``"auto"``, ``"torch"`` or ``"triton"``.
+        out_dtype: dtype of the floating outputs (default: each tensor's dtype).
+    Returns:
+        A state dict for a float ``alpha``; a list of state dicts (one per alpha) for a
+        sequence. Non-floating entries are clones of ``state_a``'s.
+    Raises:
+        ValueError: mismatched keys/shapes/dtypes (naming the key), unknown keys in
+            ``spec_axes``, axis out of range, index of the wrong length / out of range /
+            not a permutation (naming the key and axis), unknown group, empty alpha list.
+        TypeError: non-integer indices, non-floating permuted params, bad argument types.
+    """
+    if hasattr(spec_axes, "perm_to_axes"):
+        if perm is None:
+            raise TypeError("a PermutationSpec needs perm (group -> index tensor)")
+        from pymerge.spec import permutation_index_map
+
+        spec_axes = permutation_index_map(spec_axes, perm, state_b)
+        perm = None
+    keys = _check_states([state_a, state_b], ["state_a", "state_b"])
+    many = not isinstance(alpha, (int, float)) and not (
+        isinstance(alpha, torch.Tensor) and alpha.dim() == 0
+    )
+    if many:
+        alphas = _as_floats(alpha, "alpha")
+        if not alphas:
+            raise ValueError("alpha is an empty sequence")
+    else:
+        alphas = [float(alpha)]
+    _check_out_dtype(out_dtype)
+    axes = _normalise_axes(spec_axes, perm, state_a)
+    M = len(alphas)
+    outs: list[dict[str, torch.Tensor]] = [{} for _ in range(M)]
+    for (device, in_dtype, od), gkeys in _group_keys(state_a, keys, out_dtype).items():
+        a_list = [state_a[k] for k in gkeys]
+        b_list = [state_b[k] for k in gkeys]
+        axes_list = [axes.get(k, []) for k in gkeys]
+        use = "torch"
+        if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
+            use = choose_kernels(backend, *a_list)
+        if use == "triton":
+            res = _perm_triton(a_list, b_list, axes_list, alphas, od, device)
+        else:
+            res = _perm_torch(a_list, b_list, axes_list, alphas, od)
+        for m in range(M):
+            outs[m].update(zip(gkeys, res[m], strict=True))
+    result = [{k: o[k] if k in o else state_a[k].clone() for k in keys} for o in outs]
+    return result if many else result[0]
