@@ -43,10 +43,10 @@ def demo(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows_ = _demo.quick_comparison(DEMO_SIZES, repeat=3, batch=DEMO_BATCH, warm_n=DEMO_WARM_N)
     print(_demo.format_table(rows_))
-    print(f"\n'x pymerge' = time / pymerge's time (above 1: pymerge faster); "
+    print(f"\n't / t(pymerge)' = time over pymerge's (above 1: pymerge faster); "
           f"lapx only minimises, so maximised costs are negated before timing it. "
           f"({time.perf_counter() - t0:.1f} s)")
-    return 1 if any(r.note for r in rows_) else 0
+    return 0 if all(r.ok for r in rows_) else 1
 
 
 if __name__ == "__main__":

@@ -91,10 +91,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     print(_demo.format_table(rows))
     print(
-        "\nmedians of wall-clock time; 'x pymerge' = time / pymerge's time (above 1: pymerge "
+        "\nmedians of wall-clock time; 't / t(pymerge)' = time over pymerge's (above 1: pymerge "
         "faster). lapx only minimises: maximised costs are negated before timing it."
     )
-    return 1 if any(r.note for r in rows) else 0
+    return 0 if all(r.ok for r in rows) else 1
 
 
 @register("bench")

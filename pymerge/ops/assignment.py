@@ -77,12 +77,19 @@ def _forced_native(backend: str | None) -> bool:
     return (value or "auto").strip().lower() == "native"
 
 
+_RESOLVED: dict[tuple, str] = {}
+
+
 def resolve_backend(backend: str | None = None) -> str:
     """The assignment backend that runs: ``"native"`` or ``"torch"``.
 
     Uses :func:`pymerge._backend.choose_assignment`; a native module without ``solve``
     (a placeholder build) counts as missing.
     """
+    key = (backend, os.environ.get(_backend.BACKEND_ENV), _backend.native_lap)
+    choice = _RESOLVED.get(key)
+    if choice is not None:
+        return choice
     choice = _backend.choose_assignment(backend)
     if choice == "native" and not hasattr(_backend.native_lap(), "solve"):
         if _forced_native(backend):
@@ -90,7 +97,10 @@ def resolve_backend(backend: str | None = None) -> str:
                 "backend 'native' was requested but pymerge._lap has no solver "
                 "(placeholder build); reinstall pymerge with a C++17 compiler available"
             )
-        return "torch"
+        choice = "torch"
+    if len(_RESOLVED) > 64:
+        _RESOLVED.clear()
+    _RESOLVED[key] = choice
     return choice
 
 
@@ -256,9 +266,8 @@ def _reraise_batch(exc: Exception, c: np.ndarray, maximize: bool) -> None:
                 raise ValueError(f"{fallback.INFEASIBLE} (problem {b} of the batch)") from None
 
 
-def _solve(
-    cost: Array, maximize: bool, init: Any, backend: str | None
-) -> tuple[AssignmentResult, np.ndarray, np.ndarray]:
+def _solve(cost: Array, maximize: bool, init: Any, backend: str | None):
+    """Solve; returns ``(rows, cols, col_duals, backend, cost as NumPy, torch device)``."""
     arr, device = _to_numpy(cost)
     arr = _prepare(arr, 2, "cost matrix")
     maximize = bool(maximize)
@@ -280,17 +289,21 @@ def _solve(
         rows, cols = col4row[order], order.astype(np.int64)
     else:
         rows, cols = np.arange(n, dtype=np.int64), col4row
+    return rows, cols, v_out, which, arr, device
+
+
+def _result(cost: Array, maximize: bool, init: Any, backend: str | None) -> AssignmentResult:
+    rows, cols, v_out, which, arr, device = _solve(cost, maximize, init, backend)
     total = float(arr[rows, cols].sum(dtype=np.float64)) if rows.size else 0.0
-    result = AssignmentResult(
+    return AssignmentResult(
         row_ind=_out(rows, device),
         col_ind=_out(cols, device),
         total=total,
-        shape=(n, m),
-        maximize=maximize,
+        shape=arr.shape,
+        maximize=bool(maximize),
         backend=which,
         col_duals=np.asarray(v_out, dtype=np.float64),
     )
-    return result, rows, cols
 
 
 def solve_assignment(
@@ -319,7 +332,7 @@ def solve_assignment(
         ValueError: not 2-D, NaN, ``-inf`` (``+inf`` when maximising), infeasible, or a
             malformed warm start. TypeError: non-numeric or complex dtype.
     """
-    return _solve(cost, maximize, init, backend)[0]
+    return _result(cost, maximize, init, backend)
 
 
 def linear_sum_assignment(
@@ -335,8 +348,8 @@ def linear_sum_assignment(
     ``cost[row_ind, col_ind].sum()`` is optimal. Torch input gives torch output on the same
     device. ``init`` and ``backend`` as in :func:`solve_assignment`.
     """
-    result = solve_assignment(cost, maximize, init=init, backend=backend)
-    return result.row_ind, result.col_ind
+    rows, cols, _, _, _, device = _solve(cost, maximize, init, backend)
+    return _out(rows, device), _out(cols, device)
 
 
 def linear_sum_assignment_batch(
@@ -369,7 +382,7 @@ def linear_sum_assignment_batch(
         cols = np.empty((B, k), dtype=np.int64)
         for b in range(B):
             try:
-                _, rows[b], cols[b] = _solve(arr[b], maximize, init[b], which)
+                rows[b], cols[b] = _solve(arr[b], maximize, init[b], which)[:2]
             except ValueError as exc:
                 raise ValueError(f"{exc} (problem {b} of the batch)") from None
         return _out(rows, device), _out(cols, device)
