@@ -272,6 +272,24 @@ def test_non_contiguous_and_transposed_inputs(backend):
         np.testing.assert_array_equal(cols.numpy(), ref[1])
 
 
+def test_read_only_broadcast_and_big_endian_inputs(backend):
+    rng = np.random.default_rng(17)
+    c = rng.random((7, 9))
+    ref = scipy_lsa(c)
+    ro = c.copy()
+    ro.setflags(write=False)
+    for v in [ro, c.astype(">f8")]:
+        rows, cols = linear_sum_assignment(v, backend=backend)
+        np.testing.assert_array_equal(cols, ref[1])
+    rows, cols = linear_sum_assignment(c.astype(">f4"), backend=backend)
+    ref32 = scipy_lsa(c.astype(np.float32))
+    np.testing.assert_array_equal(cols, ref32[1])
+    stack = np.broadcast_to(c, (3, 7, 9))  # zero stride, read-only
+    rows, cols = linear_sum_assignment_batch(stack, backend=backend)
+    for b in range(3):
+        np.testing.assert_array_equal(cols[b], ref[1])
+
+
 def test_array_like_inputs(backend):
     rows, cols = linear_sum_assignment([[4, 1, 3], [2, 0, 5], [3, 2, 2]], backend=backend)
     np.testing.assert_array_equal(rows, [0, 1, 2])
@@ -497,6 +515,20 @@ def test_warm_start_torch_result(backend):
     ref = scipy_lsa(c2.double().numpy())
     assert res2.total == pytest.approx(_total(c2.double().numpy(), *ref), rel=1e-6)
     assert isinstance(res2.col_ind, torch.Tensor)
+
+
+@pytest.mark.skipif(not NATIVE_READY, reason="needs both backends: pymerge._lap has no solve()")
+def test_warm_start_crosses_backends():
+    rng = np.random.default_rng(19)
+    for shape in [(40, 40), (20, 31), (31, 20)]:
+        c = rng.normal(size=shape)
+        nxt = c + 0.05 * rng.normal(size=shape)
+        ref = scipy_lsa(nxt, maximize=True)
+        for first, second in [("native", "torch"), ("torch", "native")]:
+            prev = solve_assignment(c, True, backend=first)
+            res = solve_assignment(nxt, True, init=prev, backend=second)
+            np.testing.assert_array_equal(res.col_ind, ref[1])
+            np.testing.assert_array_equal(res.row_ind, ref[0])
 
 
 def test_malformed_warm_starts(backend):

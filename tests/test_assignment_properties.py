@@ -87,3 +87,30 @@ def test_row_shift_keeps_the_optimum_and_warm_start_agrees(backend, c, shift, da
     base = solve_assignment(c, backend=backend)
     moved = solve_assignment(shifted, init=base, backend=backend)
     assert moved.total == pytest.approx(base.total + shift, rel=1e-9, abs=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=150, deadline=None)
+@given(
+    c=hnp.arrays(
+        np.float32,
+        shapes,
+        elements=st.one_of(
+            st.floats(-1e4, 1e4, width=32), st.integers(-2, 2).map(float), st.just(np.inf)
+        ),
+    ),
+    maximize=st.booleans(),
+)
+def test_float32_same_optimum_as_scipy_on_float64(backend, c, maximize):
+    """float32 costs are solved exactly: the optimum of the float32 values, as float64."""
+    if maximize:
+        c = -c
+    c64 = c.astype(np.float64)
+    try:
+        ref = scipy_lsa(c64, maximize=maximize)
+    except ValueError:
+        with pytest.raises(ValueError, match="infeasible"):
+            solve_assignment(c, maximize, backend=backend)
+        return
+    res = solve_assignment(c, maximize, backend=backend)
+    assert res.total == pytest.approx(_total(c64, *ref), rel=1e-6, abs=1e-3)
