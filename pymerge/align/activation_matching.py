@@ -125,9 +125,9 @@ def _score(s: torch.Tensor, p: torch.Tensor) -> float:
 
 
 def _axis_matrix(t: torch.Tensor, ref: Any, n: int) -> torch.Tensor:
-    t = t.movedim(ref.axis, 0)
-    stop = t.shape[0] if ref.stop is None else ref.stop
-    return t[ref.start : stop].reshape(n, -1).to(torch.float64)
+    t = t.movedim(ref.resolved_axis(t.dim()), 0)
+    start, stop = ref.segment(t.shape[0])
+    return t[start:stop].reshape(n, -1).to(torch.float64)
 
 
 def _weight_cost(spec: Any, sa: dict, sb: dict, perm: Permutation, g: str, n: int) -> torch.Tensor:
@@ -237,7 +237,6 @@ def activation_matching(
         :class:`ActivationMatchingResult`; ``result.perm`` maps B onto A.
     """
     from pymerge.ops.correlation import CorrelationAccumulator
-
     from pymerge.spec import PermutationSpec
 
     if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
@@ -331,7 +330,9 @@ def activation_matching(
                                     f"group {g!r}: activation point {mod!r} has {xa.shape[1]} "
                                     f"features along dim {dim}, but the group has size {sizes[g]}"
                                 )
-                        accs[key] = CorrelationAccumulator(xa.shape[1], xb.shape[1])
+                        accs[key] = CorrelationAccumulator(
+                            xa.shape[1], xb.shape[1], dtype=torch.float64
+                        )
                     accs[key].update(xa, xb.to(xa.device))
                 num_batches += 1
     t_record = time.perf_counter() - t0

@@ -1,0 +1,330 @@
+"""Activation matching: exact recovery of known permutations (MLP, CNN, sequences, heads),
+agreement with a plain float64 NumPy/SciPy reference, weight fallback, errors, no mutation."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment as scipy_lsa
+from torch import nn
+
+from pymerge.align.activation_matching import activation_matching
+from pymerge.spec import (
+    ActivationPoint,
+    AxisRef,
+    HeadStructure,
+    PermutationSpec,
+    apply_permutation,
+    invert_permutation,
+    random_permutation,
+)
+
+# ----------------------------------------------------------------------------- models + specs
+
+
+def _mlp(seed: int) -> tuple[nn.Module, PermutationSpec]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(6, 10), nn.LeakyReLU(0.1), nn.Linear(10, 12), nn.LeakyReLU(0.1), nn.Linear(12, 4)
+    )
+    spec = PermutationSpec(
+        {
+            "h0": [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)],
+            "h1": [("2.weight", 0), ("2.bias", 0), ("4.weight", 1)],
+        },
+        free=["4.bias"],
+        activation_points={"h0": ActivationPoint("1", 1), "h1": ActivationPoint("3", 1)},
+    )
+    return model, spec
+
+
+def _cnn(seed: int) -> tuple[nn.Module, PermutationSpec]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Conv2d(5, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 4),
+    )
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.2, 0.2)
+    bn = ["1.running_mean", "1.running_var"]
+    spec = PermutationSpec(
+        {
+            "c0": [("0.weight", 0), ("0.bias", 0), ("1.weight", 0), ("1.bias", 0)]
+            + [(k, 0) for k in bn]
+            + [("3.weight", 1)],
+            "c1": [("3.weight", 0), ("3.bias", 0), AxisRef("7.weight", 1, inner=4)],
+        },
+        free=["1.num_batches_tracked", "7.bias"],
+        no_cost=[*bn, "1.num_batches_tracked"],
+        activation_points={"c0": ("2", 1), "c1": ("4", 1)},
+    )
+    return model, spec
+
+
+def _seq(seed: int) -> tuple[nn.Module, PermutationSpec]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 3))
+    spec = PermutationSpec(
+        {"u": [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)]},
+        free=["2.bias"],
+        activation_points={"u": ("1", -1)},
+    )
+    return model, spec
+
+
+def _heads(seed: int, h: int = 3, d: int = 2) -> tuple[nn.Module, PermutationSpec]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(5, h * d), nn.Tanh(), nn.Linear(h * d, h * d), nn.Tanh(), nn.Linear(h * d, 3)
+    )
+    spec = PermutationSpec(
+        {
+            "g1": [("0.weight", 0), ("0.bias", 0), ("2.weight", 1)],
+            "g2": [("2.weight", 0), ("2.bias", 0), ("4.weight", 1)],
+        },
+        free=["4.bias"],
+        heads={"att": HeadStructure(h, d, ("g1", "g2"))},
+        activation_points={"g1": ("1", 1), "g2": ("3", 1)},
+    )
+    return model, spec
+
+
+def _permuted_copy(model: nn.Module, spec: PermutationSpec, seed: int):
+    state = model.state_dict()
+    rp = random_permutation(spec, state, seed=seed)
+    other = copy.deepcopy(model)
+    other.load_state_dict(apply_permutation(spec, rp, state))
+    return other, rp
+
+
+def _data(shape, n_batches=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n_batches)]
+
+
+BUILDERS = {
+    "mlp": (_mlp, (40, 6)),
+    "cnn": (_cnn, (8, 3, 4, 4)),
+    "seq": (_seq, (7, 5, 6)),
+    "heads": (_heads, (40, 5)),
+}
+
+# ----------------------------------------------------------------------------- recovery
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_recovers_known_permutation(kind):
+    build, shape = BUILDERS[kind]
+    model_a, spec = build(0)
+    model_b, rp = _permuted_copy(model_a, spec, seed=11)
+    batches = [(x, torch.zeros(len(x))) for x in _data(shape)]
+    res = activation_matching(model_a, model_b, batches, spec)
+    inv = invert_permutation(rp)
+    for g in spec.groups():
+        assert torch.equal(res.perm[g], inv[g]), g
+        corr = res.correlations[g]
+        n = corr.shape[0]
+        matched = corr[torch.arange(n), res.perm[g]]
+        torch.testing.assert_close(matched, torch.ones(n, dtype=torch.float64))
+        assert res.stats[g]["method"] == "activation"
+        assert res.stats[g]["mean_corr_matched"] == pytest.approx(1.0)
+    aligned = apply_permutation(spec, res.perm, model_b.state_dict())
+    for k, v in model_a.state_dict().items():
+        assert torch.equal(aligned[k], v), k
+    assert res.history["num_batches"] == 3
+    assert res.history["fallback_groups"] == []
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _features64(model, module, batches, dim):
+    mod = dict(model.named_modules())[module]
+    rows = []
+    h = mod.register_forward_hook(
+        lambda m, a, o: rows.append(o.detach().double().movedim(dim, -1).reshape(-1, o.shape[dim]))
+    )
+    model.eval()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    h.remove()
+    return torch.cat(rows).numpy()
+
+
+def _reference_corr(a, b, point, batches):
+    fa = _features64(a, point.module, batches, point.dim)
+    fb = _features64(b, point.module, batches, point.dim)
+    fa = fa - fa.mean(0)
+    fb = fb - fb.mean(0)
+    na, nb = np.linalg.norm(fa, axis=0), np.linalg.norm(fb, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (fa.T @ fb) / np.outer(na, nb)
+    return np.nan_to_num(corr)
+
+
+def _reference_heads(corrs, h, d):
+    """Brute force over head permutations; scipy within each head pair."""
+    best, best_perm = -np.inf, None
+    for sigma in itertools.permutations(range(h)):
+        total, perms = 0.0, {}
+        for g, c in corrs.items():
+            parts = []
+            for a, b in enumerate(sigma):
+                blk = c[a * d : (a + 1) * d, b * d : (b + 1) * d]
+                _, col = scipy_lsa(blk, maximize=True)
+                total += blk[np.arange(d), col].sum()
+                parts.append(b * d + col)
+            perms[g] = np.concatenate(parts)
+        if total > best:
+            best, best_perm = total, perms
+    return best_perm
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_matches_float64_scipy_reference_on_random_nets(kind, seed):
+    build, shape = BUILDERS[kind]
+    model_a, spec = build(seed)
+    model_b, _ = build(seed + 100)  # independent weights: a genuine matching problem
+    batches = _data(shape, seed=seed)
+    res = activation_matching(model_a, model_b, batches, spec)
+    corrs = {
+        g: _reference_corr(model_a, model_b, spec.activation_points[g], batches)
+        for g in spec.groups()
+    }
+    if spec.heads:
+        hs = spec.heads["att"]
+        ref = _reference_heads(corrs, hs.num_heads, hs.head_dim)
+    else:
+        ref = {g: scipy_lsa(c, maximize=True)[1] for g, c in corrs.items()}
+    for g in spec.groups():
+        np.testing.assert_allclose(res.correlations[g].numpy(), corrs[g], atol=1e-6)
+        assert res.perm[g].tolist() == list(ref[g]), g
+
+
+# ----------------------------------------------------------------------------- fallback
+
+
+def test_group_without_point_falls_back_to_weights_or_errors():
+    model_a, spec = _mlp(3)
+    partial = PermutationSpec(
+        spec.perm_to_axes, free=spec.free, activation_points={"h1": ActivationPoint("3", 1)}
+    )
+    model_b, rp = _permuted_copy(model_a, partial, seed=5)
+    batches = _data((30, 6))
+    with pytest.raises(ValueError, match="'?h0'?"):
+        activation_matching(model_a, model_b, batches, partial, fallback="error")
+    res = activation_matching(model_a, model_b, batches, partial)
+    inv = invert_permutation(rp)
+    for g in ("h0", "h1"):
+        assert torch.equal(res.perm[g], inv[g]), g
+    assert res.history["fallback_groups"] == ["h0"]
+    assert res.stats["h0"]["method"] == "weights"
+    assert "h0" not in res.correlations
+
+
+def test_head_structure_without_points_falls_back_as_a_whole():
+    model_a, spec = _heads(4)
+    partial = PermutationSpec(
+        spec.perm_to_axes,
+        free=spec.free,
+        heads=spec.heads,
+        activation_points={"g1": ("1", 1)},  # g2 unobserved: the whole structure by weights
+    )
+    model_b, rp = _permuted_copy(model_a, partial, seed=8)
+    res = activation_matching(model_a, model_b, _data((20, 5)), partial)
+    assert sorted(res.history["fallback_groups"]) == ["g1", "g2"]
+    inv = invert_permutation(rp)
+    for g in ("g1", "g2"):
+        assert torch.equal(res.perm[g], inv[g]), g
+
+
+# ----------------------------------------------------------------------------- hygiene
+
+
+def _hooks_left(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_models_not_mutated_and_modes_restored():
+    model_a, spec = _cnn(0)
+    model_b, _ = _cnn(1)
+    model_a.train()
+    model_b.eval()
+    model_b[2].train()  # a mixed set of flags must come back as it was
+    flags = [[m.training for m in x.modules()] for x in (model_a, model_b)]
+    states = [{k: v.clone() for k, v in x.state_dict().items()} for x in (model_a, model_b)]
+    activation_matching(model_a, model_b, _data((4, 3, 4, 4)), spec, max_batches=2, progress=False)
+    for x, fl, st in zip((model_a, model_b), flags, states, strict=True):
+        assert [m.training for m in x.modules()] == fl
+        for k, v in x.state_dict().items():
+            assert torch.equal(v, st[k]), k  # BN running stats untouched (eval during recording)
+        assert _hooks_left(x) == 0
+
+
+def test_hooks_removed_and_modes_restored_on_error():
+    model_a, spec = _mlp(0)
+    model_b, _ = _mlp(1)
+    model_a.train()
+    bad = [torch.randn(5, 6), torch.randn(5, 7)]  # second batch has the wrong width
+    with pytest.raises(RuntimeError):
+        activation_matching(model_a, model_b, bad, spec)
+    assert _hooks_left(model_a) == 0 and _hooks_left(model_b) == 0
+    assert all(m.training for m in model_a.modules())
+
+
+def test_max_batches_and_iterator_input():
+    model_a, spec = _mlp(0)
+    model_b, _ = _mlp(1)
+    data = _data((10, 6), n_batches=4)
+    res = activation_matching(model_a, model_b, iter(data), spec, max_batches=2)
+    assert res.history["num_batches"] == 2
+    ref = _reference_corr(model_a, model_b, spec.activation_points["h0"], data[:2])
+    np.testing.assert_allclose(res.correlations["h0"].numpy(), ref, atol=1e-6)
+
+
+def test_errors():
+    model_a, spec = _mlp(0)
+    model_b, _ = _mlp(1)
+    data = _data((10, 6), n_batches=1)
+    wide = nn.Sequential(
+        nn.Linear(6, 11), nn.ReLU(), nn.Linear(11, 12), nn.ReLU(), nn.Linear(12, 4)
+    )
+    with pytest.raises(ValueError, match=r"'0\.weight'"):
+        activation_matching(model_a, wide, data, spec)
+    with pytest.raises(ValueError, match="model_b"):
+        activation_matching(model_a, nn.Sequential(nn.Linear(6, 4)), data, spec)
+    bad_module = PermutationSpec(
+        spec.perm_to_axes, free=spec.free, activation_points={"h0": ("9", 1), "h1": ("3", 1)}
+    )
+    with pytest.raises(ValueError, match="'h0'.*'9'"):
+        activation_matching(model_a, model_b, data, bad_module)
+    wrong_size = PermutationSpec(
+        spec.perm_to_axes, free=spec.free, activation_points={"h0": ("3", 1), "h1": ("3", 1)}
+    )
+    with pytest.raises(ValueError, match="'h0'.*12.*size 10"):
+        activation_matching(model_a, model_b, data, wrong_size)
+    with pytest.raises(ValueError, match="empty"):
+        activation_matching(model_a, model_b, [], spec)
+    with pytest.raises(TypeError, match="single tensor"):
+        activation_matching(model_a, model_b, data[0], spec)
+    with pytest.raises(TypeError, match="PermutationSpec"):
+        activation_matching(model_a, model_b, data, {"h0": []})
+    with pytest.raises(TypeError, match="nn.Module"):
+        activation_matching(model_a.state_dict(), model_b, data, spec)
+    with pytest.raises(ValueError, match="fallback"):
+        activation_matching(model_a, model_b, data, spec, fallback="guess")
