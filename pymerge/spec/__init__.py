@@ -1,0 +1,43 @@
+"""Permutation specs: which axes of which parameters each permutation group acts on.
+
+Data (:class:`PermutationSpec`, :class:`AxisRef`, :class:`HeadStructure`,
+:class:`ActivationPoint`), permutations (:func:`apply_permutation` and friends), hand-written
+builders (:mod:`pymerge.spec.builders`) and ``torch.fx`` tracing (:func:`spec_from_model`).
+"""
+
+from pymerge.spec.apply import (
+    Permutation,
+    apply_permutation,
+    check_permutation,
+    compose_permutations,
+    identity_permutation,
+    invert_permutation,
+    permutation_index_map,
+    permute_param,
+    random_permutation,
+)
+from pymerge.spec.builders import cnn_spec, mlp_spec, resnet_spec, transformer_spec, vgg_spec
+from pymerge.spec.spec import ActivationPoint, AxisRef, HeadStructure, PermutationSpec
+from pymerge.spec.trace import spec_from_model
+
+__all__ = [
+    "ActivationPoint",
+    "AxisRef",
+    "HeadStructure",
+    "Permutation",
+    "PermutationSpec",
+    "apply_permutation",
+    "check_permutation",
+    "cnn_spec",
+    "compose_permutations",
+    "identity_permutation",
+    "invert_permutation",
+    "mlp_spec",
+    "permutation_index_map",
+    "permute_param",
+    "random_permutation",
+    "resnet_spec",
+    "spec_from_model",
+    "transformer_spec",
+    "vgg_spec",
+]
