@@ -27,6 +27,8 @@ Rules shared by both functions:
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -125,6 +127,11 @@ def _check_out_dtype(out_dtype: torch.dtype | None) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests replace it with a NaN-filled one to poison outputs)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (copy only when it is not)."""
     if not t.is_contiguous():
@@ -185,7 +192,7 @@ def _interp_triton(
     rows = [[_kernel_ready(lst[i]) for lst in lists] for i in range(T)]
     numels = [r[0].numel() for r in rows]
     offsets, total = _flat_layout(numels, out_dtype)
-    out = torch.empty(total, dtype=out_dtype, device=device)
+    out = _empty((total,), out_dtype, device)
     wt = torch.tensor(w, dtype=torch.float32).to(device, non_blocking=True)
     kern.weighted_sum_(rows, wt, out, offsets)
     return [out[o : o + n].view(r[0].shape) for o, n, r in zip(offsets, numels, rows, strict=True)]
@@ -375,7 +382,7 @@ def _perm_triton(
     numels = [t.numel() for t in a_list]
     offsets, total = _flat_layout(numels, out_dtype)
     M = len(alphas)
-    out = torch.empty((M, total), dtype=out_dtype, device=device)
+    out = _empty((M, total), out_dtype, device)
     at = torch.tensor(alphas, dtype=torch.float32).to(device, non_blocking=True)
     kern.permuted_lerp_(a_list, b_list, maps, at, out, offsets)
     return [
@@ -457,3 +464,15 @@ def permuted_interpolate(
             outs[m].update(zip(gkeys, res[m], strict=True))
     result = [{k: o[k] if k in o else state_a[k].clone() for k in keys} for o in outs]
     return result if many else result[0]
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule makes ``pymerge.ops.interpolate`` name the module (Python sets
+    the parent's attribute), shadowing the function of the same name that ``pymerge.ops``
+    exports; calling the module calls the function, so both spellings keep working."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return interpolate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,509 @@
+"""interpolate / permuted_interpolate: both backends against a float64 reference.
+
+The Triton kernels run in the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1)
+with tiny block sizes, so every tensor spans several chunks/tiles and has a masked tail.
+Outputs of the Triton path are allocated NaN-filled (poisoned) before the kernels write.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pymerge.ops
+from pymerge._backend import triton_error, triton_interpret
+from pymerge.ops import interpolate, permuted_interpolate
+
+front = sys.modules["pymerge.ops.interpolate"]
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+_TRITON_OK = triton_error() is None and (torch.cuda.is_available() or triton_interpret())
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not _TRITON_OK, reason="triton missing, or CPU without TRITON_INTERPRET=1"
+        ),
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks_and_poison(monkeypatch):
+    """Tiny kernel blocks (tails, many tiles, several column segments) + NaN-poisoned outputs."""
+    if _TRITON_OK:
+        from pymerge.kernels import interpolate as ki
+        from pymerge.kernels import permuted_interpolate as kp
+
+        monkeypatch.setattr(ki, "DEFAULT_BLOCK", 16)
+        monkeypatch.setattr(ki, "DEFAULT_NUM_WARPS", 1)
+        monkeypatch.setattr(kp, "DEFAULT_BR", 2)
+        monkeypatch.setattr(kp, "DEFAULT_BC", 4)
+        monkeypatch.setattr(kp, "DEFAULT_SEG", 8)
+        monkeypatch.setattr(kp, "DEFAULT_NUM_WARPS", 1)
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(front, "_empty", poisoned)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(shape, dtype, g, *, noncontig: str | None = None) -> torch.Tensor:
+    """Random tensor; noncontig: 'T' transposed view, 'step' strided slice, 'off' offset view."""
+    if noncontig == "T":
+        t = torch.randn(tuple(reversed(shape)), generator=g).to(dtype).t()
+    elif noncontig == "step":
+        t = torch.randn((*shape[:-1], 2 * shape[-1]), generator=g).to(dtype)[..., ::2]
+    elif noncontig == "off":  # contiguous but starts one element in: unaligned pointer
+        n = torch.Size(shape).numel()
+        t = torch.randn(n + 1, generator=g).to(dtype)[1:].view(shape)
+    else:
+        t = torch.randn(shape, generator=g).to(dtype)
+    return t.to(DEV)
+
+
+# (key, shape, dtype, non-contiguity)
+LAYOUT = [
+    ("scalar", (), F32, None),
+    ("one", (1,), BF16, None),
+    ("bias", (17,), F16, None),
+    ("lin.weight", (5, 7), F32, None),
+    ("lin_t.weight", (6, 9), BF16, "T"),
+    ("conv.weight", (4, 3, 3, 3), F16, None),
+    ("conv2.weight", (3, 5, 2, 2), F32, "step"),
+    ("tall", (33, 1), BF16, None),
+    ("wide", (1, 41), F32, "off"),
+    ("empty", (0, 3), F32, None),
+    ("bn.num_batches_tracked", (), torch.int64, None),
+    ("mask", (4,), torch.bool, None),
+]
+
+
+def _state(seed: int, layout=LAYOUT) -> dict[str, torch.Tensor]:
+    g = _gen(seed)
+    out = {}
+    for key, shape, dtype, nc in layout:
+        if dtype == torch.int64:
+            out[key] = torch.tensor(seed + 10, device=DEV)
+        elif dtype == torch.bool:
+            out[key] = (torch.randn(shape, generator=g) > 0).to(DEV)
+        else:
+            out[key] = _rand(shape, dtype, g, noncontig=nc)
+    return out
+
+
+def _snapshot(states):
+    return [{k: v.clone() for k, v in s.items()} for s in states]
+
+
+def _assert_unchanged(states, snaps):
+    for s, c in zip(states, snaps, strict=True):
+        for k in c:
+            assert torch.equal(s[k], c[k]), f"input {k} was modified"
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, roundings: int, key):
+    """|out - ref| <= roundings * eps(out dtype) * scale + fp32 accumulation slack."""
+    assert out.shape == ref.shape, key
+    assert torch.isfinite(out).all(), f"{key}: non-finite output (unwritten poisoned element?)"
+    fi = torch.finfo(out.dtype)
+    tol = roundings * fi.eps * scale + 8 * torch.finfo(F32).eps * scale + fi.smallest_normal
+    err = (out.double().cpu() - ref).abs()
+    assert (err <= tol).all(), f"{key}: max err {err.max().item():.3g} (dtype {out.dtype})"
+
+
+def _float_keys(state):
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+# ----------------------------------------------------------------------------- interpolate
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_interpolate_matches_float64_reference(backend, K):
+    states = [_state(100 * K + i) for i in range(K)]
+    snaps = _snapshot(states)
+    weights = torch.randn(K, generator=_gen(K)).tolist()  # need not sum to 1
+    out = interpolate(states, weights, backend=backend)
+    assert list(out) == list(states[0])
+    for k in _float_keys(states[0]):
+        ref = sum(w * s[k].double().cpu() for w, s in zip(weights, states, strict=True))
+        scale = sum(
+            abs(w) * s[k].double().cpu().abs() for w, s in zip(weights, states, strict=True)
+        )
+        assert out[k].dtype == states[0][k].dtype
+        rounds = 1 if backend == "triton" else K
+        _assert_close(out[k], ref, scale, rounds, k)
+    _assert_unchanged(states, snaps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interpolate_convex_weights_and_tensor_weights(backend):
+    states = [_state(1), _state(2)]
+    w = torch.tensor([0.25, 0.75])
+    out = interpolate(states, w, backend=backend)
+    for k in _float_keys(states[0]):
+        ref = 0.25 * states[0][k].double().cpu() + 0.75 * states[1][k].double().cpu()
+        scale = 0.25 * states[0][k].double().cpu().abs() + 0.75 * states[1][k].double().cpu().abs()
+        _assert_close(out[k], ref, scale, 1, k)  # lerp path: one rounding on torch too
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interpolate_endpoints_exact(backend):
+    states = [_state(3), _state(4)]
+    for w, src in (([1.0, 0.0], 0), ([0.0, 1.0], 1)):
+        out = interpolate(states, w, backend=backend)
+        for k in _float_keys(states[0]):
+            assert torch.equal(out[k], states[src][k]), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interpolate_nonfloating_copied_from_first(backend):
+    states = [_state(5), _state(6), _state(7)]
+    out = interpolate(states, [0.2, 0.3, 0.5], backend=backend)
+    for k in ("bn.num_batches_tracked", "mask"):
+        assert torch.equal(out[k], states[0][k])
+        assert out[k].data_ptr() != states[0][k].data_ptr()  # a clone, no aliasing
+    assert int(out["bn.num_batches_tracked"]) == 15
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("in_dtype", "out_dtype"), [(BF16, F32), (F32, F16)])
+def test_interpolate_out_dtype(backend, in_dtype, out_dtype):
+    layout = [(k, s, in_dtype, nc) for k, s, d, nc in LAYOUT if d.is_floating_point]
+    states = [_state(8, layout), _state(9, layout)]
+    w = [0.7, -1.1]
+    out = interpolate(states, w, backend=backend, out_dtype=out_dtype)
+    for k in out:
+        assert out[k].dtype == out_dtype
+        ref = w[0] * states[0][k].double().cpu() + w[1] * states[1][k].double().cpu()
+        scale = 0.7 * states[0][k].double().cpu().abs() + 1.1 * states[1][k].double().cpu().abs()
+        _assert_close(out[k], ref, scale, 1 if backend == "triton" else 2, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interpolate_outputs_do_not_alias_inputs(backend):
+    states = [_state(10)]
+    out = interpolate(states, [1.0], backend=backend)
+    for k in _float_keys(states[0]):
+        if out[k].numel():
+            out[k].add_(1)  # must not write through to the input
+    _assert_unchanged(states, _snapshot([_state(10)]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interpolate_repeated_calls_see_new_values(backend):
+    """Launch tables are cached by pointer: values changed in place must still be read."""
+    states = [_state(11), _state(12)]
+    first = interpolate(states, [0.5, 0.5], backend=backend)
+    for s in states:
+        for k in _float_keys(s):
+            s[k].mul_(-2.0)  # same pointers, new values
+    second = interpolate(states, [0.5, 0.5], backend=backend)
+    for k in _float_keys(states[0]):
+        expect = (first[k].double() * -2.0).to(first[k].dtype)
+        assert torch.allclose(second[k].double(), expect.double(), rtol=1e-2, atol=1e-3), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interpolate_nan_inf_propagate(backend):
+    layout = [("a", (3, 11), F32, None), ("b", (20,), BF16, None)]
+    states = [_state(13, layout), _state(14, layout)]
+    states[0]["a"][1, 2] = float("nan")
+    states[1]["a"][2, 10] = float("inf")
+    states[1]["b"][5] = float("-inf")
+    for w in ([0.5, 0.5], [1.0, 0.0], [0.3, 0.9]):
+        out = interpolate(states, w, backend=backend)
+        for k in out:
+            bad = ~torch.isfinite(states[0][k]) | ~torch.isfinite(states[1][k])
+            assert torch.equal(~torch.isfinite(out[k]), bad), (k, w)
+            ref = w[0] * states[0][k].double() + w[1] * states[1][k].double()
+            assert torch.allclose(out[k][~bad].double(), ref[~bad], rtol=2e-2, atol=1e-3)
+    # 0 * inf = nan, as torch computes it
+    out = interpolate(states, [1.0, 0.0], backend=backend)
+    assert torch.isnan(out["a"][2, 10])
+
+
+def test_interpolate_backends_agree():
+    if not _TRITON_OK:
+        pytest.skip("triton unavailable here; both paths are checked against float64 elsewhere")
+    states = [_state(15), _state(16)]
+    a = interpolate(states, [0.5, 0.5], backend="torch")
+    b = interpolate(states, [0.5, 0.5], backend="triton")
+    for k in a:  # lerp (torch) vs fp32 weighted sum (triton): at most one ulp apart
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-2, atol=1e-6), k
+
+
+def test_interpolate_errors():
+    s1, s2 = _state(1), _state(2)
+    with pytest.raises(ValueError, match="empty"):
+        interpolate([], [])
+    with pytest.raises(TypeError, match="sequence of state dicts"):
+        interpolate(s1, [1.0])
+    with pytest.raises(ValueError, match="2 weights for 3"):
+        interpolate([s1, s2, s2], [0.5, 0.5])
+    with pytest.raises(TypeError, match=r"weights\[1\]"):
+        interpolate([s1, s2], [0.5, "x"])
+    missing = dict(s2)
+    del missing["lin.weight"]
+    with pytest.raises(ValueError, match=r"missing key.*lin\.weight"):
+        interpolate([s1, missing], [0.5, 0.5])
+    extra = dict(s2, extra_key=torch.zeros(1))
+    with pytest.raises(ValueError, match="extra key.*extra_key"):
+        interpolate([s1, extra], [0.5, 0.5])
+    bad = dict(s2, bias=torch.zeros(18, dtype=F16))
+    with pytest.raises(ValueError, match="shape mismatch for key 'bias'"):
+        interpolate([s1, bad], [0.5, 0.5])
+    bad = dict(s2, bias=torch.zeros(17, dtype=F32))
+    with pytest.raises(ValueError, match="dtype mismatch for key 'bias'"):
+        interpolate([s1, bad], [0.5, 0.5])
+    with pytest.raises(TypeError, match="out_dtype"):
+        interpolate([s1, s2], [0.5, 0.5], out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="complex"):
+        interpolate([{"z": torch.zeros(2, dtype=torch.complex64)}], [1.0])
+    with pytest.raises(TypeError, match="not a Tensor"):
+        interpolate([{"z": [1.0]}], [1.0])
+    with pytest.raises(ValueError, match="backend"):
+        interpolate([s1], [1.0], backend="cuda-magic")
+
+
+# ----------------------------------------------------------------------------- permuted
+
+
+def _perm_setup(seed: int):
+    """States, a plain spec_axes map (1 or 2 axes per param) and the gathered reference B."""
+    g = _gen(seed)
+    a, b = _state(seed), _state(seed + 1)
+    rp = lambda n: torch.randperm(n, generator=g).to(DEV)  # noqa: E731
+    p4, p3, p5 = rp(4), rp(3), rp(5)
+    spec = {
+        "lin.weight": ((0, p5), (1, rp(7))),  # both axes
+        "lin_t.weight": ((1, rp(9)),),  # non-contiguous, column only
+        "conv.weight": ((0, p4), (1, p3)),  # 4-D conv, out and in channels
+        "conv2.weight": ((-3, rp(5)),),  # negative axis (= 1)
+        "bias": ((0, rp(17)),),
+        "tall": ((0, rp(33)),),
+        "wide": ((1, rp(41)),),
+        "empty": ((1, p3),),
+    }
+    bp = {}
+    for k, v in b.items():
+        t = v
+        for axis, idx in spec.get(k, ()):
+            t = t.index_select(axis, idx)
+        bp[k] = t
+    return a, b, spec, bp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_interpolate_matches_gather_then_lerp(backend):
+    a, b, spec, bp = _perm_setup(20)
+    snaps = _snapshot([a, b])
+    alpha = 0.37
+    out = permuted_interpolate(a, b, alpha, spec, backend=backend)
+    assert isinstance(out, dict) and list(out) == list(a)
+    for k in _float_keys(a):
+        ref = (1 - alpha) * a[k].double().cpu() + alpha * bp[k].double().cpu()
+        scale = (1 - alpha) * a[k].double().cpu().abs() + alpha * bp[k].double().cpu().abs()
+        assert out[k].dtype == a[k].dtype
+        _assert_close(out[k], ref, scale, 1, k)
+    for k in ("bn.num_batches_tracked", "mask"):
+        assert torch.equal(out[k], a[k]) and out[k].data_ptr() != a[k].data_ptr()
+    _assert_unchanged([a, b], snaps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_many_alphas_equal_separate_calls_and_exact_endpoints(backend):
+    a, b, spec, bp = _perm_setup(30)
+    alphas = [0.0, 0.25, 0.5, 1.0, 1.5, -0.5]
+    many = permuted_interpolate(a, b, alphas, spec, backend=backend)
+    assert isinstance(many, list) and len(many) == len(alphas)
+    for al, got in zip(alphas, many, strict=True):
+        one = permuted_interpolate(a, b, al, spec, backend=backend)
+        for k in a:
+            assert torch.equal(got[k], one[k]), (al, k)
+    for k in _float_keys(a):
+        assert torch.equal(many[0][k], a[k]), k  # alpha = 0: exactly A
+        assert torch.equal(many[3][k], bp[k]), k  # alpha = 1: exactly pi(B)
+    # tensor of alphas and a 1-element list also return lists
+    as_tensor = permuted_interpolate(a, b, torch.tensor([0.25]), spec, backend=backend)
+    assert isinstance(as_tensor, list) and torch.equal(
+        as_tensor[0]["conv.weight"], many[1]["conv.weight"]
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_with_perm_groups(backend):
+    a, b, _, _ = _perm_setup(40)
+    g = _gen(41)
+    perm = {"P4": torch.randperm(4, generator=g), "P3": torch.randperm(3, generator=g)}
+    spec = {"conv.weight": ((0, "P4"), (1, "P3")), "empty": ((1, "P3"),)}
+    out = permuted_interpolate(a, b, 0.5, spec, perm, backend=backend)
+    plain = {k: tuple((ax, perm[gr].to(DEV)) for ax, gr in v) for k, v in spec.items()}
+    ref = permuted_interpolate(a, b, 0.5, plain, backend=backend)
+    for k in a:
+        assert torch.equal(out[k], ref[k]), k
+    bpk = b["conv.weight"][perm["P4"]][:, perm["P3"]]
+    assert torch.equal(
+        permuted_interpolate(a, b, 1.0, spec, perm, backend=backend)["conv.weight"], bpk
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_identity_spec_is_plain_lerp(backend):
+    a, b = _state(50), _state(51)
+    out = permuted_interpolate(a, b, [0.3], {}, backend=backend)[0]
+    lerp = interpolate([a, b], [0.7, 0.3], backend=backend)
+    for k in _float_keys(a):
+        ref = 0.7 * a[k].double().cpu() + 0.3 * b[k].double().cpu()
+        scale = 0.7 * a[k].double().cpu().abs() + 0.3 * b[k].double().cpu().abs()
+        _assert_close(out[k], ref, scale, 1, k)
+        assert torch.allclose(out[k].double(), lerp[k].double(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_out_dtype_and_nan(backend):
+    layout = [("w", (6, 5), BF16, None)]
+    a, b = _state(60, layout), _state(61, layout)
+    b["w"][4, 1] = float("nan")
+    p0, p1 = torch.randperm(6, generator=_gen(1)), torch.randperm(5, generator=_gen(2))
+    out = permuted_interpolate(
+        a, b, [0.5, 1.0], {"w": ((0, p0), (1, p1))}, backend=backend, out_dtype=F32
+    )
+    assert out[0]["w"].dtype == F32
+    bad = ~torch.isfinite(b["w"][p0][:, p1])
+    for o in out:
+        assert torch.equal(~torch.isfinite(o["w"]), bad)
+    assert torch.equal(out[1]["w"][~bad], b["w"][p0][:, p1][~bad].float())
+
+
+def test_permuted_backends_agree():
+    if not _TRITON_OK:
+        pytest.skip("triton unavailable here; both paths are checked against float64 elsewhere")
+    a, b, spec, _ = _perm_setup(70)
+    x = permuted_interpolate(a, b, [0.1, 0.9], spec, backend="torch")
+    y = permuted_interpolate(a, b, [0.1, 0.9], spec, backend="triton")
+    for xo, yo in zip(x, y, strict=True):
+        for k in a:
+            assert torch.allclose(xo[k].double(), yo[k].double(), rtol=1e-2, atol=1e-6), k
+
+
+def test_permutation_spec_goes_through_index_map(monkeypatch):
+    a, b, spec, _ = _perm_setup(80)
+    calls = []
+
+    class FakeSpec:
+        perm_to_axes = {"g": []}
+
+    def fake_map(s, perm, state):
+        calls.append((s, perm, state))
+        return spec
+
+    fake = types.ModuleType("pymerge.spec")
+    fake.permutation_index_map = fake_map
+    monkeypatch.setitem(sys.modules, "pymerge.spec", fake)
+    fs, perm = FakeSpec(), {"g": torch.arange(3)}
+    out = permuted_interpolate(a, b, 0.5, fs, perm, backend="torch")
+    assert calls and calls[0][0] is fs and calls[0][1] is perm and calls[0][2] is b
+    ref = permuted_interpolate(a, b, 0.5, spec, backend="torch")
+    for k in a:
+        assert torch.equal(out[k], ref[k])
+    with pytest.raises(TypeError, match="needs perm"):
+        permuted_interpolate(a, b, 0.5, fs)
+
+
+def test_permuted_errors():
+    a, b = _state(90), _state(91)
+    p5 = torch.randperm(5)
+    cases = [
+        ({"lin.weight": ((0, torch.arange(4)),)}, ValueError, r"'lin\.weight' axis 0.*length 4"),
+        (
+            {"lin.weight": ((1, torch.tensor([0, 1, 2, 3, 4, 5, 5])),)},
+            ValueError,
+            r"'lin\.weight' axis 1.*not a permutation",
+        ),
+        (
+            {"lin.weight": ((0, torch.tensor([0, 1, 2, 3, 5])),)},
+            ValueError,
+            r"'lin\.weight' axis 0.*out of range",
+        ),
+        ({"lin.weight": ((0, torch.tensor([0, 1, 2, 3, -1])),)}, ValueError, "out of range"),
+        ({"lin.weight": ((0, p5.float()),)}, TypeError, "integer dtype"),
+        ({"lin.weight": ((2, p5),)}, ValueError, r"'lin\.weight'.*axis 2 out of range"),
+        ({"nope": ((0, p5),)}, ValueError, "'nope'"),
+        ({"mask": ((0, torch.arange(4)),)}, TypeError, "'mask'.*not floating"),
+        ({"lin.weight": (("x", p5),)}, TypeError, "not an int"),
+        ({"lin.weight": (5,)}, TypeError, "pairs"),
+    ]
+    for spec, exc, pat in cases:
+        with pytest.raises(exc, match=pat):
+            permuted_interpolate(a, b, 0.5, spec, backend="torch")
+    with pytest.raises(ValueError, match="group 'G'.*not in perm"):
+        permuted_interpolate(a, b, 0.5, {"lin.weight": ((0, "G"),)}, {"H": p5})
+    with pytest.raises(TypeError, match="group name"):
+        permuted_interpolate(a, b, 0.5, {"lin.weight": ((0, p5),)}, {"H": p5})
+    with pytest.raises(ValueError, match="empty"):
+        permuted_interpolate(a, b, [], {})
+    with pytest.raises(TypeError, match="mapping"):
+        permuted_interpolate(a, b, 0.5, [("lin.weight", 0, p5)])
+    bad = dict(b, tall=torch.zeros(33, 1, dtype=F16))
+    with pytest.raises(ValueError, match="dtype mismatch for key 'tall'"):
+        permuted_interpolate(a, bad, 0.5, {})
+    missing = dict(b)
+    del missing["conv.weight"]
+    with pytest.raises(ValueError, match=r"missing key.*conv\.weight"):
+        permuted_interpolate(a, missing, 0.5, {})
+    _assert_unchanged([a, b], _snapshot([_state(90), _state(91)]))
+
+
+def test_ops_name_stays_callable_after_submodule_import(monkeypatch):
+    """A first `import pymerge.ops.interpolate` binds the package attribute to the submodule."""
+    monkeypatch.setattr(pymerge.ops, "interpolate", front)  # what that import leaves behind
+    s = _state(3)
+    out = pymerge.ops.interpolate([s], [2.0], backend="torch")
+    assert torch.equal(out["lin.weight"], 2.0 * s["lin.weight"])
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    data=st.data(),
+    dtype=st.sampled_from([F32, F16, BF16]),
+)
+def test_property_permuted_random_axes(shape, data, dtype):
+    backends = ["torch"] + (["triton"] if _TRITON_OK else [])
+    seed = data.draw(st.integers(0, 2**16))
+    g = _gen(seed)
+    ndim = len(shape)
+    axes = data.draw(st.lists(st.integers(-ndim, ndim - 1), max_size=3))
+    spec = {"t": tuple((ax, torch.randperm(shape[ax], generator=g)) for ax in axes)}
+    a = {"t": torch.randn(shape, generator=g).to(dtype)}
+    b = {"t": torch.randn(shape, generator=g).to(dtype)}
+    alpha = data.draw(st.floats(-1.0, 2.0))
+    ref_b = b["t"]
+    for ax, idx in spec["t"]:
+        ref_b = ref_b.index_select(ax, idx)
+    ref = (1 - alpha) * a["t"].double() + alpha * ref_b.double()
+    scale = abs(1 - alpha) * a["t"].double().abs() + abs(alpha) * ref_b.double().abs()
+    for be in backends:
+        out = permuted_interpolate(a, b, [alpha], spec, backend=be)[0]["t"]
+        _assert_close(out, ref, scale, 1, (be, shape, axes))
