@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -401,37 +402,69 @@ struct KAvx512 {
     }
 
     template <class T, bool MAX>
+    PYMERGE_AVX512 static inline void min2_step(__m512d cc, __m512d r, __m512d jv, __m512d& a1,
+                                                __m512d& a2, __m512d& ai) {
+        (void)cc;
+        __mmask8 lt = _mm512_cmp_pd_mask(r, a1, _CMP_LT_OQ);
+        a2 = _mm512_mask_mov_pd(_mm512_min_pd(a2, r), lt, a1);
+        a1 = _mm512_mask_mov_pd(a1, lt, r);
+        ai = _mm512_mask_mov_pd(ai, lt, jv);
+    }
+
+    // Two independent lane sets (even / odd blocks of 8) halve the dependency
+    // chain; lanes are merged with vector reductions.
+    template <class T, bool MAX>
     PYMERGE_AVX512 static Min2 min2(const T* c, const double* v, int m, bool* bad) {
         const __m512d lim = _mm512_set1_pd(-kMaxFinite);
         const __m512d inf = _mm512_set1_pd(kInf);
         __m512d a1 = inf, a2 = inf, ai = _mm512_set1_pd(-1.0);
+        __m512d b1 = inf, b2 = inf, bi = ai;
         __m512d jv = _mm512_setr_pd(0, 1, 2, 3, 4, 5, 6, 7);
-        const __m512d eight = _mm512_set1_pd(8.0);
+        const __m512d eight = _mm512_set1_pd(8.0), sixteen = _mm512_set1_pd(16.0);
         __mmask8 kb = 0;
-        for (int j = 0; j < m; j += 8) {
+        int j = 0;
+        for (; j + 16 <= m; j += 16) {
+            __m512d c0 = avx512_sign<MAX>(avx512_load8(c + j));
+            __m512d c1 = avx512_sign<MAX>(avx512_load8(c + j + 8));
+            kb |= _mm512_cmp_pd_mask(c0, lim, _CMP_NGE_UQ) | _mm512_cmp_pd_mask(c1, lim, _CMP_NGE_UQ);
+            __m512d r0 = _mm512_sub_pd(c0, _mm512_loadu_pd(v + j));
+            __m512d r1 = _mm512_sub_pd(c1, _mm512_loadu_pd(v + j + 8));
+            min2_step<T, MAX>(c0, r0, jv, a1, a2, ai);
+            min2_step<T, MAX>(c1, r1, _mm512_add_pd(jv, eight), b1, b2, bi);
+            jv = _mm512_add_pd(jv, sixteen);
+        }
+        for (; j < m; j += 8) {
             __mmask8 t = (m - j >= 8) ? static_cast<__mmask8>(0xFF)
                                       : static_cast<__mmask8>((1u << (m - j)) - 1u);
-            __m512d cc, r;
-            if (t == 0xFF) {
-                cc = avx512_sign<MAX>(avx512_load8(c + j));
-                r = _mm512_sub_pd(cc, _mm512_loadu_pd(v + j));
-            } else {
-                cc = avx512_sign<MAX>(avx512_load8z(c + j, t));
-                r = _mm512_mask_mov_pd(inf, t, _mm512_sub_pd(cc, _mm512_maskz_loadu_pd(t, v + j)));
-            }
+            __m512d cc = avx512_sign<MAX>(avx512_load8z(c + j, t));
+            __m512d r =
+                _mm512_mask_mov_pd(inf, t, _mm512_sub_pd(cc, _mm512_maskz_loadu_pd(t, v + j)));
             kb |= _mm512_mask_cmp_pd_mask(t, cc, lim, _CMP_NGE_UQ);
-            __mmask8 lt = _mm512_cmp_pd_mask(r, a1, _CMP_LT_OQ);
-            a2 = _mm512_mask_mov_pd(_mm512_min_pd(a2, r), lt, a1);
-            a1 = _mm512_mask_mov_pd(a1, lt, r);
-            ai = _mm512_mask_mov_pd(ai, lt, jv);
+            min2_step<T, MAX>(cc, r, jv, a1, a2, ai);
             jv = _mm512_add_pd(jv, eight);
         }
-        alignas(64) double l1[8], l2[8], li[8];
-        _mm512_store_pd(l1, a1);
-        _mm512_store_pd(l2, a2);
-        _mm512_store_pd(li, ai);
         *bad |= kb != 0;
-        return KAvx2::merge_lanes(l1, l2, li, 8, m);
+        // merge set b into set a (per lane: both are (min, argmin, second) triples;
+        // set a's indices are lower only within a block pair, so break ties by index)
+        __mmask8 takeb = _mm512_cmp_pd_mask(b1, a1, _CMP_LT_OQ) |
+                         (_mm512_cmp_pd_mask(b1, a1, _CMP_EQ_OQ) &
+                          _mm512_cmp_pd_mask(bi, ai, _CMP_LT_OQ) &
+                          _mm512_cmp_pd_mask(bi, _mm512_setzero_pd(), _CMP_GE_OQ));
+        __m512d m1 = _mm512_mask_mov_pd(a1, takeb, b1);
+        __m512d mi = _mm512_mask_mov_pd(ai, takeb, bi);
+        __m512d m2 = _mm512_min_pd(_mm512_min_pd(a2, b2), _mm512_mask_mov_pd(b1, takeb, a1));
+        double u1 = _mm512_reduce_min_pd(m1);
+        if (!(u1 < kInf)) return {kInf, kInf, m > 0 ? 0 : -1};
+        __mmask8 eq = _mm512_cmp_pd_mask(m1, _mm512_set1_pd(u1), _CMP_EQ_OQ);
+        double jmin = _mm512_mask_reduce_min_pd(eq, mi);
+        double u2;
+        if (__builtin_popcount(eq) >= 2) {
+            u2 = u1;
+        } else {
+            u2 = std::min(_mm512_reduce_min_pd(m2), _mm512_mask_reduce_min_pd(
+                                                        static_cast<__mmask8>(~eq), m1));
+        }
+        return {u1, u2, static_cast<int32_t>(jmin)};
     }
 
     template <class T, bool MAX>

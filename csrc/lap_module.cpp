@@ -342,6 +342,15 @@ Returns col4row int64 [B, n]. Errors name the first bad problem.)doc");
             return out;
         },
         "Kernel sets this CPU can run.");
+#ifdef PYMERGE_LAP_STATS
+    mod.def("_stats", []() {
+        py::dict dd;
+        dd["min2"] = g_stats.min2; dd["tied"] = g_stats.tied; dd["scans"] = g_stats.scans;
+        dd["collects"] = g_stats.collects; dd["free0"] = g_stats.free0; dd["free1"] = g_stats.free1;
+        dd["free2"] = g_stats.free2; g_stats = Stats();
+        return dd;
+    });
+#endif
     mod.def(
         "_num_threads", []() { return env_threads(); },
         "Threads solve_batch uses when threads=0.");

@@ -37,6 +37,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
@@ -45,6 +46,16 @@
 namespace pymerge_lap {
 
 enum Status : int { kOk = 0, kBad = 1, kInfeasible = 2 };
+
+#ifdef PYMERGE_LAP_STATS
+struct Stats { long long min2 = 0, tied = 0, scans = 0, collects = 0, free0 = 0, free1 = 0, free2 = 0; };
+inline Stats g_stats;
+#define LAP_STAT(x) (++g_stats.x)
+#define LAP_SET(x, v) (g_stats.x = (v))
+#else
+#define LAP_STAT(x) ((void)0)
+#define LAP_SET(x, v) ((void)0)
+#endif
 
 // Per-problem scratch space, reused across the problems of a batch.
 struct Workspace {
@@ -107,10 +118,17 @@ class Solver {
             s = greedy(hint, nfree);
         }
         if (s != kOk) return s;
-        for (int pass = 0; pass < 2 && nfree > 0; ++pass) {
+        LAP_SET(free0, nfree);
+        int npass = 2;
+#ifdef PYMERGE_LAP_STATS
+        if (const char* e = std::getenv("LAP_PASSES")) npass = std::atoi(e);
+#endif
+        for (int pass = 0; pass < npass && nfree > 0; ++pass) {
             s = augmenting_row_reduction(nfree);
             if (s != kOk) return s;
+            if (pass == 0) LAP_SET(free1, nfree);
         }
+        LAP_SET(free2, nfree);
         for (int k = 0; k < nfree; ++k) {
             s = augment(fr_[k]);
             if (s != kOk) return s;
@@ -196,6 +214,7 @@ class Solver {
     }
 
     int find_free_tied(int i, double u1) const {
+        LAP_STAT(tied);
         const T* c = row(i);
         for (int j = 0; j < m_; ++j)
             if (y_[j] < 0 && widen<MAX>(c[j]) - v_[j] == u1) return j;
@@ -206,11 +225,15 @@ class Solver {
     Status augmenting_row_reduction(int& nfree) {
         int k = 0, prev = nfree;
         nfree = 0;
-        int64_t budget = 4 * static_cast<int64_t>(n_) + 64;  // bounds re-processing
+        int64_t budget = static_cast<int64_t>(n_) / 2 + 8;  // bounds re-processing (tuned)
+#ifdef PYMERGE_LAP_STATS
+        if (const char* e = std::getenv("LAP_BUDGET")) budget = static_cast<int64_t>(std::atof(e) * n_);
+#endif
         while (k < prev) {
             int i = fr_[k++];
             bool b = false;
             Min2 r = K::template min2<T, MAX>(row(i), v_, m_, &b);
+            LAP_STAT(min2);
             if (!(r.u1 < kInf)) return kInfeasible;
             int j1 = r.j1;
             int i0 = y_[j1];
@@ -249,6 +272,7 @@ class Solver {
                     restore(nready);
                     return kInfeasible;
                 }
+                LAP_STAT(collects);
                 int j = K::find_eq(d_, m_, 0, level);
                 while (j < m_) {
                     rcol_[nready] = j;
@@ -269,6 +293,7 @@ class Solver {
             int i = y_[j];
             double h = (cost(i, j) - rv_[sp]) - level;
             ++sp;
+            LAP_STAT(scans);
             next = K::template scan<T, MAX, false>(row(i), v_, d_, pred_, m_, h, i);
         }
         // dual update on the finished columns, then flip the path
