@@ -328,3 +328,54 @@ def test_errors():
         activation_matching(model_a.state_dict(), model_b, data, spec)
     with pytest.raises(ValueError, match="fallback"):
         activation_matching(model_a, model_b, data, spec, fallback="guess")
+
+
+# ----------------------------------------------------------------------------- reference models
+
+
+def _model_cases():
+    from pymerge import models as M
+
+    return {
+        "MLP": (lambda: M.MLP(8, (12, 12), 3), (100, 8)),
+        "CNN-bn": (lambda: M.CNN(3, (4, 6), 3, norm="bn", image_size=8), (6, 3, 8, 8)),
+        "CNN-gn": (lambda: M.CNN(3, (4, 8), 3, norm="gn", image_size=8, gn_groups=2), (6, 3, 8, 8)),
+        "CNN-ln-flatten": (
+            lambda: M.CNN(3, (4, 6), 3, norm="ln", image_size=8, pool="flatten", hidden=7),
+            (6, 3, 8, 8),
+        ),
+        "ResNet20": (lambda: M.ResNet20(), (4, 3, 16, 16)),
+        "TinyGPT": (
+            lambda: M.TinyGPT(vocab=16, d_model=8, n_heads=2, n_layers=1, max_len=8),
+            None,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["MLP", "CNN-bn", "CNN-gn", "CNN-ln-flatten", "ResNet20", "TinyGPT"]
+)
+def test_recovers_permutation_of_reference_models(name):
+    make, shape = _model_cases()[name]
+    torch.manual_seed(0)
+    model_a = make()
+    spec = model_a.spec()
+    model_b, rp = _permuted_copy(model_a, spec, seed=3)
+    g = torch.Generator().manual_seed(0)
+    if shape is None:  # tokens
+        data = [torch.randint(0, 16, (4, 8), generator=g) for _ in range(2)]
+    else:
+        data = [torch.randn(*shape, generator=g) for _ in range(2)]
+    res = activation_matching(model_a, model_b, data, spec)
+    inv = invert_permutation(rp)
+    for grp in spec.groups():
+        assert torch.equal(res.perm[grp], inv[grp]), grp
+    # the GPT's attention q/k/v units have no module output: matched by weights as a whole
+    aps = spec.activation_points
+    expect_fallback = {g for g in spec.groups() if g not in aps}
+    for h in spec.heads.values():
+        if any(g not in aps for g in h.groups):
+            expect_fallback |= set(h.groups)
+    assert sorted(res.history["fallback_groups"]) == sorted(expect_fallback)
+    if name == "TinyGPT":
+        assert res.history["fallback_groups"]
