@@ -95,6 +95,19 @@ def _check_finite(s: torch.Tensor, x: torch.Tensor, name: str, shape: tuple[int,
         )
 
 
+def _centred_with_ones(x: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, d + 1]`` buffer ``[x - shift, 1]`` in ``dtype`` (one pass over ``x``).
+
+    Rows are padded to a multiple of 64 bytes so that BLAS sees aligned rows.
+    """
+    n, d = x.shape
+    width = -(-(d + 1) // 16) * 16
+    out = torch.empty((n, width), dtype=dtype, device=x.device)[:, : d + 1]
+    torch.sub(x, shift, out=out[:, :d])
+    out[:, d] = 1
+    return out
+
+
 class CorrelationAccumulator:
     """Streaming means, stds, (cross-)covariance and Pearson correlation of features.
 
@@ -266,24 +279,32 @@ class CorrelationAccumulator:
         )
 
     def _update_torch(self, xa, xb, x_a, x_b) -> None:
+        # One GEMM does the work: the centred batches carry a column of ones, so
+        # [x_a - k_a, 1]^T [x_b - k_b, 1] holds the cross product and both column sums.
         n_b = xa.shape[0]
         cdt = self.dtype
         ka = self._mean_a if self._n else self._first_shift(xa, n_b)
-        ca = xa.to(cdt) - ka
-        sa = ca.sum(0)
-        if self.check_finite:
-            _check_finite(sa, xa, "x_a" if not self.joint else "x_a/x_b", tuple(x_a.shape))
-        qa = (ca * ca).sum(0)
+        aug_a = _centred_with_ones(xa, ka, cdt)
+        label_a = "x_a/x_b" if self.joint else "x_a"
         if xb is None:
-            kb, cb, sb, qb = ka, ca, sa, qa
+            prod = aug_a.T @ aug_a
+            sa = prod[:-1, -1]
+            if self.check_finite:
+                _check_finite(sa, xa, label_a, tuple(x_a.shape))
+            qa = prod.diagonal()[:-1]
+            kb, sb, qb = ka, sa, qa
         else:
             kb = self._mean_b if self._n else self._first_shift(xb, n_b)
-            cb = xb.to(cdt) - kb
-            sb = cb.sum(0)
+            aug_b = _centred_with_ones(xb, kb, cdt)
+            prod = aug_a.T @ aug_b
+            sa, sb = prod[:-1, -1], prod[-1, :-1]
             if self.check_finite:
+                _check_finite(sa, xa, label_a, tuple(x_a.shape))
                 _check_finite(sb, xb, "x_b", tuple(x_b.shape))
+            ca, cb = aug_a[:, :-1], aug_b[:, :-1]
+            qa = (ca * ca).sum(0)
             qb = (cb * cb).sum(0)
-        self._m2.addmm_(ca.T, cb)
+        self._m2.add_(prod[:-1, :-1])
         self._merge(n_b, ka, kb, sa, qa, sb, qb, shift_b_in_cross=False)
         self._eps = max(self._eps, torch.finfo(cdt).eps)
 
