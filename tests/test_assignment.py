@@ -638,6 +638,29 @@ def test_fallback_duals_certify_optimality():
         np.testing.assert_allclose(v[free], 0.0)
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 150])
+def test_fallback_lockstep_batch_equals_single_solves(monkeypatch, chunk):
+    monkeypatch.setattr(fallback, "_BATCH_CHUNK", chunk)
+    rng = np.random.default_rng(23)
+    for shape in [(40, 6, 6), (30, 4, 9), (25, 12, 12), (10, 1, 5)]:
+        for kind in ("uniform", "ties", "inf"):
+            stack = np.stack([_random_problem(rng, *shape[1:], kind) for _ in range(shape[0])])
+            for maximize in (False, True):
+                st = -stack if maximize else stack
+                singles = []
+                for b in range(shape[0]):
+                    try:
+                        singles.append(fallback.solve(st[b], maximize)[0])
+                    except ValueError:
+                        singles.append(None)
+                bad = [b for b, s in enumerate(singles) if s is None]
+                if bad:
+                    with pytest.raises(ValueError, match=rf"infeasible.*problem {bad[0]} of"):
+                        fallback.solve_batch(st, maximize)
+                    continue
+                np.testing.assert_array_equal(fallback.solve_batch(st, maximize), singles)
+
+
 def test_fallback_contract_errors():
     with pytest.raises(ValueError, match="n_rows <= n_cols"):
         fallback.solve(np.ones((3, 2)))

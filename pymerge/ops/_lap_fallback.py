@@ -208,18 +208,139 @@ def solve(
     return col4row, u, v
 
 
+_BATCH_CHUNK = 1 << 22  # cost entries per lockstep chunk (32 MiB of float64)
+
+
+class _BatchInfeasible(Exception):
+    def __init__(self, index: int):
+        self.index = index
+
+
+def _lockstep(c: np.ndarray) -> np.ndarray:
+    """Solve a float64 ``[B, n, m]`` minimisation stack with every problem in lockstep.
+
+    The same steps, tie-breaks and arithmetic as :func:`solve` (so the same answers), but each
+    NumPy call works on all ``B`` problems at once: one augmentation stage per free row.
+    """
+    B, n, m = c.shape
+    u = c.min(axis=2)
+    bad = np.isinf(u).any(axis=1)
+    if bad.any():
+        raise _BatchInfeasible(int(np.argmax(bad)))
+    col4row = np.full((B, n), -1, dtype=np.int64)
+    row4col = np.full((B, m), -1, dtype=np.int64)
+    v = np.zeros((B, m))
+    # greedy row reduction: each row takes its argmin column unless a lower row took it
+    best = c.argmin(axis=2)
+    _, first = np.unique((np.arange(B)[:, None] * m + best).ravel(), return_index=True)
+    bb, rr = np.divmod(first, n)
+    col4row[bb, rr] = best[bb, rr]
+    row4col[bb, best[bb, rr]] = rr
+    while True:
+        unassigned = col4row < 0
+        A = np.flatnonzero(unassigned.any(axis=1))
+        if A.size == 0:
+            return col4row
+        K = A.size
+        r = np.arange(K)
+        roots = unassigned[A].argmax(axis=1)
+        vA = v[A]
+        free = row4col[A] < 0
+        masked = np.full((K, m), np.inf)
+        dist = np.full((K, m), np.inf)
+        path = np.full((K, m), -1, dtype=np.int64)
+        unscanned = np.ones((K, m), dtype=bool)
+        done = np.zeros(K, dtype=bool)
+        sink = np.full(K, -1, dtype=np.int64)
+        min_val = np.zeros(K)
+        i = roots.copy()
+        while not done.all():
+            reduced = c[A, i] - vA
+            reduced += (min_val - u[A, i])[:, None]
+            better = reduced < masked
+            better &= unscanned
+            better[done] = False
+            np.copyto(masked, reduced, where=better)
+            np.copyto(path, i[:, None], where=better)
+            j = masked.argmin(axis=1)
+            lowest = masked[r, j]
+            going = ~done
+            stuck = going & (lowest == np.inf)
+            if stuck.any():
+                raise _BatchInfeasible(int(A[np.argmax(stuck)]))
+            taken = going & ~free[r, j]
+            if taken.any():
+                tie = masked == lowest[:, None]
+                tie &= free
+                k = tie.argmax(axis=1)
+                use = taken & tie[r, k]
+                j = np.where(use, k, j)
+            g = np.flatnonzero(going)
+            jg = j[g]
+            min_val[g] = lowest[g]
+            dist[g, jg] = lowest[g]
+            masked[g, jg] = np.inf
+            unscanned[g, jg] = False
+            at_sink = free[g, jg]
+            sink[g[at_sink]] = jg[at_sink]
+            done[g[at_sink]] = True
+            cont = g[~at_sink]
+            i[cont] = row4col[A[cont], j[cont]]
+        # dual update over the scanned columns (not the sinks)
+        u[A, roots] += min_val
+        scanned = ~unscanned
+        scanned[r, sink] = False
+        sb, sc = np.nonzero(scanned)
+        delta = min_val[sb] - dist[sb, sc]
+        u[A[sb], row4col[A[sb], sc]] += delta
+        v[A[sb], sc] -= delta
+        # augment every problem along its path, in lockstep
+        j = sink.copy()
+        walking = np.ones(K, dtype=bool)
+        while walking.any():
+            w = np.flatnonzero(walking)
+            bw, jw = A[w], j[w]
+            iw = path[w, jw]
+            row4col[bw, jw] = iw
+            j[w] = col4row[bw, iw]
+            col4row[bw, iw] = jw
+            walking[w] = iw != roots[w]
+
+
 def solve_batch(costs: np.ndarray, maximize: bool = False, threads: int = 0) -> np.ndarray:
     """Solve a ``[B, n, m]`` (``n <= m``) stack; returns ``col4row int64 [B, n]``.
 
-    ``threads`` is accepted for signature parity with the native module and ignored.
+    Problems are solved in lockstep chunks (each NumPy call covers a whole chunk), with the
+    same answers as :func:`solve` on each. ``threads`` is accepted for signature parity with
+    the native module and ignored.
     """
     costs = np.asarray(costs)
     if costs.ndim != 3:
         raise ValueError(f"expected a 3-D stack of costs [B, n, m], got shape {costs.shape}")
-    out = np.empty(costs.shape[:2], dtype=np.int64)
-    for b in range(costs.shape[0]):
+    if costs.dtype.kind not in "biuf":
+        raise TypeError(f"cost stack must be numeric (float/int/bool), got dtype {costs.dtype}")
+    B, n, m = costs.shape
+    if n > m:
+        raise ValueError(f"solve_batch needs n <= m, got shape {costs.shape}; transpose it")
+    maximize = bool(maximize)
+    if costs.dtype.kind == "f" and (
+        np.isnan(costs).any() or (costs == (np.inf if maximize else -np.inf)).any()
+    ):
+        for b in range(B):
+            try:
+                check_costs(costs[b], maximize)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (problem {b} of the batch)") from None
+    out = np.empty((B, n), dtype=np.int64)
+    if n == 0 or B == 0:
+        return out
+    chunk = max(1, min(B, _BATCH_CHUNK // (n * m)))
+    for start in range(0, B, chunk):
+        block = np.array(costs[start : start + chunk], dtype=np.float64, copy=True)
+        if maximize:
+            np.negative(block, out=block)
         try:
-            out[b] = solve(costs[b], maximize)[0]
-        except ValueError as exc:
-            raise ValueError(f"{exc} (problem {b} of the batch)") from None
+            out[start : start + chunk] = _lockstep(block)
+        except _BatchInfeasible as exc:
+            raise ValueError(f"{INFEASIBLE} (problem {start + exc.index} of the batch)") from None
     return out
