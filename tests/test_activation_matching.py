@@ -379,3 +379,19 @@ def test_recovers_permutation_of_reference_models(name):
     assert sorted(res.history["fallback_groups"]) == sorted(expect_fallback)
     if name == "TinyGPT":
         assert res.history["fallback_groups"]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU; CPU twin: test_matches_float64_scipy_reference_on_random_nets",
+)
+def test_cuda_device_matches_cpu():
+    model_a, spec = _cnn(1)
+    model_b, _ = _cnn(2)
+    data = _data((8, 3, 4, 4), seed=1)
+    cpu = activation_matching(model_a, model_b, data, spec)
+    gpu = activation_matching(model_a, model_b, data, spec, device="cuda")
+    assert next(model_a.parameters()).device.type == "cpu"  # copied, not moved
+    for g in spec.groups():
+        assert torch.equal(cpu.perm[g], gpu.perm[g]), g
+        torch.testing.assert_close(cpu.correlations[g], gpu.correlations[g], atol=1e-4, rtol=0)

@@ -171,6 +171,7 @@ def test_repair_on_bn_network_is_bn_reset():
     torch.testing.assert_close(
         fixed[4].running_var.double(), conv2_out.var(0), rtol=1e-5, atol=1e-6
     )
+    assert int(fixed[1].num_batches_tracked) == 3 and int(fixed[4].num_batches_tracked) == 3
     # first BN agrees with reset_bn_stats (its input does not depend on any BN)
     reset = reset_bn_stats(merged, data)
     torch.testing.assert_close(fixed[1].running_mean, reset[1].running_mean)
@@ -340,3 +341,20 @@ def test_repair_equals_explicit_float64_rescaling():
     with torch.no_grad():
         got = fixed(x.float()).double()
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU; CPU twin: test_repair_mlp_reaches_goal_statistics",
+)
+def test_repair_on_cuda_device_matches_cpu():
+    a, b = _mlp(0), _mlp(1)
+    merged = _average(a, b, 0.5)
+    data = [torch.randn(16, 7) for _ in range(2)]
+    cpu = repair(a, b, merged, data)
+    gpu = repair(a, b, merged, data, device="cuda")
+    assert next(a.parameters()).device.type == "cpu"  # inputs copied, not moved
+    for k, v in cpu.state_dict().items():
+        torch.testing.assert_close(gpu.state_dict()[k].cpu(), v, rtol=1e-4, atol=1e-5)
+    bn = reset_bn_stats(_cnn(0, bn=True), [torch.randn(4, 3, 7, 7)], device="cuda")
+    assert bn[1].running_mean.is_cuda

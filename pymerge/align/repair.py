@@ -138,6 +138,12 @@ def _channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear) else 1
 
 
+class _Stats(dict):
+    """module name -> ChannelStats, plus the number of batches run (``num_batches``)."""
+
+    num_batches: int = 0
+
+
 def _output_stats(
     model: nn.Module,
     names: Sequence[str],
@@ -145,13 +151,13 @@ def _output_stats(
     num_batches: int | None,
     stop_after: str | None = None,
     inputs_of: Sequence[str] = (),
-) -> dict[str, _hooks.ChannelStats]:
+) -> _Stats:
     """Per-channel statistics of the outputs of ``names`` (and of the inputs of ``inputs_of``,
     channel dim 1), over the batches, in eval mode. ``stop_after``: end each forward right
     after that module (it must run once per forward)."""
     modules = dict(model.named_modules())
     dev = _hooks.model_device(model)
-    stats: dict[str, _hooks.ChannelStats] = {}
+    stats = _Stats()
     handles = []
 
     def add(key: str, x: torch.Tensor) -> None:
@@ -186,6 +192,7 @@ def _output_stats(
                     _hooks.call_model(model, x)
                 except _hooks.StopForward:
                     pass
+                stats.num_batches += 1
     finally:
         for h in handles:
             h.remove()
@@ -329,14 +336,13 @@ def repair(
         shift = mu_g.to(s.mean.device) - scale * s.mean
         _fold(modules[name], scale, shift)
 
-    n_used = sum(1 for _ in _hooks.iter_inputs(batches, num_batches))
     if sequential:
         units = sorted([*pts, *bns], key=order.index)
         for name in _progress(units, progress, "REPAIR"):
             stop = name if calls.get(name) == 1 else None
             if name in bns:
                 s = _output_stats(merged, (), batches, num_batches, stop, inputs_of=(name,))
-                _set_bn_stats(modules[name], s[name], n_used)
+                _set_bn_stats(modules[name], s[name], s.num_batches)
             else:
                 s = _output_stats(merged, (name,), batches, num_batches, stop)
                 correct(name, s[name])
