@@ -402,6 +402,11 @@ def test_non_numeric_dtypes_rejected(backend, bad):
             linear_sum_assignment_batch(bad[None], backend=backend)
 
 
+def test_ragged_input_rejected(backend):
+    with pytest.raises(ValueError, match="could not be converted"):
+        linear_sum_assignment([[1.0, 2.0], [3.0]], backend=backend)
+
+
 def test_bad_backend_argument():
     with pytest.raises(ValueError, match="backend"):
         linear_sum_assignment(np.ones((2, 2)), backend="cuda-magic")

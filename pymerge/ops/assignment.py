@@ -119,8 +119,8 @@ def _to_numpy(cost: Array, what: str = "cost matrix") -> tuple[np.ndarray, torch
         return t.cpu().numpy(), device
     try:
         arr = np.asarray(cost)
-    except (ValueError, TypeError) as exc:
-        raise TypeError(f"{what} could not be converted to an array: {exc}") from None
+    except (ValueError, TypeError) as exc:  # ragged nesting, odd objects: same error type
+        raise type(exc)(f"{what} could not be converted to an array: {exc}") from None
     return arr, None
 
 
