@@ -253,6 +253,40 @@ def test_head_structure_without_points_falls_back_as_a_whole():
         assert torch.equal(res.perm[g], inv[g]), g
 
 
+class _SharedReLU(nn.Module):
+    """One ReLU module used twice per forward (as in torchvision's BasicBlock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.fc1, self.out = nn.Linear(6, 10), nn.Linear(10, 10), nn.Linear(10, 3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.relu(self.fc1(self.relu(self.fc0(x)))))
+
+
+def test_point_module_run_twice_is_not_used_for_activations():
+    torch.manual_seed(0)
+    model_a = _SharedReLU()
+    spec = PermutationSpec(
+        {
+            "h0": [("fc0.weight", 0), ("fc0.bias", 0), ("fc1.weight", 1)],
+            "h1": [("fc1.weight", 0), ("fc1.bias", 0), ("out.weight", 1)],
+        },
+        free=["out.bias"],
+        activation_points={"h0": ("relu", 1), "h1": ("relu", 1)},
+    )
+    model_b, rp = _permuted_copy(model_a, spec, seed=2)
+    data = _data((30, 6))
+    with pytest.raises(ValueError, match="'relu' runs 2 times"):
+        activation_matching(model_a, model_b, data, spec, fallback="error")
+    res = activation_matching(model_a, model_b, data, spec)
+    assert res.history["fallback_groups"] == ["h0", "h1"]
+    inv = invert_permutation(rp)
+    for g in ("h0", "h1"):
+        assert torch.equal(res.perm[g], inv[g]), g
+
+
 # ----------------------------------------------------------------------------- hygiene
 
 

@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "ChannelStats",
     "StopForward",
+    "call_counts",
     "call_model",
     "check_same_architecture",
     "eval_mode",
@@ -260,6 +261,29 @@ def execution_order(model: nn.Module, inputs: Any) -> tuple[list[str], dict[str,
         for h in handles:
             h.remove()
     return order, calls
+
+
+def call_counts(model: nn.Module, names: Iterable[str], inputs: Any) -> dict[str, int]:
+    """How many times each named module runs in one forward pass on ``inputs`` (no grad)."""
+    modules = dict(model.named_modules())
+    counts = dict.fromkeys(names, 0)
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            counts[name] += 1
+
+        return hook
+
+    try:
+        for name in counts:
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 # --------------------------------------------------------------------------- statistics

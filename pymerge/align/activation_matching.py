@@ -272,29 +272,51 @@ def activation_matching(
         for g in hs.groups:
             head_of[g] = hname
 
-    # which groups are observed; a head structure needs all of its groups observed
-    missing = [g for g in groups if g not in points]
-    partial_heads = {
-        name for name, hs in spec.heads.items() if any(x not in points for x in hs.groups)
-    }
-    if missing and fallback == "error":
-        raise ValueError(
-            f"permutation groups without an activation point: {', '.join(missing)}; add "
-            "spec.activation_points for them or use fallback='weights'"
-        )
-    act_groups = [g for g in groups if g in points and head_of.get(g) not in partial_heads]
-    weight_groups = [g for g in groups if g not in act_groups]
-
     ma = _hooks.model_on(model_a, device)
     mb = _hooks.model_on(model_b, device)
     dev_a, dev_b = _hooks.model_device(ma), _hooks.model_device(mb)
+
+    # a point must be a submodule that runs exactly once per forward pass (a module reused
+    # within the forward, like torchvision's shared ``relu``, mixes different features)
+    for g in groups:
+        if g in points:
+            _hooks.resolve_module(ma, points[g].module, f"activation point of group {g!r}:")
+    with _hooks.eval_mode(ma):
+        counts = _hooks.call_counts(
+            ma, {points[g].module for g in groups if g in points}, _hooks._to_device(first, dev_a)
+        )
+    for g in groups:
+        if g in points and counts[points[g].module] == 0:
+            raise ValueError(
+                f"activation point {points[g].module!r} of group {g!r} does not run in the "
+                "model's forward pass"
+            )
+    reused = {g for g in groups if g in points and counts[points[g].module] > 1}
+    usable = {g: p for g, p in points.items() if g not in reused}
+
+    # which groups are observed; a head structure needs all of its groups observed
+    missing = [g for g in groups if g not in usable]
+    partial_heads = {
+        name for name, hs in spec.heads.items() if any(x not in usable for x in hs.groups)
+    }
+    if missing and fallback == "error":
+        detail = "; ".join(
+            f"{g} (module {points[g].module!r} runs {counts[points[g].module]} times per forward)"
+            if g in reused
+            else f"{g} (no activation point)"
+            for g in missing
+        )
+        raise ValueError(
+            f"permutation groups that cannot be matched by activations: {detail}; give them "
+            "an activation point that runs once per forward, or use fallback='weights'"
+        )
+    act_groups = [g for g in groups if g in usable and head_of.get(g) not in partial_heads]
+    weight_groups = [g for g in groups if g not in act_groups]
 
     # one recording per distinct (module, dim)
     point_key = {g: (points[g].module, int(points[g].dim)) for g in act_groups}
     keys = sorted(set(point_key.values()))
     rec_points = {f"{m}@{d}": (m, d) for m, d in keys}
-    for g in act_groups:
-        _hooks.resolve_module(ma, points[g].module, f"activation point of group {g!r}:")
 
     accs: dict[str, Any] = {}
     num_batches = 0
