@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "linear_sum_assignment": "pymerge.ops.assignment",
     "linear_sum_assignment_batch": "pymerge.ops.assignment",
     "AssignmentResult": "pymerge.ops.assignment",
+    "solve_assignment": "pymerge.ops.assignment",
     # permutation specs (issue 4)
     "PermutationSpec": "pymerge.spec",
     "AxisRef": "pymerge.spec",

@@ -13,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     "linear_sum_assignment": "pymerge.ops.assignment",
     "linear_sum_assignment_batch": "pymerge.ops.assignment",
     "AssignmentResult": "pymerge.ops.assignment",
+    "solve_assignment": "pymerge.ops.assignment",
     "CorrelationAccumulator": "pymerge.ops.correlation",
     "correlation": "pymerge.ops.correlation",
     "interpolate": "pymerge.ops.interpolate",
