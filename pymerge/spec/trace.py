@@ -946,7 +946,7 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
             else:
                 merged.append((h, d, set(rs), nm))
         structs = merged
-        for h, d, rs, nm in structs:
+        for _h, _d, rs, nm in structs:
             if any(r in frozen_roots for r in rs) and not all(r in frozen_roots for r in rs):
                 for r in rs:
                     frozen_roots.setdefault(r, f"head structure {nm!r} partly frozen")
@@ -976,7 +976,7 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
     for keys in by_ptr.values():
         src = [k for k in keys if k in covered]
         if src and len(keys) > 1:
-            for g, refs in p2a.items():
+            for refs in p2a.values():
                 extra = [AxisRef(k, r.axis, r.start, r.stop, r.inner) for r in refs
                          if r.param == src[0] for k in keys if k not in covered]
                 refs.extend(extra)
