@@ -154,6 +154,21 @@ def test_interpolate_matches_float64_reference(backend, K):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", [[1.0, 0.5], [1.0, 0.5, -0.3], [2.0], [0.0, 0.0, 0.0]])
+def test_interpolate_special_weight_patterns(backend, weights):
+    """Task arithmetic (w0 = 1), K = 1 scaling and all-zero weights."""
+    K = len(weights)
+    states = [_state(200 + i) for i in range(K)]
+    out = interpolate(states, weights, backend=backend)
+    for k in _float_keys(states[0]):
+        ref = sum(w * s[k].double().cpu() for w, s in zip(weights, states, strict=True))
+        scale = sum(
+            abs(w) * s[k].double().cpu().abs() for w, s in zip(weights, states, strict=True)
+        )
+        _assert_close(out[k], ref, scale, 1 if backend == "triton" else K, k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_interpolate_convex_weights_and_tensor_weights(backend):
     states = [_state(1), _state(2)]
     w = torch.tensor([0.25, 0.75])

@@ -49,14 +49,44 @@ __all__ = ["interpolate", "permuted_interpolate"]
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_states(states: Sequence[StateDict], names: Sequence[str]) -> list[str]:
-    """Same keys, shapes, dtypes and devices in every state dict; returns the keys."""
+def _check_states(
+    states: Sequence[StateDict], names: Sequence[str]
+) -> tuple[list[str], list[list[torch.Tensor]]]:
+    """Same keys, shapes, dtypes and devices in every state dict.
+
+    Returns the keys (order of ``states[0]``) and, per state, its tensors in that order.
+    The common (valid) case is checked with whole-list comparisons; the slow per-key
+    diagnosis only runs to name the offending key.
+    """
     if len(states) == 0:
         raise ValueError("states is empty: need at least one state dict")
     for s, name in zip(states, names, strict=True):
         if not isinstance(s, Mapping):
             raise TypeError(f"{name} must be a mapping of str -> Tensor, got {type(s).__name__}")
-    keys = list(states[0].keys())
+    ref = states[0]
+    keys = list(ref.keys())
+    lists = [[ref[k] for k in keys]]
+    if not all(isinstance(t, torch.Tensor) for t in lists[0]):
+        _diagnose(states, names, keys)
+    sig0 = [(t.shape, t.dtype, t.device) for t in lists[0]]
+    if any(d.is_complex for _, d, _ in sig0):
+        _diagnose(states, names, keys)
+    for s in states[1:]:
+        if len(s) != len(keys):
+            _diagnose(states, names, keys)
+        try:
+            lst = [s[k] for k in keys]
+            sig = [(t.shape, t.dtype, t.device) for t in lst]
+        except (KeyError, AttributeError):
+            _diagnose(states, names, keys)
+        if sig != sig0 or not all(isinstance(t, torch.Tensor) for t in lst):
+            _diagnose(states, names, keys)
+        lists.append(lst)
+    return keys, lists
+
+
+def _diagnose(states: Sequence[StateDict], names: Sequence[str], keys: list[str]) -> None:
+    """Raise the error naming the first offending key (called once a check failed)."""
     ref = states[0]
     for k in keys:
         if not isinstance(ref[k], torch.Tensor):
@@ -91,7 +121,7 @@ def _check_states(states: Sequence[StateDict], names: Sequence[str]) -> list[str
                 raise ValueError(
                     f"device mismatch for key {k!r}: {names[0]} on {r.device}, {name} on {t.device}"
                 )
-    return keys
+    raise AssertionError("state dicts failed a check but no offending key was found")
 
 
 def _as_floats(values: Any, what: str) -> list[float]:
@@ -151,13 +181,13 @@ def _flat_layout(numels: Sequence[int], dtype: torch.dtype) -> tuple[list[int], 
     return offsets, total
 
 
-def _group_keys(state: StateDict, keys: Sequence[str], out_dtype) -> dict[tuple, list[str]]:
-    groups: dict[tuple, list[str]] = {}
-    for k in keys:
-        t = state[k]
-        if t.is_floating_point():
-            od = out_dtype or t.dtype
-            groups.setdefault((t.device, t.dtype, od), []).append(k)
+def _group(tensors: Sequence[torch.Tensor], out_dtype) -> dict[tuple, list[int]]:
+    """Indices of floating tensors grouped by (device, dtype, output dtype)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        dt = t.dtype
+        if dt.is_floating_point:
+            groups.setdefault((t.device, dt, out_dtype or dt), []).append(i)
     return groups
 
 
@@ -172,11 +202,16 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
     K = len(lists)
     if K == 1:
         res = torch._foreach_mul(lists[0], w[0])
-    elif K == 2 and w[0] == 1.0 - w[1]:
+    elif K == 2 and w[0] == 1.0 - w[1]:  # interpolation: one op, one rounding
         res = torch._foreach_lerp(lists[0], lists[1], w[1])
     else:
-        res = torch._foreach_mul(lists[0], w[0])
-        for lst, wk in zip(lists[1:], w[1:], strict=True):
+        if w[0] == 1.0:  # task arithmetic (base + sum of scaled vectors): no multiply
+            res = torch._foreach_add(lists[0], lists[1], alpha=w[1])
+            rest = zip(lists[2:], w[2:], strict=True)
+        else:
+            res = torch._foreach_mul(lists[0], w[0])
+            rest = zip(lists[1:], w[1:], strict=True)
+        for lst, wk in rest:
             torch._foreach_add_(res, lst, alpha=wk)
     if out_dtype != cdt:
         res = [t.to(out_dtype) for t in res]
@@ -225,14 +260,14 @@ def interpolate(
         raise TypeError("states must be a sequence of state dicts, not a single state dict")
     states = list(states)
     names = [f"states[{i}]" for i in range(len(states))]
-    keys = _check_states(states, names)
+    keys, lists_all = _check_states(states, names)
     w = _as_floats(weights, "weights")
     if len(w) != len(states):
         raise ValueError(f"got {len(w)} weights for {len(states)} state dicts")
     _check_out_dtype(out_dtype)
-    out: dict[str, torch.Tensor] = {}
-    for (device, in_dtype, od), gkeys in _group_keys(states[0], keys, out_dtype).items():
-        lists = [[s[k] for k in gkeys] for s in states]
+    out: list[torch.Tensor | None] = [None] * len(keys)
+    for (device, in_dtype, od), idx in _group(lists_all[0], out_dtype).items():
+        lists = lists_all if len(idx) == len(keys) else [[lst[i] for i in idx] for lst in lists_all]
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
             use = choose_kernels(backend, *lists[0])
@@ -240,8 +275,13 @@ def interpolate(
             res = _interp_triton(lists, w, od, device)
         else:
             res = _interp_torch(lists, w, od)
-        out.update(zip(gkeys, res, strict=True))
-    return {k: out[k] if k in out else states[0][k].clone() for k in keys}
+        for i, r in zip(idx, res, strict=True):
+            out[i] = r
+    first = lists_all[0]
+    return {
+        k: first[i].clone() if o is None else o
+        for i, (k, o) in enumerate(zip(keys, out, strict=True))
+    }
 
 
 # ----------------------------------------------------------------------------- permuted
@@ -435,7 +475,7 @@ def permuted_interpolate(
 
         spec_axes = permutation_index_map(spec_axes, perm, state_b)
         perm = None
-    keys = _check_states([state_a, state_b], ["state_a", "state_b"])
+    keys, (la, lb) = _check_states([state_a, state_b], ["state_a", "state_b"])
     many = not isinstance(alpha, (int, float)) and not (
         isinstance(alpha, torch.Tensor) and alpha.dim() == 0
     )
@@ -448,11 +488,11 @@ def permuted_interpolate(
     _check_out_dtype(out_dtype)
     axes = _normalise_axes(spec_axes, perm, state_a)
     M = len(alphas)
-    outs: list[dict[str, torch.Tensor]] = [{} for _ in range(M)]
-    for (device, in_dtype, od), gkeys in _group_keys(state_a, keys, out_dtype).items():
-        a_list = [state_a[k] for k in gkeys]
-        b_list = [state_b[k] for k in gkeys]
-        axes_list = [axes.get(k, []) for k in gkeys]
+    outs: list[list[torch.Tensor | None]] = [[None] * len(keys) for _ in range(M)]
+    for (device, in_dtype, od), idx in _group(la, out_dtype).items():
+        a_list = [la[i] for i in idx]
+        b_list = [lb[i] for i in idx]
+        axes_list = [axes.get(keys[i], ()) for i in idx]
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
             use = choose_kernels(backend, *a_list)
@@ -461,8 +501,15 @@ def permuted_interpolate(
         else:
             res = _perm_torch(a_list, b_list, axes_list, alphas, od)
         for m in range(M):
-            outs[m].update(zip(gkeys, res[m], strict=True))
-    result = [{k: o[k] if k in o else state_a[k].clone() for k in keys} for o in outs]
+            for i, r in zip(idx, res[m], strict=True):
+                outs[m][i] = r
+    result = [
+        {
+            k: la[i].clone() if o is None else o
+            for i, (k, o) in enumerate(zip(keys, row, strict=True))
+        }
+        for row in outs
+    ]
     return result if many else result[0]
 
 
