@@ -217,6 +217,13 @@ _tuned_kernel = triton.autotune(
 _INTERPRET_BLOCK = (16, 16, 16)
 
 
+def _alloc(shape: tuple[int, ...], device: torch.device, zero: bool) -> torch.Tensor:
+    """Output buffers (tests poison these to prove every element is written)."""
+    if zero:
+        return torch.zeros(shape, device=device, dtype=torch.float32)
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -297,7 +304,7 @@ def correlation_update(
         )
     accumulate = out is not None
     if out is None:
-        out = torch.empty((d_a, d_b), device=device, dtype=torch.float32)
+        out = _alloc((d_a, d_b), device, zero=False)
     elif out.shape != (d_a, d_b) or out.dtype != torch.float32 or out.device != device:
         raise ValueError(
             f"out must be float32 [{d_a}, {d_b}] on {device}, got {out.dtype} "
@@ -312,14 +319,13 @@ def correlation_update(
     if atomic and not accumulate:
         out.zero_()
 
-    stat = torch.zeros if atomic else torch.empty
-    sum_b = stat(d_b, device=device, dtype=torch.float32)
-    sumsq_b = stat(d_b, device=device, dtype=torch.float32)
+    sum_b = _alloc((d_b,), device, zero=atomic)
+    sumsq_b = _alloc((d_b,), device, zero=atomic)
     if symmetric:
         sum_a, sumsq_a = sum_b, sumsq_b
     else:
-        sum_a = stat(d_a, device=device, dtype=torch.float32)
-        sumsq_a = stat(d_a, device=device, dtype=torch.float32)
+        sum_a = _alloc((d_a,), device, zero=atomic)
+        sumsq_a = _alloc((d_a,), device, zero=atomic)
 
     if n == 0:
         if not accumulate:

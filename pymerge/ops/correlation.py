@@ -41,6 +41,8 @@ Conventions
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import numpy as np
@@ -438,10 +440,13 @@ class CorrelationAccumulator:
         upper = torch.triu(self._m2)
         return upper + torch.triu(self._m2, 1).T
 
+    def _check_joint(self, joint: bool) -> None:
+        if joint and not self._self:
+            raise ValueError("joint statistics need CorrelationAccumulator(..., joint=True)")
+
     def _full_m2(self, joint: bool) -> torch.Tensor:
+        self._check_joint(joint)
         if not self._self:
-            if joint:
-                raise ValueError("joint statistics need CorrelationAccumulator(..., joint=True)")
             return self._m2.clone()
         m2 = self._sym_m2()
         if self.joint and not joint:
@@ -504,6 +509,7 @@ class CorrelationAccumulator:
         ``joint=True`` (needs ``joint=True`` at construction): ``[d_a + d_b]^2`` over the
         concatenated features ``[x_a, x_b]``.
         """
+        self._check_joint(joint)
         self._need(ddof + 1)
         return self._full_m2(joint) / (self._n - ddof)
 
@@ -512,6 +518,7 @@ class CorrelationAccumulator:
 
         ``joint=True``: the ``[d_a + d_b]^2`` correlation of ``[x_a, x_b]`` (ZipIt!).
         """
+        self._check_joint(joint)
         self._need()
         m2 = self._full_m2(joint)
         m2_r, m2_c, mean_r, mean_c = self._vars_means(joint)
@@ -519,7 +526,7 @@ class CorrelationAccumulator:
         sd_c = self._live_sd(m2_c, mean_c)
         inv_r = torch.where(sd_r > 0, 1.0 / sd_r, torch.zeros_like(sd_r))
         inv_c = torch.where(sd_c > 0, 1.0 / sd_c, torch.zeros_like(sd_c))
-        corr = (m2 * inv_r[:, None] * inv_c[None, :]).clamp_(-1.0, 1.0)
+        corr = (m2 * (inv_r[:, None] * inv_c[None, :])).clamp_(-1.0, 1.0)  # exactly symmetric
         if self._self and (joint or not self.joint):
             corr.diagonal().copy_((sd_r > 0).to(corr.dtype))
         return corr
@@ -534,6 +541,7 @@ class CorrelationAccumulator:
 
     def gram(self, *, joint: bool = False) -> torch.Tensor:
         """Uncentred second moment ``X_a^T X_b / N`` (RegMean's ``X^T X / N`` when d_b is None)."""
+        self._check_joint(joint)
         self._need()
         m2 = self._full_m2(joint)
         _, _, mean_r, mean_c = self._vars_means(joint)
@@ -587,3 +595,15 @@ def correlation(
     )
     acc.update(x_a, x_b, feature_dim=feature_dim)
     return acc.correlation()
+
+
+class _CallableModule(types.ModuleType):
+    """``pymerge.ops.correlation`` names both this module and the function :func:`correlation`;
+    once the module is imported, the package attribute is the module, so calling it
+    forwards to the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return correlation(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
