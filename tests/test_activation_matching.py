@@ -371,7 +371,7 @@ def _model_cases():
     from pymerge import models as M
 
     return {
-        "MLP": (lambda: M.MLP(8, (12, 12), 3), (100, 8)),
+        "MLP": (lambda: M.MLP(8, (12, 12), 3, act="gelu"), (100, 8)),  # no dead units
         "CNN-bn": (lambda: M.CNN(3, (4, 6), 3, norm="bn", image_size=8), (6, 3, 8, 8)),
         "CNN-gn": (lambda: M.CNN(3, (4, 8), 3, norm="gn", image_size=8, gn_groups=2), (6, 3, 8, 8)),
         "CNN-ln-flatten": (
@@ -413,6 +413,25 @@ def test_recovers_permutation_of_reference_models(name):
     assert sorted(res.history["fallback_groups"]) == sorted(expect_fallback)
     if name == "TinyGPT":
         assert res.history["fallback_groups"]
+
+
+@pytest.mark.parametrize("name", ["MLP", "CNN-bn"])
+def test_spec_traced_when_not_given(name):
+    from pymerge.spec import spec_from_model
+
+    make, shape = _model_cases()[name]
+    torch.manual_seed(0)
+    model_a = make()
+    data = _data(shape, n_batches=2)
+    traced = spec_from_model(model_a, data[0])
+    model_b, rp = _permuted_copy(model_a, traced, seed=4)
+    res = activation_matching(model_a, model_b, data)  # traced on the first batch
+    res2 = activation_matching(model_a, model_b, data, example_inputs=data[1][:2])
+    inv = invert_permutation(rp)
+    assert sorted(res.perm) == traced.groups()
+    for grp in traced.groups():
+        assert torch.equal(res.perm[grp], inv[grp]), grp
+        assert torch.equal(res2.perm[grp], inv[grp]), grp
 
 
 @pytest.mark.skipif(
