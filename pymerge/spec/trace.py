@@ -266,19 +266,18 @@ def spec_from_model(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    m = copy.deepcopy(model).eval()
-    state = m.state_dict()
-    tracer = _Tracer(DEFAULT_LEAF_MODULES + tuple(leaf_modules))
+    state = model.state_dict()
+    # shapes only: propagate meta tensors (no compute), fall back to a real copy
     try:
-        graph = tracer.trace(m)
-    except Exception as e:  # noqa: BLE001 - report any tracing failure clearly
-        raise ValueError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
-    gm = fx.GraphModule(tracer.root, graph)
-    with torch.no_grad():
-        try:
-            ShapeProp(gm).propagate(*example_inputs)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"shape propagation on the example inputs failed: {e}") from e
+        m = copy.deepcopy(model).to("meta").eval()
+        inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x
+                       for x in example_inputs)
+        gm = _trace_and_propagate(m, inputs, leaf_modules, type(model).__name__)
+    except _TraceError:
+        raise
+    except Exception:  # noqa: BLE001 - some ops lack meta kernels
+        m = copy.deepcopy(model).eval()
+        gm = _trace_and_propagate(m, example_inputs, leaf_modules, type(model).__name__)
     st = _State()
     modules = dict(gm.named_modules())
     info: dict[fx.Node, Any] = {}
@@ -287,7 +286,7 @@ def spec_from_model(
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in gm.graph.nodes:
-        info[node] = _process(node, info, st, modules, state, tracer)
+        info[node] = _process(node, info, st, modules, state)
     spec = _build_spec(gm, info, st, state, modules, calls)
     if overrides is not None:
         spec = overrides(spec) if callable(overrides) else spec.override(overrides)
@@ -297,13 +296,33 @@ def spec_from_model(
     return spec
 
 
+class _TraceError(ValueError):
+    pass
+
+
+def _trace_and_propagate(m: nn.Module, inputs: tuple, leaf_modules: Sequence[type],
+                         model_name: str) -> fx.GraphModule:
+    tracer = _Tracer(DEFAULT_LEAF_MODULES + tuple(leaf_modules))
+    try:
+        graph = tracer.trace(m)
+    except Exception as e:  # noqa: BLE001 - report any tracing failure clearly
+        raise _TraceError(f"torch.fx could not trace {model_name}: {e}") from e
+    gm = fx.GraphModule(tracer.root, graph)
+    with torch.no_grad():
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"shape propagation of {model_name} on the example inputs "
+                             f"failed: {e}") from e
+    return gm
+
+
 # ---------------------------------------------------------------------------- node rules
 def _arg_val(a: Any, info: Mapping[fx.Node, Any]) -> Any:
     return info.get(a) if isinstance(a, fx.Node) else None
 
 
-def _process(node: fx.Node, info: dict, st: _State, modules: dict, state: dict,
-             tracer: _Tracer) -> Any:
+def _process(node: fx.Node, info: dict, st: _State, modules: dict, state: dict) -> Any:
     shape = _meta_shape(node)
     if node.op == "placeholder":
         return _Val(shape) if isinstance(shape, tuple) else None
