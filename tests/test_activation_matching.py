@@ -23,6 +23,15 @@ from pymerge.spec import (
     random_permutation,
 )
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------- models + specs
 
 

@@ -14,6 +14,15 @@ from torch import nn
 
 from pymerge.align.repair import repair, reset_bn_stats
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -221,16 +230,8 @@ def _align_by_activations(a, b, x):
     return b
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("aligned", [False, True])
-def test_repair_lowers_loss_of_trained_merge(one_thread, aligned):
+def test_repair_lowers_loss_of_trained_merge(aligned):
     x, y = _digits()
     xtr, ytr, xte, yte = x[:1400], y[:1400], x[1400:], y[1400:]
     a, b = _train(0, xtr, ytr), _train(1, xtr, ytr)
