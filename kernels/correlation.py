@@ -40,7 +40,19 @@ __all__ = ["correlation_update", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+_EMULATE = {torch.float16: 1, torch.bfloat16: 2}
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _round_to(x, KIND: tl.constexpr):
+    """float32 ``x`` rounded to nearest-even fp16 (KIND=1) or bf16 (KIND=2), as float32."""
+    if KIND == 2:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float16).to(tl.float32)
 
 
 @triton.jit
@@ -143,13 +155,18 @@ def _corr_update_kernel(
                 sb += tl.sum(bc, axis=0)
                 qb += tl.sum(bc * bc, axis=0)
             b_op = b_raw
-        a_op = a.to(DOT_DTYPE)
-        if EMULATE_DOT:
-            # the CPU interpreter mis-handles fp16/bf16 tl.dot: round the operands to the
-            # dot dtype as the GPU would, then multiply exactly in float32
-            acc = tl.dot(a_op.to(tl.float32), b_op.to(tl.float32), acc, input_precision="ieee")
+        if EMULATE_DOT == 0:
+            acc = tl.dot(a.to(DOT_DTYPE), b_op, acc, input_precision=INPUT_PRECISION)
         else:
-            acc = tl.dot(a_op, b_op, acc, input_precision=INPUT_PRECISION)
+            # CPU interpreter: its fp16/bf16 tl.dot is wrong and its fp32->bf16 cast
+            # truncates, so round to the dot dtype to nearest-even as the GPU does and
+            # multiply exactly in float32
+            a_f = _round_to(a, EMULATE_DOT)
+            if CENTER_B:
+                b_f = _round_to(b, EMULATE_DOT)
+            else:
+                b_f = b_raw.to(tl.float32)
+            acc = tl.dot(a_f, b_f, acc, input_precision="ieee")
         a_ptrs += BLOCK_K * stride_an
         b_ptrs += BLOCK_K * stride_bn
 
@@ -350,7 +367,7 @@ def correlation_update(
         ACCUMULATE=accumulate,
         SYMMETRIC=bool(symmetric),
         ATOMIC=atomic,
-        EMULATE_DOT=_interpreting() and x_a.dtype != torch.float32,
+        EMULATE_DOT=_EMULATE.get(x_a.dtype, 0) if _interpreting() else 0,
     )
     if block is None and _interpreting():
         block = _INTERPRET_BLOCK
