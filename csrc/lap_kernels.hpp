@@ -71,6 +71,14 @@ struct KScalar {
         return best;
     }
 
+    // Two rows at the same Dijkstra level: exactly scan(c1, h1, r1) then scan(c2, h2, r2).
+    template <class T, bool MAX>
+    static double scan2(const T* c1, const T* c2, const double* v, double* d, int32_t* pred,
+                        int m, double h1, double h2, int32_t row1, int32_t row2) {
+        scan<T, MAX, false>(c1, v, d, pred, m, h1, row1);
+        return scan<T, MAX, false>(c2, v, d, pred, m, h2, row2);
+    }
+
     // Lowest and second-lowest reduced cost of a row.  `bad` is set when the row
     // holds an invalid entry (NaN, or c' = -inf).
     template <class T, bool MAX>
@@ -208,6 +216,14 @@ struct KAvx2 {
             best = d[j] < best ? d[j] : best;
         }
         return best;
+    }
+
+    template <class T, bool MAX>
+    PYMERGE_AVX2 static double scan2(const T* c1, const T* c2, const double* v, double* d,
+                                     int32_t* pred, int m, double h1, double h2, int32_t row1,
+                                     int32_t row2) {
+        scan<T, MAX, false>(c1, v, d, pred, m, h1, row1);
+        return scan<T, MAX, false>(c2, v, d, pred, m, h2, row2);
     }
 
     template <class T, bool MAX>
@@ -357,9 +373,9 @@ struct KAvx512 {
         } else {
             __m512d dd = _mm512_loadu_pd(d + j);
             __mmask8 k = _mm512_cmp_pd_mask(r, dd, _CMP_LT_OQ);
-            dd = _mm512_mask_mov_pd(dd, k, r);
-            _mm512_mask_storeu_pd(d + j, k, r);
-            _mm256_mask_storeu_epi32(pred + j, k, vrow);
+            dd = _mm512_min_pd(r, dd);  // == r where k, else d (no NaN reaches here)
+            _mm512_storeu_pd(d + j, dd);
+            if (k) _mm256_mask_storeu_epi32(pred + j, k, vrow);
             best = _mm512_min_pd(best, dd);
         }
     }
@@ -409,6 +425,60 @@ struct KAvx512 {
         a2 = _mm512_mask_mov_pd(_mm512_min_pd(a2, r), lt, a1);
         a1 = _mm512_mask_mov_pd(a1, lt, r);
         ai = _mm512_mask_mov_pd(ai, lt, jv);
+    }
+
+    // Two rows at one level in a single pass (two memory streams, one pass over
+    // d and v); identical to scanning row1 then row2.
+    template <class T, bool MAX>
+    PYMERGE_AVX512 static inline void scan2_step(const T* c1, const T* c2, const double* v,
+                                                 double* d, int32_t* pred, int j, __mmask8 t,
+                                                 __m512d vh1, __m512d vh2, __m256i vr1,
+                                                 __m256i vr2, __m512d& best) {
+        __m512d vv, c1v, c2v, dd;
+        if (t == 0xFF) {
+            vv = _mm512_loadu_pd(v + j);
+            c1v = avx512_load8(c1 + j);
+            c2v = avx512_load8(c2 + j);
+            dd = _mm512_loadu_pd(d + j);
+        } else {
+            vv = _mm512_maskz_loadu_pd(t, v + j);
+            c1v = avx512_load8z(c1 + j, t);
+            c2v = avx512_load8z(c2 + j, t);
+            dd = _mm512_mask_mov_pd(_mm512_set1_pd(kInf), t, _mm512_maskz_loadu_pd(t, d + j));
+        }
+        __m512d r1 = _mm512_sub_pd(_mm512_sub_pd(avx512_sign<MAX>(c1v), vv), vh1);
+        __m512d r2 = _mm512_sub_pd(_mm512_sub_pd(avx512_sign<MAX>(c2v), vv), vh2);
+        __mmask8 k1 = _mm512_mask_cmp_pd_mask(t, r1, dd, _CMP_LT_OQ);
+        dd = _mm512_mask_mov_pd(dd, k1, r1);
+        __mmask8 k2 = _mm512_mask_cmp_pd_mask(t, r2, dd, _CMP_LT_OQ);
+        dd = _mm512_mask_mov_pd(dd, k2, r2);
+        if (t == 0xFF)
+            _mm512_storeu_pd(d + j, dd);
+        else
+            _mm512_mask_storeu_pd(d + j, t, dd);
+        __mmask8 k = k1 | k2;
+        if (k) _mm256_mask_storeu_epi32(pred + j, k, _mm256_mask_blend_epi32(k2, vr1, vr2));
+        best = _mm512_min_pd(best, dd);
+    }
+
+    template <class T, bool MAX>
+    PYMERGE_AVX512 static double scan2(const T* c1, const T* c2, const double* v, double* d,
+                                       int32_t* pred, int m, double h1, double h2, int32_t row1,
+                                       int32_t row2) {
+        const __m512d vh1 = _mm512_set1_pd(h1), vh2 = _mm512_set1_pd(h2);
+        const __m256i vr1 = _mm256_set1_epi32(row1), vr2 = _mm256_set1_epi32(row2);
+        __m512d b0 = _mm512_set1_pd(kInf), b1 = b0;
+        int j = 0;
+        for (; j + 16 <= m; j += 16) {
+            scan2_step<T, MAX>(c1, c2, v, d, pred, j, 0xFF, vh1, vh2, vr1, vr2, b0);
+            scan2_step<T, MAX>(c1, c2, v, d, pred, j + 8, 0xFF, vh1, vh2, vr1, vr2, b1);
+        }
+        for (; j < m; j += 8) {
+            __mmask8 t = (m - j >= 8) ? static_cast<__mmask8>(0xFF)
+                                      : static_cast<__mmask8>((1u << (m - j)) - 1u);
+            scan2_step<T, MAX>(c1, c2, v, d, pred, j, t, vh1, vh2, vr1, vr2, b0);
+        }
+        return _mm512_reduce_min_pd(_mm512_min_pd(b0, b1));
     }
 
     // Two independent lane sets (even / odd blocks of 8) halve the dependency

@@ -225,7 +225,10 @@ class Solver {
     Status augmenting_row_reduction(int& nfree) {
         int k = 0, prev = nfree;
         nfree = 0;
-        int64_t budget = static_cast<int64_t>(n_) / 2 + 8;  // bounds re-processing (tuned)
+        // Re-processing displaced rows costs one row pass each and saves long
+        // Dijkstra searches on large problems; bounded to n * clamp(n / 512, 1/4, 8).
+        double factor = std::min(8.0, std::max(0.25, n_ / 512.0));
+        int64_t budget = static_cast<int64_t>(factor * n_) + 8;
 #ifdef PYMERGE_LAP_STATS
         if (const char* e = std::getenv("LAP_BUDGET")) budget = static_cast<int64_t>(std::atof(e) * n_);
 #endif
@@ -294,7 +297,17 @@ class Solver {
             double h = (cost(i, j) - rv_[sp]) - level;
             ++sp;
             LAP_STAT(scans);
-            next = K::template scan<T, MAX, false>(row(i), v_, d_, pred_, m_, h, i);
+            if (sp < nready) {  // two rows at this level: one pass over d and v
+                int j2 = rcol_[sp];
+                int i2 = y_[j2];
+                double h2 = (cost(i2, j2) - rv_[sp]) - level;
+                ++sp;
+                LAP_STAT(scans);
+                next = K::template scan2<T, MAX>(row(i), row(i2), v_, d_, pred_, m_, h, h2, i,
+                                                 i2);
+            } else {
+                next = K::template scan<T, MAX, false>(row(i), v_, d_, pred_, m_, h, i);
+            }
         }
         // dual update on the finished columns, then flip the path
         for (int k = 0; k < nready; ++k) v_[rcol_[k]] = rv_[k] + (rd_[k] - level);
