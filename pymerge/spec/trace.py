@@ -914,6 +914,12 @@ def _cat(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
 def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules: dict,
                 calls: dict[str, int]) -> PermutationSpec:
     n_el = len(st.parent)
+    canon: dict[str, str] = {}  # tied entries (one tensor under several keys) -> first key
+    first_key: dict[tuple, str] = {}
+    for k, t in state.items():
+        if t.numel():
+            canon[k] = first_key.setdefault(
+                (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), k)
     # the same (param, axis) referenced from several elements: identical segments share one
     # permutation (shared modules); different or overlapping segments freeze both.
     seen: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {}
@@ -925,7 +931,7 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
                 continue
             ax = r.resolved_axis(t.ndim)
             s, stop = r.segment(t.shape[ax])
-            seen.setdefault((r.param, ax), []).append((s, stop, r.inner, e))
+            seen.setdefault((canon.get(r.param, r.param), ax), []).append((s, stop, r.inner, e))
     for (param, ax), lst in seen.items():
         lst.sort()
         for i, (s0, e0, i0, el0) in enumerate(lst):
@@ -987,10 +993,9 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
             if norm not in lst:
                 lst.append(norm)
     # aliased state entries (tied / shared modules under several names) follow their twin
-    by_ptr: dict[tuple[int, tuple[int, ...]], list[str]] = {}
-    for k, t in state.items():
-        if t.numel():
-            by_ptr.setdefault((t.data_ptr(), tuple(t.shape)), []).append(k)
+    by_ptr: dict[str, list[str]] = {}
+    for k, c in canon.items():
+        by_ptr.setdefault(c, []).append(k)
     covered = {ref.param for refs in p2a.values() for ref in refs}
     for keys in by_ptr.values():
         src = [k for k in keys if k in covered]

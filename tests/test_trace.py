@@ -1,0 +1,425 @@
+"""spec_from_model: torch.fx tracing of permutation groups."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pymerge.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
+from pymerge.spec import (
+    PermutationSpec,
+    apply_permutation,
+    random_permutation,
+    resnet_spec,
+    spec_from_model,
+)
+
+
+def _same_function(model: nn.Module, spec: PermutationSpec, *inputs: torch.Tensor,
+                   train: bool = False, seed: int = 0) -> dict:
+    model = model.double().train(train)
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    perm = random_permutation(spec, sd, seed)
+    new = apply_permutation(spec, perm, sd)
+    other = copy.deepcopy(model)
+    other.load_state_dict(new)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), other(*inputs), rtol=1e-9, atol=1e-9)
+    return perm
+
+
+def _canon(spec: PermutationSpec) -> set:
+    """Groups as sets of axis refs (names ignored) plus head structures."""
+    groups = {g: frozenset(spec.perm_to_axes[g]) for g in spec.groups()}
+    heads = {(h.num_heads, h.head_dim, frozenset(groups[g] for g in h.groups))
+             for h in spec.heads.values()}
+    return set(groups.values()), heads
+
+
+# --------------------------------------------------------------- torchvision-style ResNet-18
+class TVBasicBlock(nn.Module):
+    """A verbatim-structure torchvision BasicBlock: one ReLU module used twice."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TVResNet18(nn.Module):
+    def __init__(self, width: int = 8, num_classes: int = 7) -> None:
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(width, 1)
+        self.layer2 = self._make_layer(2 * width, 2)
+        self.layer3 = self._make_layer(4 * width, 2)
+        self.layer4 = self._make_layer(8 * width, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes))
+        layers = [TVBasicBlock(self.inplanes, planes, stride, downsample),
+                  TVBasicBlock(planes, planes)]
+        self.inplanes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def test_torchvision_style_resnet18_traced() -> None:
+    torch.manual_seed(0)
+    model = TVResNet18()
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = spec_from_model(model, x)
+    builder = resnet_spec((8, 16, 32, 64), (2, 2, 2, 2))
+    assert _canon(spec) == _canon(builder)
+    assert spec.free == builder.free and spec.no_cost == builder.no_cost
+    # state dict names match our ResNet18 exactly, so its spec fits too
+    assert set(ResNet18(7, width=8).state_dict()) == set(model.state_dict())
+    _same_function(model, spec, x, seed=1)
+    _same_function(copy.deepcopy(model), spec, x, train=True, seed=2)
+    # the reused ReLU module is never an activation point (it fires twice per forward)
+    assert all(ap.module.split(".")[-1] != "relu" or ap.module == "relu"
+               for ap in spec.activation_points.values())
+
+
+# --------------------------------------------------------------- activation points
+def _check_activation_points(model: nn.Module, spec: PermutationSpec, x: torch.Tensor) -> None:
+    sizes = spec.validate(model.state_dict())
+    mods = dict(model.named_modules())
+    seen: dict[str, list[torch.Size]] = {}
+    handles = []
+    for ap in spec.activation_points.values():
+        assert ap.module in mods, ap.module
+        handles.append(mods[ap.module].register_forward_hook(
+            lambda m, i, o, name=ap.module: seen.setdefault(name, []).append(o.shape)))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    for g, ap in spec.activation_points.items():
+        shapes = seen[ap.module]
+        assert len(shapes) == 1, f"{ap.module} fires {len(shapes)} times"
+        assert shapes[0][ap.dim] == sizes[g], (g, ap, shapes[0])
+
+
+REFERENCE = {
+    "mlp": (lambda: MLP(12, (8, 9), 3), torch.randn(2, 12)),
+    "cnn": (lambda: CNN(3, (8, 12), 5, "gn", image_size=8, pool="flatten", hidden=6),
+            torch.randn(2, 3, 8, 8)),
+    "resnet20": (lambda: ResNet20(1, 10, blocks=(1, 1, 1)), torch.randn(2, 3, 8, 8)),
+    "resnet18": (lambda: ResNet18(5, width=8), torch.randn(2, 3, 16, 16)),
+    "tv_resnet18": (lambda: TVResNet18(), torch.randn(2, 3, 16, 16)),
+    "vgg": (lambda: VGG((8, "M", 12, "M"), image_size=8), torch.randn(2, 3, 8, 8)),
+    "tinygpt": (lambda: TinyGPT(20, 16, 4, 2, 10), torch.randint(0, 20, (2, 5))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_activation_points_fire_once_with_group_size(name: str) -> None:
+    make, x = REFERENCE[name]
+    model = make()
+    spec = spec_from_model(model, x)
+    _check_activation_points(model, spec, x)
+    assert spec.activation_points, "no activation point found"
+    if hasattr(model, "spec"):
+        _check_activation_points(model, model.spec(), x)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20", "resnet18", "vgg", "tinygpt"])
+def test_traced_equals_builder(name: str) -> None:
+    make, x = REFERENCE[name]
+    model = make()
+    traced, built = spec_from_model(model, x), model.spec()
+    assert _canon(traced) == _canon(built)
+    assert traced.free == built.free
+
+
+def test_tinygpt_traced_heads_and_segments() -> None:
+    model = TinyGPT(20, 16, 4, 2, 10)
+    spec = spec_from_model(model, torch.randint(0, 20, (2, 5)))
+    assert len(spec.heads) == 2
+    for h in spec.heads.values():
+        assert (h.num_heads, h.head_dim) == (4, 4) and len(h.groups) == 2
+    qk = spec.perm_to_axes["blocks.0.attn.qk"]
+    segs = sorted((r.start, r.stop) for r in qk if r.param == "blocks.0.attn.in_proj_weight")
+    assert segs == [(0, 16), (16, 32)]
+    # the residual stream includes embeddings, positional parameter, every LN and the head
+    res = {(r.param, r.axis) for r in spec.perm_to_axes["tok_emb"]}
+    assert {("tok_emb.weight", 1), ("pos_emb", 1), ("ln_f.weight", 0), ("head.weight", 1),
+            ("blocks.1.ln2.bias", 0)} <= res
+    perm = random_permutation(spec, model.state_dict(), 0)
+    for h in spec.heads.values():  # whole heads move together, same head perm for qk and vo
+        hp = [perm[g].view(4, 4) // 4 for g in h.groups]
+        assert torch.equal(hp[0], hp[1]) and bool((hp[0] == hp[0][:, :1]).all())
+
+
+# --------------------------------------------------------------- harder graphs
+class Branchy(nn.Module):
+    """cat of two conv branches and the raw input; depthwise conv; functional relu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.head = nn.Linear(12 * 4 * 4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([F.relu(self.a(x)), x, torch.tanh(self.b(x))], dim=1)
+        h = self.dw(self.bn(h))
+        h = F.adaptive_avg_pool2d(h, 4).flatten(1)
+        return self.out(F.gelu(self.head(h)))
+
+
+def test_cat_segments_and_depthwise() -> None:
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(3, 3, 8, 8)
+    spec = spec_from_model(model, x)
+    a_refs = {(r.param, r.axis, r.start, r.stop, r.inner) for r in spec.perm_to_axes["a"]}
+    assert ("bn.weight", 0, 0, 4, 1) in a_refs and ("dw.weight", 0, 0, 4, 1) in a_refs
+    assert ("head.weight", 1, 0, 64, 16) in a_refs
+    b_refs = {(r.param, r.axis, r.start, r.stop, r.inner) for r in spec.perm_to_axes["b"]}
+    assert ("head.weight", 1, 112, 192, 16) in b_refs
+    _same_function(model, spec, x, seed=3)
+    _same_function(copy.deepcopy(model), spec, x, train=True, seed=4)
+
+
+class ConvNeXtish(nn.Module):
+    """permute to channels-last, LayerNorm, MLP, permute back, residual; custom RMS norm with
+    a parameter; view/reshape of the feature axis into [C, H*W] and back."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 5, padding=2, groups=c)
+        self.ln = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, 3 * c)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(3 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.cls = nn.Linear(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        n, c, h, w = x.shape
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.act(self.fc1(self.ln(y)))).permute(0, 3, 1, 2)
+        x = x + y
+        x = x.view(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gamma
+        return self.cls(x.mean(1))
+
+
+def test_permute_transpose_custom_norm() -> None:
+    torch.manual_seed(0)
+    model = ConvNeXtish()
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = spec_from_model(model, x)
+    stem = {(r.param, r.axis) for r in spec.perm_to_axes["stem"]}
+    assert {("dw.weight", 0), ("ln.weight", 0), ("fc1.weight", 1), ("fc2.weight", 0),
+            ("gamma", 0), ("cls.weight", 1)} <= stem
+    assert "fc1" in spec.perm_to_axes
+    _same_function(model, spec, x, seed=5)
+
+
+class SharedLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.shared = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.shared(h))
+        return self.out(torch.relu(self.shared(h)))
+
+
+def test_module_called_twice_shares_one_permutation() -> None:
+    torch.manual_seed(0)
+    model = SharedLinear()
+    x = torch.randn(4, 5)
+    spec = spec_from_model(model, x)
+    assert len(spec.groups()) == 1  # inp, shared (both axes) and out's input all tied
+    refs = {(r.param, r.axis) for r in spec.perm_to_axes[spec.groups()[0]]}
+    assert {("shared.weight", 0), ("shared.weight", 1), ("inp.weight", 0)} <= refs
+    _same_function(model, spec, x, seed=6)
+
+
+class CrossAttention(nn.Module):
+    """Sequence-first nn.MultiheadAttention with kdim/vdim != embed_dim (separate weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(3, 8)
+        self.kv = nn.Linear(3, 6)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, add_bias_kv=True)
+        self.ln = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        kv = torch.relu(self.kv(mem))
+        a, _ = self.attn(q, kv, kv)
+        return self.out(self.ln(q + a))
+
+
+def test_cross_attention_unpacked_weights() -> None:
+    torch.manual_seed(0)
+    model = CrossAttention()
+    x, mem = torch.randn(5, 2, 3), torch.randn(7, 2, 3)
+    spec = spec_from_model(model, (x, mem))
+    h = spec.heads["attn"]
+    assert (h.num_heads, h.head_dim) == (2, 4)
+    qk = {(r.param, r.axis) for r in spec.perm_to_axes["attn.qk"]}
+    assert {("attn.q_proj_weight", 0), ("attn.k_proj_weight", 0), ("attn.bias_k", 2)} <= qk
+    kv = {(r.param, r.axis) for r in spec.perm_to_axes["kv"]}
+    assert {("attn.k_proj_weight", 1), ("attn.v_proj_weight", 1)} <= kv
+    _same_function(model, spec, x, mem, seed=7)
+
+
+class Unsupported(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.mix = nn.Parameter(torch.randn(6, 6))
+        self.fc3 = nn.Linear(6, 6)
+        self.out = nn.Linear(6 + 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        h = torch.relu(self.fc2(h)) @ self.mix  # matmul on features: not understood
+        g = torch.relu(self.fc3(h))
+        return self.out(torch.cat([g, g[:, :2]], dim=1))  # indexing the feature axis
+
+
+def test_unsupported_ops_are_reported_and_frozen() -> None:
+    torch.manual_seed(0)
+    model = Unsupported()
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="matmul"):
+        spec = spec_from_model(model, x)
+    text = "\n".join(spec.report)
+    assert "matmul" in text and "getitem" in text
+    assert "fc1" in spec.perm_to_axes  # fc1 -> fc2 is unaffected
+    assert "fc2" not in spec.perm_to_axes and "fc3" not in spec.perm_to_axes
+    assert "mix" in spec.free
+    _same_function(model, spec, x, seed=8)
+
+
+def test_overrides_freeze_and_callable() -> None:
+    model = MLP(6, (5, 4, 3), 2)
+    x = torch.randn(2, 6)
+    spec = spec_from_model(model, x, overrides={"fc1": None})
+    assert spec.groups() == ["fc0", "fc2"] and "fc1.bias" in spec.free
+    spec2 = spec_from_model(model, x, overrides=lambda s: s.merge_groups(["fc0", "fc1"])
+                            if False else s.without_groups(["fc2"]))
+    assert spec2.groups() == ["fc0", "fc1"]
+    _same_function(model, spec, x)
+
+
+def test_groupnorm_gives_block_structure() -> None:
+    model = CNN(3, (8,), 4, "gn", image_size=6, gn_groups=2)
+    spec = spec_from_model(model, torch.randn(2, 3, 6, 6))
+    (h,) = spec.heads.values()
+    assert (h.num_heads, h.head_dim, h.groups) == (2, 4, ("conv0",))
+
+
+def test_deep_network_no_recursion_limit() -> None:
+    layers: list[nn.Module] = []
+    for _ in range(600):
+        layers += [nn.Linear(3, 3), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(3, 1))
+    spec = spec_from_model(model, torch.randn(2, 3))
+    assert len(spec.groups()) == 600
+    _same_function(model, spec, torch.randn(2, 3))
+
+
+def test_model_not_modified_by_tracing() -> None:
+    model = ResNet20(1, 10, blocks=(1, 1, 1)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec_from_model(model, torch.randn(2, 3, 8, 8))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return x
+
+
+def test_untraceable_model_raises() -> None:
+    with pytest.raises(ValueError, match="could not trace DataDependent"):
+        spec_from_model(DataDependent(), torch.randn(1, 2))
+    with pytest.raises(TypeError):
+        spec_from_model(lambda x: x, torch.randn(1, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shape propagation"):
+        spec_from_model(MLP(4, (3,), 2), torch.randn(2, 5))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.emb(idx))))
+
+
+def test_tied_weights() -> None:
+    torch.manual_seed(0)
+    model = Tied()
+    idx = torch.randint(0, 10, (2, 3))
+    spec = spec_from_model(model, idx)
+    _same_function(model, spec, idx, seed=9)
