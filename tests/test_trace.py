@@ -353,9 +353,10 @@ def test_overrides_freeze_and_callable() -> None:
     x = torch.randn(2, 6)
     spec = spec_from_model(model, x, overrides={"fc1": None})
     assert spec.groups() == ["fc0", "fc2"] and "fc1.bias" in spec.free
-    spec2 = spec_from_model(model, x, overrides=lambda s: s.merge_groups(["fc0", "fc1"])
-                            if False else s.without_groups(["fc2"]))
+    spec2 = spec_from_model(model, x, overrides=lambda s: s.without_groups(["fc2"]))
     assert spec2.groups() == ["fc0", "fc1"]
+    spec3 = spec_from_model(model, x, overrides={"__free__": ["fc0.bias"]})
+    assert spec3.groups() == ["fc1", "fc2"] and "fc0.weight" in spec3.free
     _same_function(model, spec, x)
 
 
