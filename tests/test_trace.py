@@ -424,3 +424,35 @@ def test_tied_weights() -> None:
     idx = torch.randint(0, 10, (2, 3))
     spec = spec_from_model(model, idx)
     _same_function(model, spec, idx, seed=9)
+
+
+class ParamMix(nn.Module):
+    """Parameters combined with each other, with a constant, with an unsliced positional
+    table and as a clamp bound."""
+
+    def __init__(self, persistent: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.g = nn.Parameter(torch.rand(6) + 0.5)
+        self.pos = nn.Parameter(torch.randn(3, 6))
+        self.out = nn.Linear(6, 2)
+        self.register_buffer("c", torch.randn(6), persistent=persistent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.g * 2 + self.c
+        h = torch.relu(self.fc(x)) + self.pos
+        return self.out(torch.clamp(h * y, min=-self.g))
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_parameter_views_join_or_freeze(persistent: bool) -> None:
+    torch.manual_seed(0)
+    model = ParamMix(persistent)
+    x = torch.randn(2, 3, 4)
+    spec = spec_from_model(model, x)
+    if persistent:  # c is in the state dict: it is permuted with g and pos
+        refs = {(r.param, r.axis) for r in spec.perm_to_axes["fc"]}
+        assert {("g", 0), ("c", 0), ("pos", 1), ("out.weight", 1)} <= refs
+    else:  # c is a constant the permutation cannot touch: the group must freeze
+        assert spec.groups() == []
+    _same_function(model, spec, x, seed=10)

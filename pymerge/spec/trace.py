@@ -375,6 +375,7 @@ def _broadcast(node: fx.Node, vals: list[Any], st: _State, shape: Any) -> _Val |
     nd = len(shape)
     tensors = [v for v in vals if isinstance(v, _Val)]
     any_tag = False
+    mixed: set[int] = set()
     for d in range(nd):
         tagged: list[Pieces] = []
         params: list[tuple[str, int | None]] = []
@@ -394,6 +395,8 @@ def _broadcast(node: fx.Node, vals: list[Any], st: _State, shape: Any) -> _Val |
                     params.append((key, mp.get(dd)))
             else:
                 plain = True
+        if plain and not tagged:  # params mixed with an unpermuted tensor on this dim: the
+            mixed.add(d)          # result may not be permuted along it later
         if tagged:
             any_tag = True
             pieces = _unify(tagged, st, node)
@@ -408,7 +411,8 @@ def _broadcast(node: fx.Node, vals: list[Any], st: _State, shape: Any) -> _Val |
         for v in tensors:
             off = nd - v.ndim
             for key, mp in v.params:
-                out.params.append((key, {d + off: ax for d, ax in mp.items()}))
+                out.params.append((key, {d + off: (None if d + off in mixed else ax)
+                                         for d, ax in mp.items()}))
     return out
 
 
@@ -669,9 +673,12 @@ def _function_rule(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         return _out_val(shape) if isinstance(shape, tuple) else None
     if is_m and t in ("size", "dim", "numel", "__len__") or t in (getattr, len):
         return None
-    if (not is_m and t in _UNARY_FUNCS) or (is_m and t in _ELEMENTWISE_METHODS and
-                                             len(args) == 1):
+    extra = [v for v in _iter_vals(_flat_node_vals((node.args[1:], node.kwargs), info))]
+    if ((not is_m and t in _UNARY_FUNCS) or (is_m and t in _ELEMENTWISE_METHODS and
+                                              len(args) == 1)) and not extra:
         return _passthrough(x, shape) if _same(x, shape) else _broadcast(node, [x], st, shape)
+    if not is_m and t in _UNARY_FUNCS:  # e.g. clamp(x, min=tensor): elementwise in all args
+        return _broadcast(node, [x, *extra], st, shape)
     if (not is_m and t in _BINARY_FUNCS) or (is_m and t in _ELEMENTWISE_METHODS):
         tens = [_arg_val(a, info) for a in (*args, *node.kwargs.values())]
         return _broadcast(node, tens, st, shape)
