@@ -23,24 +23,26 @@ import sys
 import torch
 
 DT = torch.bfloat16
+DEVICE = "cuda"
+DRY = False  # --cpu-dry-run: tiny sizes on CPU under TRITON_INTERPRET=1 (checks the script)
 
 
 def transformer_state(params: float, seed: int, d: int = 2048, vocab: int = 32000):
     """GPT-like bf16 state dict of about ``params`` parameters + the permuted-axes map."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     gc = torch.Generator().manual_seed(1234)  # same perms for every seed
     per_layer = 12 * d * d + 13 * d
     layers = max(1, int((params - vocab * d) // per_layer))
-    res = torch.randperm(d, generator=gc).cuda()
+    res = torch.randperm(d, generator=gc).to(DEVICE)
 
     def rnd(*shape):
-        return (torch.randn(shape, generator=g, device="cuda") * 0.02).to(DT)
+        return (torch.randn(shape, generator=g, device=DEVICE) * 0.02).to(DT)
 
     sd = {"emb.weight": rnd(vocab, d)}
     spec = {"emb.weight": ((1, res),)}
     for i in range(layers):
-        hid = torch.randperm(4 * d, generator=gc).cuda()
-        qkv = torch.randperm(3 * d, generator=gc).cuda()
+        hid = torch.randperm(4 * d, generator=gc).to(DEVICE)
+        qkv = torch.randperm(3 * d, generator=gc).to(DEVICE)
         p = f"blk{i}."
         items = {
             "ln1.weight": ((d,), ((0, res),)),
@@ -66,15 +68,15 @@ def transformer_state(params: float, seed: int, d: int = 2048, vocab: int = 3200
 
 def small_state(seed: int):
     """ResNet-20-like fp32 state dict on the GPU: ~100 small tensors (per-call overhead)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     sd = {}
     cin = 3
     for i, c in enumerate([16] * 7 + [32] * 6 + [64] * 6):
-        sd[f"l{i}.conv.weight"] = torch.randn(c, cin, 3, 3, generator=g, device="cuda")
+        sd[f"l{i}.conv.weight"] = torch.randn(c, cin, 3, 3, generator=g, device=DEVICE)
         for n in ("weight", "bias", "running_mean", "running_var"):
-            sd[f"l{i}.bn.{n}"] = torch.randn(c, generator=g, device="cuda")
+            sd[f"l{i}.bn.{n}"] = torch.randn(c, generator=g, device=DEVICE)
         cin = c
-    sd["fc.weight"] = torch.randn(10, 64, generator=g, device="cuda")
+    sd["fc.weight"] = torch.randn(10, 64, generator=g, device=DEVICE)
     return sd
 
 
@@ -113,6 +115,13 @@ FAILED: list[str] = []
 def bench(fn) -> float:
     import triton.testing
 
+    if DRY:
+        import time
+
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
@@ -139,7 +148,7 @@ def nbytes(sd) -> int:
 
 
 def copy_time(n: int) -> float:
-    src = torch.empty(n, dtype=DT, device="cuda").normal_()
+    src = torch.empty(n, dtype=DT, device=DEVICE).normal_()
     dst = torch.empty_like(src)
     return bench(lambda: dst.copy_(src))
 
@@ -152,8 +161,18 @@ def main() -> int:
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--alphas-params", type=float, default=2e8, help="model size for 25 alphas")
     ap.add_argument("--sweep", action="store_true", help="sweep kernel block sizes")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny CPU run (interpreter)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE, DRY
+    dims = {}
+    if args.cpu_dry_run:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE, DRY = "cpu", True
+        args.params, args.alphas_params = 3e4, 2e4
+        dims = {"d": 32, "vocab": 50}
+    elif not torch.cuda.is_available():
         print("no CUDA device: this script needs a GPU", file=sys.stderr)
         return 2
     from pymerge.kernels import interpolate as ki
@@ -161,12 +180,14 @@ def main() -> int:
 
     from pymerge.ops import interpolate, permuted_interpolate
 
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    name = "cpu (dry run)" if DRY else torch.cuda.get_device_name(0)
+    print(f"device: {name}, torch {torch.__version__}")
+    be = "triton"  # forced, so a dry run exercises the kernels too
     print(f"{'case':34s} {'impl':28s} {'ms':>9s} {'GB/s':>9s} {'ratio':>8s}")
 
     # --- copy bandwidth
-    a, spec = transformer_state(args.params, 0)
-    b, _ = transformer_state(args.params, 1)
+    a, spec = transformer_state(args.params, 0, **dims)
+    b, _ = transformer_state(args.params, 1, **dims)
     n_par = sum(t.numel() for t in a.values())
     size = nbytes(a)
     print(f"state dict: {len(a)} tensors, {n_par / 1e9:.3f} B params, {size / 2**30:.2f} GiB bf16")
@@ -177,10 +198,10 @@ def main() -> int:
     # --- interpolate, K=2
     case = f"interpolate K=2 {n_par / 1e9:.2f}B bf16"
     w = [0.3, 0.7]
-    got = interpolate([a, b], w)
+    got = interpolate([a, b], w, backend=be)
     check(case, got, foreach_lerp([a, b], 0.7))
     del got
-    t = bench(lambda: interpolate([a, b], w))
+    t = bench(lambda: interpolate([a, b], w, backend=be))
     row(case, "pymerge (triton)", t, 3 * size, (3 * size / t / 1e6) / copy_bw)
     t_fe = bench(lambda: foreach_sum([a, b], w))
     row(case, "torch foreach mul+add_", t_fe, 3 * size, t_fe / t)
@@ -196,8 +217,8 @@ def main() -> int:
         for n in numels:
             offs.append(total)
             total += -(-n // 8) * 8
-        out = torch.empty(total, dtype=DT, device="cuda")
-        wt = torch.tensor(w, device="cuda")
+        out = torch.empty(total, dtype=DT, device=DEVICE)
+        wt = torch.tensor(w, device=DEVICE)
         for block in (1024, 2048, 4096, 8192):
             for nw in (4, 8):
                 t_k = bench(
@@ -217,8 +238,8 @@ def main() -> int:
     # --- interpolate, many small tensors (host overhead)
     s = [small_state(i) for i in range(2)]
     case = "interpolate K=2 resnet20 fp32"
-    check(case, interpolate(s, w), foreach_sum(s, w), rtol=1e-5, atol=1e-6)
-    t = bench(lambda: interpolate(s, w))
+    check(case, interpolate(s, w, backend=be), foreach_sum(s, w), rtol=1e-5, atol=1e-6)
+    t = bench(lambda: interpolate(s, w, backend=be))
     row(case, "pymerge (triton)", t)
     t_fe = bench(lambda: foreach_sum(s, w))
     row(case, "torch foreach mul+add_", t_fe, None, t_fe / t)
@@ -227,10 +248,10 @@ def main() -> int:
 
     # --- permuted interpolate, one alpha
     case = f"permuted alpha=0.5 {n_par / 1e9:.2f}B bf16"
-    got = permuted_interpolate(a, b, 0.5, spec)
+    got = permuted_interpolate(a, b, 0.5, spec, backend=be)
     check(case, got, gather_then_lerp(a, b, [0.5], spec)[0])
     del got
-    t = bench(lambda: permuted_interpolate(a, b, 0.5, spec))
+    t = bench(lambda: permuted_interpolate(a, b, 0.5, spec, backend=be))
     row(case, "pymerge (triton)", t, 3 * size, (3 * size / t / 1e6) / copy_bw)
     t_g = bench(lambda: gather_then_lerp(a, b, [0.5], spec))
     row(case, "torch gather-then-lerp", t_g, 3 * size, t_g / t)
@@ -240,27 +261,27 @@ def main() -> int:
             for nw in (4, 8):
                 kp.DEFAULT_BR, kp.DEFAULT_BC, kp.DEFAULT_NUM_WARPS = br, bc, nw
                 kp.DEFAULT_SEG = max(bc, 8192 // bc * bc)
-                t_k = bench(lambda: permuted_interpolate(a, b, 0.5, spec))
+                t_k = bench(lambda: permuted_interpolate(a, b, 0.5, spec, backend=be))
                 row(case, f"BR={br} BC={bc} warps={nw}", t_k, 3 * size, t_g / t_k)
     del a, b
 
     # --- permuted interpolate, 25 alphas (loss-barrier curve)
-    a, spec = transformer_state(args.alphas_params, 0)
-    b, _ = transformer_state(args.alphas_params, 1)
+    a, spec = transformer_state(args.alphas_params, 0, **dims)
+    b, _ = transformer_state(args.alphas_params, 1, **dims)
     size = nbytes(a)
     alphas = [i / 24 for i in range(25)]
     case = f"permuted 25 alphas {sum(t.numel() for t in a.values()) / 1e9:.2f}B bf16"
-    got = permuted_interpolate(a, b, alphas, spec)
+    got = permuted_interpolate(a, b, alphas, spec, backend=be)
     ref = gather_then_lerp(a, b, alphas, spec)
     for i in (0, 7, 24):
         check(f"{case} alpha[{i}]", got[i], ref[i])
     del got, ref
     moved = (2 + 25) * size
-    t = bench(lambda: permuted_interpolate(a, b, alphas, spec))
+    t = bench(lambda: permuted_interpolate(a, b, alphas, spec, backend=be))
     row(case, "pymerge (triton)", t, moved, (moved / t / 1e6) / copy_bw)
     t_g = bench(lambda: gather_then_lerp(a, b, alphas, spec))
     row(case, "torch gather-once-then-lerp", t_g, moved, t_g / t)
-    t_1 = bench(lambda: [permuted_interpolate(a, b, al, spec) for al in alphas])
+    t_1 = bench(lambda: [permuted_interpolate(a, b, al, spec, backend=be) for al in alphas])
     row(case, "pymerge, one call per alpha", t_1, moved, t_1 / t)
 
     print("\nratio column: for pymerge rows, achieved bandwidth / copy bandwidth;")

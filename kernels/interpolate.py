@@ -44,7 +44,7 @@ def _weighted_sum_kernel(
     numel_ptr,  # int64 [T]
     outoff_ptr,  # int64 [T] element offset of tensor t in out_ptr
     first_ptr,  # int64 [T] first chunk id of tensor t
-    chunk_ptr,  # int32 [C] tensor id of chunk c
+    chunk_ptr,  # int64 [C] tensor id of chunk c
     K: tl.constexpr,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,  # alignment (elements) of every delta and out offset
@@ -123,15 +123,18 @@ def _tables_for(
     numel_t = torch.tensor(numels, dtype=torch.int64)
     nchunks = (numel_t + (block - 1)) // block
     first = torch.cumsum(nchunks, 0) - nchunks
-    chunk = torch.repeat_interleave(torch.arange(T, dtype=torch.int32), nchunks)
+    chunk = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), nchunks)
     outoff = torch.tensor(out_offsets, dtype=torch.int64)
-    packed = torch.cat([deltas, numel_t, outoff, first]).to(device, non_blocking=True)
+    packed = torch.cat([deltas, numel_t, outoff, first, chunk])
+    if device.type == "cuda":
+        packed = packed.pin_memory()  # async copy; a pageable one would wait for the stream
+    packed = packed.to(device, non_blocking=True)
     value = (
         packed[: T * K],
         packed[T * K : T * K + T],
         packed[T * K + T : T * K + 2 * T],
-        packed[T * K + 2 * T :],
-        chunk.to(device, non_blocking=True),
+        packed[T * K + 2 * T : T * K + 3 * T],
+        packed[T * K + 3 * T :],
     )
     _cache_put(key, value)
     return value

@@ -16,6 +16,7 @@ all ``M`` outputs (loss-barrier curves use many alphas). Arithmetic is fp32.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,7 @@ DEFAULT_BR = 4
 DEFAULT_BC = 512
 DEFAULT_SEG = 8192
 DEFAULT_NUM_WARPS = 4
+_CACHE_SIZE = 8
 _NF = 7  # fields per tensor in the table: da, db, out offset, R, C, rowmap off, colmap off
 
 
@@ -77,6 +79,16 @@ def _perm_lerp_kernel(
             tl.store(out_ptr + m * out_stride + oo + dst, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# launch tables by (pointers, shapes, map objects); each entry holds its maps, so their ids
+# cannot be reused by other objects while it lives
+_tables: OrderedDict[tuple, tuple] = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Forget every cached launch table."""
+    _tables.clear()
+
+
 def matrix_view(shape: Sequence[int]) -> tuple[int, int]:
     """``(R, C)`` of the matrix view used by the kernel."""
     if len(shape) == 0:
@@ -113,6 +125,59 @@ def build_maps(
             grid = grid.index_select(axis - 1, idx)
     col = torch.arange(C, dtype=torch.int64) if grid is None else grid.reshape(-1)
     return rowidx * C, col
+
+
+def _build_tables(a_list, b_list, maps, out_offsets, br, seg, device):
+    """Per-tensor table, tile table and concatenated maps, on ``device``."""
+    T = len(a_list)
+    a_base, b_base = a_list[0], b_list[0]
+    a_es, b_es = a_base.element_size(), b_base.element_size()
+    pieces: list[torch.Tensor] = []
+    offset = 0
+    seen: dict[int, int] = {}
+
+    def place(m: torch.Tensor) -> int:
+        nonlocal offset
+        key = id(m)
+        if key in seen:
+            return seen[key]
+        seen[key] = offset
+        pieces.append(m)
+        offset += m.numel()
+        return seen[key]
+
+    table = []
+    n_rt = []
+    n_ct = []
+    for a, b, (rmap, cmap), oo in zip(a_list, b_list, maps, out_offsets, strict=True):
+        R, C = matrix_view(a.shape)
+        da = a.data_ptr() - a_base.data_ptr()
+        db = b.data_ptr() - b_base.data_ptr()
+        if da % a_es or db % b_es:
+            raise ValueError("input tensors are not aligned to their element size")
+        table.append([da // a_es, db // b_es, int(oo), R, C, place(rmap), place(cmap)])
+        n_rt.append(-(-R // br) if R * C else 0)
+        n_ct.append(-(-C // seg))
+    tab = torch.tensor(table, dtype=torch.int64).reshape(-1)
+    n_rt_t = torch.tensor(n_rt, dtype=torch.int64)
+    n_ct_t = torch.tensor(n_ct, dtype=torch.int64)
+    per = n_rt_t * n_ct_t
+    total = int(per.sum())
+    tid = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), per)
+    j = torch.arange(total, dtype=torch.int64) - (torch.cumsum(per, 0) - per)[tid]
+    nct = n_ct_t[tid]
+    tiles = torch.stack([tid, (j // nct) * br, (j % nct) * seg], 1).reshape(-1)
+    packed = torch.cat([tab, tiles, *pieces])
+    if device.type == "cuda":
+        packed = packed.pin_memory()  # async copy; a pageable one would wait for the stream
+    packed = packed.to(device, non_blocking=True)
+    n_tab = tab.numel()
+    return (
+        packed[:n_tab],
+        packed[n_tab : n_tab + tiles.numel()],
+        packed[n_tab + tiles.numel() :],
+        total,
+    )
 
 
 def permuted_lerp_(
@@ -152,49 +217,29 @@ def permuted_lerp_(
         return out
     device = out.device
     a_base, b_base = a_list[0], b_list[0]
-    a_es, b_es = a_base.element_size(), b_base.element_size()
-    pieces: list[torch.Tensor] = []
-    offset = 0
-    seen: dict[int, int] = {}
-
-    def place(m: torch.Tensor) -> int:
-        nonlocal offset
-        key = id(m)
-        if key in seen:
-            return seen[key]
-        seen[key] = offset
-        pieces.append(m)
-        offset += m.numel()
-        return seen[key]
-
-    table = []
-    n_rt = []
-    n_ct = []
-    for a, b, (rmap, cmap), oo in zip(a_list, b_list, maps, out_offsets, strict=True):
-        R, C = matrix_view(a.shape)
-        da = a.data_ptr() - a_base.data_ptr()
-        db = b.data_ptr() - b_base.data_ptr()
-        if da % a_es or db % b_es:
-            raise ValueError("input tensors are not aligned to their element size")
-        table.append([da // a_es, db // b_es, int(oo), R, C, place(rmap), place(cmap)])
-        n_rt.append(-(-R // br) if R * C else 0)
-        n_ct.append(-(-C // seg))
-    tab = torch.tensor(table, dtype=torch.int64).reshape(-1)
-    n_rt_t = torch.tensor(n_rt, dtype=torch.int64)
-    n_ct_t = torch.tensor(n_ct, dtype=torch.int64)
-    per = n_rt_t * n_ct_t
-    total = int(per.sum())
+    key = (
+        device,
+        br,
+        bc,
+        seg,
+        a_base.element_size(),
+        b_base.element_size(),
+        tuple(t.data_ptr() for t in a_list),
+        tuple(t.data_ptr() for t in b_list),
+        tuple(tuple(t.shape) for t in a_list),
+        tuple(out_offsets),
+        tuple((id(r), id(c)) for r, c in maps),
+    )
+    hit = _tables.get(key)
+    if hit is None:
+        hit = (list(maps), *_build_tables(a_list, b_list, maps, out_offsets, br, seg, device))
+        _tables[key] = hit
+        while len(_tables) > _CACHE_SIZE:
+            _tables.popitem(last=False)
+    _tables.move_to_end(key)
+    _, tab_d, tiles_d, maps_d, total = hit
     if total == 0:
         return out
-    tid = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), per)
-    j = torch.arange(total, dtype=torch.int64) - (torch.cumsum(per, 0) - per)[tid]
-    nct = n_ct_t[tid]
-    tiles = torch.stack([tid, (j // nct) * br, (j % nct) * seg], 1).reshape(-1)
-    packed = torch.cat([tab, tiles, *pieces]).to(device, non_blocking=True)
-    n_tab = tab.numel()
-    tab_d = packed[:n_tab]
-    tiles_d = packed[n_tab : n_tab + tiles.numel()]
-    maps_d = packed[n_tab + tiles.numel() :]
     M = alphas.numel()
     _perm_lerp_kernel[(total,)](
         a_base,

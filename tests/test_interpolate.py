@@ -408,6 +408,42 @@ def test_permuted_out_dtype_and_nan(backend):
     assert torch.equal(out[1]["w"][~bad], b["w"][p0][:, p1][~bad].float())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_caches_follow_changed_indices_and_values(backend):
+    """Validated indices, maps and launch tables are cached: in-place edits of the index
+    tensors or of the weights, and fresh index objects, must all be seen."""
+    layout = [("w", (6, 5), F32, None), ("v", (6,), BF16, None)]
+    a, b = _state(71, layout), _state(72, layout)
+    g = _gen(73)
+
+    def check(spec):
+        out = permuted_interpolate(a, b, [1.0, 0.5], spec, backend=backend)
+        for k, axes in spec.items():
+            ref = b[k]
+            for ax, idx in axes:
+                ref = ref.index_select(ax, idx)
+            assert torch.equal(out[0][k], ref), k
+            half = 0.5 * a[k].double() + 0.5 * ref.double()
+            assert torch.allclose(out[1][k].double(), half, rtol=1e-2, atol=1e-6), k
+
+    p0, p1 = torch.randperm(6, generator=g), torch.randperm(5, generator=g)
+    spec = {"w": ((0, p0), (1, p1)), "v": ((0, p0),)}
+    check(spec)
+    check(spec)  # cached
+    p0.copy_(torch.randperm(6, generator=g))  # same object, new values
+    check(spec)
+    b["w"].mul_(3.0)  # same pointers, new values
+    a["v"].add_(1.0)
+    check(spec)
+    for _ in range(3):  # fresh objects every call (ids may be recycled)
+        check({"w": ((0, torch.randperm(6, generator=g)), (1, torch.randperm(5, generator=g)))})
+    with pytest.raises(ValueError, match="not a permutation"):
+        p0.fill_(0)  # a cached index edited into an invalid one is re-validated
+        permuted_interpolate(a, b, 0.5, spec, backend=backend)
+    front.clear_caches()
+    check({"w": ((0, torch.tensor([1, 0, 2, 3, 5, 4])),)})
+
+
 def test_permuted_backends_agree():
     if not _TRITON_OK:
         pytest.skip("triton unavailable here; both paths are checked against float64 elsewhere")

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import sys
 import types
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -162,6 +164,68 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+_CACHE_SIZE = 4096
+# (device, values) -> fp32 device tensor: repeated calls with the same weights/alphas
+_FLOATS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+# id(index) -> (weakref, version, axis size, validated int64 CPU copy)
+_INDEX: OrderedDict[int, tuple[Any, int, int, torch.Tensor]] = OrderedDict()
+# (shape, ((axis, id(cpu index)), ...)) -> (cpu indices kept alive, (rowmap, colmap))
+_MAPS: OrderedDict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+
+def _lru_get(cache: OrderedDict, key: Any) -> Any:
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+    return hit
+
+
+def _lru_put(cache: OrderedDict, key: Any, value: Any, size: int = _CACHE_SIZE) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+_MAP_BUDGET = 1 << 25  # cached map entries (int64) kept at most: 256 MiB
+_map_total = 0
+
+
+def _put_map(key: tuple, value: tuple) -> None:
+    global _map_total
+    _MAPS[key] = value
+    _map_total += value[1][0].numel() + value[1][1].numel()
+    while _map_total > _MAP_BUDGET and len(_MAPS) > 1:
+        _, (_, (r, c)) = _MAPS.popitem(last=False)
+        _map_total -= r.numel() + c.numel()
+
+
+def clear_caches() -> None:
+    """Forget cached weights, validated indices and gather maps (and the kernels' tables)."""
+    _FLOATS.clear()
+    _INDEX.clear()
+    _MAPS.clear()
+    global _map_total
+    _map_total = 0
+    for mod in ("pymerge.kernels.interpolate", "pymerge.kernels.permuted_interpolate"):
+        if mod in sys.modules:
+            sys.modules[mod].clear_cache()
+
+
+def _device_floats(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """fp32 tensor of ``values`` on ``device``; cached, and copied asynchronously from pinned
+    memory on CUDA (a pageable host-to-device copy would wait for the stream)."""
+    key = (device, tuple(values))
+    hit = _lru_get(_FLOATS, key)
+    if hit is None:
+        host = torch.tensor(values, dtype=torch.float32)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        hit = host.to(device, non_blocking=True)
+        _lru_put(_FLOATS, key, hit, 64)
+    return hit
+
+
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (copy only when it is not)."""
     if not t.is_contiguous():
@@ -228,7 +292,7 @@ def _interp_triton(
     numels = [r[0].numel() for r in rows]
     offsets, total = _flat_layout(numels, out_dtype)
     out = _empty((total,), out_dtype, device)
-    wt = torch.tensor(w, dtype=torch.float32).to(device, non_blocking=True)
+    wt = _device_floats(w, device)
     kern.weighted_sum_(rows, wt, out, offsets)
     return [out[o : o + n].view(r[0].shape) for o, n, r in zip(offsets, numels, rows, strict=True)]
 
@@ -359,6 +423,28 @@ def _normalise_axes(
 
 
 def _check_index(idx: Any, n: int, label: str) -> torch.Tensor:
+    """Validated int64 CPU copy of ``idx`` (a permutation of ``range(n)``).
+
+    Cached per live index tensor and its version counter: a repeated call with the same
+    indices neither re-validates nor copies them off the GPU again (no sync)."""
+    version = None
+    if isinstance(idx, torch.Tensor):
+        try:
+            version = idx._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = None
+    if version is not None:
+        hit = _INDEX.get(id(idx))
+        if hit is not None and hit[0]() is idx and hit[1] == version and hit[2] == n:
+            _INDEX.move_to_end(id(idx))
+            return hit[3]
+    cpu = _validate_index(idx, n, label)
+    if version is not None:
+        _lru_put(_INDEX, id(idx), (weakref.ref(idx), version, n, cpu))
+    return cpu
+
+
+def _validate_index(idx: Any, n: int, label: str) -> torch.Tensor:
     if not isinstance(idx, torch.Tensor):
         try:
             idx = torch.as_tensor(idx)
@@ -370,7 +456,7 @@ def _check_index(idx: Any, n: int, label: str) -> torch.Tensor:
         raise ValueError(f"{label}: index must be 1-D, got shape {tuple(idx.shape)}")
     if idx.numel() != n:
         raise ValueError(f"{label}: index has length {idx.numel()}, the axis has size {n}")
-    cpu = idx.detach().to("cpu", torch.int64)
+    cpu = idx.detach().to("cpu", torch.int64, copy=True)
     if n:
         lo, hi = int(cpu.min()), int(cpu.max())
         if lo < 0 or hi >= n:
@@ -412,18 +498,20 @@ def _perm_triton(
 
     a_list = [_kernel_ready(t) for t in a_list]
     b_list = [_kernel_ready(t) for t in b_list]
-    shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     maps = []
     for a, axes in zip(a_list, axes_list, strict=True):
+        # the cached entry holds the CPU indices, so their ids stay unique while it lives
         mk = (tuple(a.shape), tuple((ax, id(i)) for ax, i in axes))
-        if mk not in shared:
-            shared[mk] = kern.build_maps(a.shape, axes)
-        maps.append(shared[mk])
+        hit = _lru_get(_MAPS, mk)
+        if hit is None:
+            hit = (tuple(i for _, i in axes), kern.build_maps(a.shape, axes))
+            _put_map(mk, hit)
+        maps.append(hit[1])
     numels = [t.numel() for t in a_list]
     offsets, total = _flat_layout(numels, out_dtype)
     M = len(alphas)
     out = _empty((M, total), out_dtype, device)
-    at = torch.tensor(alphas, dtype=torch.float32).to(device, non_blocking=True)
+    at = _device_floats(alphas, device)
     kern.permuted_lerp_(a_list, b_list, maps, at, out, offsets)
     return [
         [out[m, o : o + n].view(a.shape) for o, n, a in zip(offsets, numels, a_list, strict=True)]
