@@ -71,12 +71,13 @@ struct KScalar {
         return best;
     }
 
-    // Two rows at the same Dijkstra level: exactly scan(c1, h1, r1) then scan(c2, h2, r2).
-    template <class T, bool MAX>
-    static double scan2(const T* c1, const T* c2, const double* v, double* d, int32_t* pred,
-                        int m, double h1, double h2, int32_t row1, int32_t row2) {
-        scan<T, MAX, false>(c1, v, d, pred, m, h1, row1);
-        return scan<T, MAX, false>(c2, v, d, pred, m, h2, row2);
+    // N rows at the same Dijkstra level: exactly scan(rows[0]) ... scan(rows[N-1]).
+    template <class T, bool MAX, int N>
+    static double scanN(const T* const* rows, const double* hs, const int32_t* ids,
+                        const double* v, double* d, int32_t* pred, int m) {
+        double best = kInf;
+        for (int r = 0; r < N; ++r) best = scan<T, MAX, false>(rows[r], v, d, pred, m, hs[r], ids[r]);
+        return best;
     }
 
     // Lowest and second-lowest reduced cost of a row.  `bad` is set when the row
@@ -124,6 +125,14 @@ struct KScalar {
             }
         }
         return b;
+    }
+
+    // First unassigned column (y(j) < 0) whose reduced cost c'(j) - v(j) equals u, or -1.
+    template <class T, bool MAX>
+    static int find_free_tied(const T* c, const double* v, const int32_t* y, int m, double u) {
+        for (int j = 0; j < m; ++j)
+            if (y[j] < 0 && widen<MAX>(c[j]) - v[j] == u) return j;
+        return -1;
     }
 
     // First j >= start with d(j) == level, or m.
@@ -218,12 +227,12 @@ struct KAvx2 {
         return best;
     }
 
-    template <class T, bool MAX>
-    PYMERGE_AVX2 static double scan2(const T* c1, const T* c2, const double* v, double* d,
-                                     int32_t* pred, int m, double h1, double h2, int32_t row1,
-                                     int32_t row2) {
-        scan<T, MAX, false>(c1, v, d, pred, m, h1, row1);
-        return scan<T, MAX, false>(c2, v, d, pred, m, h2, row2);
+    template <class T, bool MAX, int N>
+    PYMERGE_AVX2 static double scanN(const T* const* rows, const double* hs, const int32_t* ids,
+                                     const double* v, double* d, int32_t* pred, int m) {
+        double best = kInf;
+        for (int r = 0; r < N; ++r) best = scan<T, MAX, false>(rows[r], v, d, pred, m, hs[r], ids[r]);
+        return best;
     }
 
     template <class T, bool MAX>
@@ -319,6 +328,24 @@ struct KAvx2 {
             }
         }
         return b || _mm256_movemask_pd(vb) != 0;
+    }
+
+    template <class T, bool MAX>
+    PYMERGE_AVX2 static int find_free_tied(const T* c, const double* v, const int32_t* y, int m,
+                                           double u) {
+        const __m256d uv = _mm256_set1_pd(u);
+        int j = 0;
+        for (; j + 4 <= m; j += 4) {
+            __m128i yy = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y + j));
+            int fm = _mm_movemask_ps(_mm_castsi128_ps(yy));  // sign bits: y < 0
+            if (!fm) continue;
+            __m256d r = _mm256_sub_pd(avx2_sign<MAX>(avx2_load4(c + j)), _mm256_loadu_pd(v + j));
+            int k = fm & _mm256_movemask_pd(_mm256_cmp_pd(r, uv, _CMP_EQ_OQ));
+            if (k) return j + __builtin_ctz(k);
+        }
+        for (; j < m; ++j)
+            if (y[j] < 0 && widen<MAX>(c[j]) - v[j] == u) return j;
+        return -1;
     }
 
     PYMERGE_AVX2 static int find_eq(const double* d, int m, int start, double level) {
@@ -427,56 +454,59 @@ struct KAvx512 {
         ai = _mm512_mask_mov_pd(ai, lt, jv);
     }
 
-    // Two rows at one level in a single pass (two memory streams, one pass over
-    // d and v); identical to scanning row1 then row2.
-    template <class T, bool MAX>
-    PYMERGE_AVX512 static inline void scan2_step(const T* c1, const T* c2, const double* v,
-                                                 double* d, int32_t* pred, int j, __mmask8 t,
-                                                 __m512d vh1, __m512d vh2, __m256i vr1,
-                                                 __m256i vr2, __m512d& best) {
-        __m512d vv, c1v, c2v, dd;
+    // N rows at one level in a single pass (N memory streams, one pass over d and
+    // v); identical to scanning rows[0], ..., rows[N-1] one after the other.
+    template <class T, bool MAX, int N>
+    PYMERGE_AVX512 static inline void scanN_step(const T* const* rows, const __m512d* vh,
+                                                 const __m256i* vr, const double* v, double* d,
+                                                 int32_t* pred, int j, __mmask8 t,
+                                                 __m512d& best) {
+        __m512d vv, dd;
         if (t == 0xFF) {
             vv = _mm512_loadu_pd(v + j);
-            c1v = avx512_load8(c1 + j);
-            c2v = avx512_load8(c2 + j);
             dd = _mm512_loadu_pd(d + j);
         } else {
             vv = _mm512_maskz_loadu_pd(t, v + j);
-            c1v = avx512_load8z(c1 + j, t);
-            c2v = avx512_load8z(c2 + j, t);
             dd = _mm512_mask_mov_pd(_mm512_set1_pd(kInf), t, _mm512_maskz_loadu_pd(t, d + j));
         }
-        __m512d r1 = _mm512_sub_pd(_mm512_sub_pd(avx512_sign<MAX>(c1v), vv), vh1);
-        __m512d r2 = _mm512_sub_pd(_mm512_sub_pd(avx512_sign<MAX>(c2v), vv), vh2);
-        __mmask8 k1 = _mm512_mask_cmp_pd_mask(t, r1, dd, _CMP_LT_OQ);
-        dd = _mm512_mask_mov_pd(dd, k1, r1);
-        __mmask8 k2 = _mm512_mask_cmp_pd_mask(t, r2, dd, _CMP_LT_OQ);
-        dd = _mm512_mask_mov_pd(dd, k2, r2);
+        __mmask8 k = 0;
+        __m256i pv = vr[0];
+        for (int r = 0; r < N; ++r) {
+            __m512d cv = t == 0xFF ? avx512_load8(rows[r] + j) : avx512_load8z(rows[r] + j, t);
+            __m512d x = _mm512_sub_pd(_mm512_sub_pd(avx512_sign<MAX>(cv), vv), vh[r]);
+            __mmask8 kr = _mm512_mask_cmp_pd_mask(t, x, dd, _CMP_LT_OQ);
+            dd = _mm512_mask_mov_pd(dd, kr, x);
+            pv = _mm256_mask_mov_epi32(pv, kr, vr[r]);
+            k |= kr;
+        }
         if (t == 0xFF)
             _mm512_storeu_pd(d + j, dd);
         else
             _mm512_mask_storeu_pd(d + j, t, dd);
-        __mmask8 k = k1 | k2;
-        if (k) _mm256_mask_storeu_epi32(pred + j, k, _mm256_mask_blend_epi32(k2, vr1, vr2));
+        if (k) _mm256_mask_storeu_epi32(pred + j, k, pv);
         best = _mm512_min_pd(best, dd);
     }
 
-    template <class T, bool MAX>
-    PYMERGE_AVX512 static double scan2(const T* c1, const T* c2, const double* v, double* d,
-                                       int32_t* pred, int m, double h1, double h2, int32_t row1,
-                                       int32_t row2) {
-        const __m512d vh1 = _mm512_set1_pd(h1), vh2 = _mm512_set1_pd(h2);
-        const __m256i vr1 = _mm256_set1_epi32(row1), vr2 = _mm256_set1_epi32(row2);
+    template <class T, bool MAX, int N>
+    PYMERGE_AVX512 static double scanN(const T* const* rows, const double* hs,
+                                       const int32_t* ids, const double* v, double* d,
+                                       int32_t* pred, int m) {
+        __m512d vh[N];
+        __m256i vr[N];
+        for (int r = 0; r < N; ++r) {
+            vh[r] = _mm512_set1_pd(hs[r]);
+            vr[r] = _mm256_set1_epi32(ids[r]);
+        }
         __m512d b0 = _mm512_set1_pd(kInf), b1 = b0;
         int j = 0;
         for (; j + 16 <= m; j += 16) {
-            scan2_step<T, MAX>(c1, c2, v, d, pred, j, 0xFF, vh1, vh2, vr1, vr2, b0);
-            scan2_step<T, MAX>(c1, c2, v, d, pred, j + 8, 0xFF, vh1, vh2, vr1, vr2, b1);
+            scanN_step<T, MAX, N>(rows, vh, vr, v, d, pred, j, 0xFF, b0);
+            scanN_step<T, MAX, N>(rows, vh, vr, v, d, pred, j + 8, 0xFF, b1);
         }
         for (; j < m; j += 8) {
             __mmask8 t = (m - j >= 8) ? static_cast<__mmask8>(0xFF)
                                       : static_cast<__mmask8>((1u << (m - j)) - 1u);
-            scan2_step<T, MAX>(c1, c2, v, d, pred, j, t, vh1, vh2, vr1, vr2, b0);
+            scanN_step<T, MAX, N>(rows, vh, vr, v, d, pred, j, t, b0);
         }
         return _mm512_reduce_min_pd(_mm512_min_pd(b0, b1));
     }
@@ -562,6 +592,25 @@ struct KAvx512 {
             }
         }
         return kb != 0;
+    }
+
+    template <class T, bool MAX>
+    PYMERGE_AVX512 static int find_free_tied(const T* c, const double* v, const int32_t* y,
+                                             int m, double u) {
+        const __m512d uv = _mm512_set1_pd(u);
+        const __m256i zero = _mm256_setzero_si256();
+        for (int j = 0; j < m; j += 8) {
+            __mmask8 t = (m - j >= 8) ? static_cast<__mmask8>(0xFF)
+                                      : static_cast<__mmask8>((1u << (m - j)) - 1u);
+            __mmask8 fm = _mm256_mask_cmplt_epi32_mask(
+                t, _mm256_maskz_loadu_epi32(t, y + j), zero);
+            if (!fm) continue;
+            __m512d r = _mm512_sub_pd(avx512_sign<MAX>(avx512_load8z(c + j, fm)),
+                                      _mm512_maskz_loadu_pd(fm, v + j));
+            __mmask8 k = _mm512_mask_cmp_pd_mask(fm, r, uv, _CMP_EQ_OQ);
+            if (k) return j + __builtin_ctz(k);
+        }
+        return -1;
     }
 
     PYMERGE_AVX512 static int find_eq(const double* d, int m, int start, double level) {

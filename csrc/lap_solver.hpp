@@ -215,10 +215,7 @@ class Solver {
 
     int find_free_tied(int i, double u1) const {
         LAP_STAT(tied);
-        const T* c = row(i);
-        for (int j = 0; j < m_; ++j)
-            if (y_[j] < 0 && widen<MAX>(c[j]) - v_[j] == u1) return j;
-        return -1;
+        return K::template find_free_tied<T, MAX>(row(i), v_, y_, m_, u1);
     }
 
     // JV augmenting row reduction (one pass over the current free rows).
@@ -292,22 +289,26 @@ class Solver {
                 }
                 if (jfree >= 0) break;
             }
-            int j = rcol_[sp];
-            int i = y_[j];
-            double h = (cost(i, j) - rv_[sp]) - level;
-            ++sp;
-            LAP_STAT(scans);
-            if (sp < nready) {  // two rows at this level: one pass over d and v
-                int j2 = rcol_[sp];
-                int i2 = y_[j2];
-                double h2 = (cost(i2, j2) - rv_[sp]) - level;
-                ++sp;
+            // scan the rows of up to four columns of this level in one pass
+            const T* rows[4];
+            double hs[4];
+            int32_t ids[4];
+            int cnt = std::min(4, nready - sp);
+            if (cnt == 3) cnt = 2;
+            for (int q = 0; q < cnt; ++q, ++sp) {
+                int j = rcol_[sp];
+                int i = y_[j];
+                rows[q] = row(i);
+                hs[q] = (cost(i, j) - rv_[sp]) - level;
+                ids[q] = i;
                 LAP_STAT(scans);
-                next = K::template scan2<T, MAX>(row(i), row(i2), v_, d_, pred_, m_, h, h2, i,
-                                                 i2);
-            } else {
-                next = K::template scan<T, MAX, false>(row(i), v_, d_, pred_, m_, h, i);
             }
+            if (cnt == 4)
+                next = K::template scanN<T, MAX, 4>(rows, hs, ids, v_, d_, pred_, m_);
+            else if (cnt == 2)
+                next = K::template scanN<T, MAX, 2>(rows, hs, ids, v_, d_, pred_, m_);
+            else
+                next = K::template scan<T, MAX, false>(rows[0], v_, d_, pred_, m_, hs[0], ids[0]);
         }
         // dual update on the finished columns, then flip the path
         for (int k = 0; k < nready; ++k) v_[rcol_[k]] = rv_[k] + (rd_[k] - level);
