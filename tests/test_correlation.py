@@ -437,6 +437,8 @@ def test_mixed_dtypes_promote_and_numpy_inputs():
     xa, xb = _features(30, 4, 3, seed=111)
     got = correlation(xa.half(), xb.float(), backend="torch")
     assert _err(got, _ref(xa.half(), xb)["corr"]) < 1e-5
+    got64 = correlation(xa.double(), xb.double(), backend="torch")  # into float32 statistics
+    assert got64.dtype == torch.float32 and _err(got64, _ref(xa, xb)["corr"]) < 1e-5
     got_np = correlation(xa.cpu().numpy(), xb.cpu().numpy())
     assert _err(got_np, _ref(xa, xb)["corr"]) < 1e-5
     # `pymerge.ops.correlation` may resolve to the module of the same name: it is callable

@@ -105,19 +105,6 @@ def _check_finite(s: torch.Tensor, x: torch.Tensor, name: str, shape: tuple[int,
         )
 
 
-def _centred_with_ones(x: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[n, d + 1]`` buffer ``[x - shift, 1]`` in ``dtype`` (one pass over ``x``).
-
-    Rows are padded to a multiple of 64 bytes so that BLAS sees aligned rows.
-    """
-    n, d = x.shape
-    width = -(-(d + 1) // 16) * 16
-    out = torch.empty((n, width), dtype=dtype, device=x.device)[:, : d + 1]
-    torch.sub(x, shift, out=out[:, :d])
-    out[:, d] = 1
-    return out
-
-
 class CorrelationAccumulator:
     """Streaming means, stds, (cross-)covariance and Pearson correlation of features.
 
@@ -183,6 +170,7 @@ class CorrelationAccumulator:
         self._m2_b: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None  # co-moment; self mode: upper triangle valid
         self.last_backend: str | None = None
+        self._ws: dict[str, torch.Tensor] = {}  # torch-path buffers reused between updates
         if self.device is not None:
             self._allocate(self.device)
 
@@ -202,9 +190,10 @@ class CorrelationAccumulator:
         self.device = device
 
     def reset(self) -> None:
-        """Forget every sample (keeps the configuration and device)."""
+        """Forget every sample and free the work buffers (keeps configuration and device)."""
         self._n = 0
         self._eps = torch.finfo(self.dtype).eps
+        self._ws.clear()
         if self._m2 is not None:
             self._allocate(self.device)
 
@@ -288,33 +277,52 @@ class CorrelationAccumulator:
             self.dtype
         )
 
+    def _workspace(self, key: str, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
+        """Reusable ``[n, d]`` buffer (rows padded to 64 bytes) of the compute dtype.
+
+        Fresh multi-MB CPU allocations page-fault on first touch, which costs as much as
+        the arithmetic; the torch path therefore keeps its buffers between updates.
+        """
+        width = -(-d // 16) * 16
+        buf = self._ws.get(key)
+        if (
+            buf is None
+            or buf.shape[0] < n
+            or buf.shape[1] != width
+            or buf.device != like.device
+            or buf.dtype != self.dtype
+        ):
+            buf = torch.empty((n, width), dtype=self.dtype, device=like.device)
+            self._ws[key] = buf
+        return buf[:n, :d]
+
     def _update_torch(self, xa, xb, x_a, x_b) -> None:
-        # One GEMM does the work: the centred batches carry a column of ones, so
-        # [x_a - k_a, 1]^T [x_b - k_b, 1] holds the cross product and both column sums.
+        # GEMM-dominated: one pass writes each centred batch into a reused buffer, column
+        # sums are matrix-vector products, the cross product is one addmm into the state,
+        # and the sums of squares reuse the buffer in place after the GEMM.
         n_b = xa.shape[0]
         cdt = self.dtype
+        ones = self._ws.get("ones")
+        if ones is None or ones.shape[0] < n_b or ones.device != xa.device or ones.dtype != cdt:
+            ones = torch.ones(n_b, dtype=cdt, device=xa.device)
+            self._ws["ones"] = ones
+        ones = ones[:n_b]
         ka = self._mean_a if self._n else self._first_shift(xa, n_b)
-        aug_a = _centred_with_ones(xa, ka, cdt)
-        label_a = "x_a/x_b" if self.joint else "x_a"
+        ca = torch.sub(xa, ka, out=self._workspace("a", n_b, xa.shape[1], xa))
+        sa = torch.mv(ca.T, ones)
+        if self.check_finite:
+            _check_finite(sa, xa, "x_a/x_b" if self.joint else "x_a", tuple(x_a.shape))
         if xb is None:
-            prod = aug_a.T @ aug_a
-            sa = prod[:-1, -1]
-            if self.check_finite:
-                _check_finite(sa, xa, label_a, tuple(x_a.shape))
-            qa = prod.diagonal()[:-1]
-            kb, sb, qb = ka, sa, qa
+            kb, cb, sb = ka, ca, sa
         else:
             kb = self._mean_b if self._n else self._first_shift(xb, n_b)
-            aug_b = _centred_with_ones(xb, kb, cdt)
-            prod = aug_a.T @ aug_b
-            sa, sb = prod[:-1, -1], prod[-1, :-1]
+            cb = torch.sub(xb, kb, out=self._workspace("b", n_b, xb.shape[1], xb))
+            sb = torch.mv(cb.T, ones)
             if self.check_finite:
-                _check_finite(sa, xa, label_a, tuple(x_a.shape))
                 _check_finite(sb, xb, "x_b", tuple(x_b.shape))
-            ca, cb = aug_a[:, :-1], aug_b[:, :-1]
-            qa = (ca * ca).sum(0)
-            qb = (cb * cb).sum(0)
-        self._m2.add_(prod[:-1, :-1])
+        self._m2.addmm_(ca.T, cb)
+        qa = torch.mv(ca.mul_(ca).T, ones)
+        qb = qa if xb is None else torch.mv(cb.mul_(cb).T, ones)
         self._merge(n_b, ka, kb, sa, qa, sb, qb, shift_b_in_cross=False)
         self._eps = max(self._eps, torch.finfo(cdt).eps)
 
