@@ -126,6 +126,10 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _cell(t: dict[str, float], k: str) -> str:
+    return f"{t[k]:.1f}" if k in t else "-"
+
+
 def run_table(shapes=SHAPES, repeats: int = 9) -> str:
     rows = [
         "| shape | matmul ms | update ms | update/matmul | nocheck ms | nocheck/matmul "
@@ -141,15 +145,12 @@ def run_table(shapes=SHAPES, repeats: int = 9) -> str:
                 samples[k].append(median_ms(fn, max(1, repeats // 3)))
         t = {k: statistics.median(v) for k, v in samples.items()}
 
-        def cell(k: str) -> str:
-            return f"{t[k]:.1f}" if k in t else "-"
-
         unf = f"{t['unfused'] / t['update']:.2f}" if "unfused" in t else "-"
         rows.append(
             f"| {_id(shape)} | {t['matmul']:.1f} | {t['update']:.1f} | "
             f"{t['update'] / t['matmul']:.2f} | {t['update_nocheck']:.1f} | "
-            f"{t['update_nocheck'] / t['matmul']:.2f} | {cell('unfused')} | {unf} | "
-            f"{cell('corrcoef')} |"
+            f"{t['update_nocheck'] / t['matmul']:.2f} | {_cell(t, 'unfused')} | {unf} | "
+            f"{_cell(t, 'corrcoef')} |"
         )
     return "\n".join(rows)
 
