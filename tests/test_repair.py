@@ -163,28 +163,84 @@ def test_repair_on_bn_network_is_bn_reset():
     a, b = reset_bn_stats(a, data), reset_bn_stats(b, data)
     merged = _average(a, b, 0.5)
     fixed = repair(a, b, merged, data)
-    # no Linear/Conv point (convs feed BatchNorm, the Linear is the output layer)
-    for k in ("0.weight", "0.bias", "3.weight", "7.weight", "7.bias"):
-        assert torch.equal(fixed.state_dict()[k], merged.state_dict()[k]), k
-    # the first BN's statistics are the exact statistics of its input
-    conv_out = _outputs64(merged, "0", data, 1)
-    torch.testing.assert_close(
-        fixed[1].running_mean.double(), conv_out.mean(0), rtol=1e-5, atol=1e-6
-    )
-    torch.testing.assert_close(fixed[1].running_var.double(), conv_out.var(0), rtol=1e-5, atol=1e-6)
-    # second BN: statistics of its input in eval mode with the first BN already reset
-    conv2_out = _outputs64(fixed, "3", data, 1)
-    torch.testing.assert_close(
-        fixed[4].running_mean.double(), conv2_out.mean(0), rtol=1e-5, atol=1e-6
-    )
-    torch.testing.assert_close(
-        fixed[4].running_var.double(), conv2_out.var(0), rtol=1e-5, atol=1e-6
-    )
-    assert int(fixed[1].num_batches_tracked) == 3 and int(fixed[4].num_batches_tracked) == 3
-    # first BN agrees with reset_bn_stats (its input does not depend on any BN)
+    # no Linear/Conv point (convs feed BatchNorm, the Linear is the output layer): REPAIR is
+    # exactly the BN statistics reset
     reset = reset_bn_stats(merged, data)
-    torch.testing.assert_close(fixed[1].running_mean, reset[1].running_mean)
-    torch.testing.assert_close(fixed[1].running_var, reset[1].running_var)
+    assert fixed.state_dict().keys() == merged.state_dict().keys()
+    for k, v in reset.state_dict().items():
+        assert torch.equal(fixed.state_dict()[k], v), k
+    assert not torch.equal(fixed[1].running_mean, merged[1].running_mean)
+
+    # exact_bn: each BN gets the exact eval-mode statistics of its input, in order
+    exact = repair(a, b, merged, data, exact_bn=True)
+    for k in ("0.weight", "0.bias", "3.weight", "7.weight", "7.bias"):
+        assert torch.equal(exact.state_dict()[k], merged.state_dict()[k]), k
+    conv_out = _outputs64(merged, "0", data, 1)
+    for stat, ref in (
+        (exact[1].running_mean, conv_out.mean(0)),
+        (exact[1].running_var, conv_out.var(0)),
+    ):
+        torch.testing.assert_close(stat.double(), ref, rtol=1e-5, atol=1e-6)
+    conv2_out = _outputs64(exact, "3", data, 1)  # with the first BN already reset
+    for stat, ref in (
+        (exact[4].running_mean, conv2_out.mean(0)),
+        (exact[4].running_var, conv2_out.var(0)),
+    ):
+        torch.testing.assert_close(stat.double(), ref, rtol=1e-5, atol=1e-6)
+    assert int(exact[1].num_batches_tracked) == 3 and int(exact[4].num_batches_tracked) == 3
+    # the first BN's input does not depend on any BN: both ways agree there
+    torch.testing.assert_close(exact[1].running_mean, fixed[1].running_mean)
+    torch.testing.assert_close(exact[1].running_var, fixed[1].running_var)
+
+
+def test_repair_mixed_network_resets_bn_after_corrections():
+    """A Linear point upstream of a BatchNorm: the final BN statistics see corrected inputs."""
+    torch.manual_seed(0)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(5, 8),
+            nn.ReLU(),
+            nn.Linear(8, 6),
+            nn.BatchNorm1d(6),
+            nn.ReLU(),
+            nn.Linear(6, 2),
+        )
+
+    data = [torch.randn(12, 5) for _ in range(3)]
+    a, b = reset_bn_stats(make(0), data), reset_bn_stats(make(1), data)
+    merged = _average(a, b, 0.5)
+    fixed = repair(a, b, merged, data, eps=1e-10)
+    mu_g, sd_g = _goal(a, b, "0", data, -1, 0.5)
+    out = _outputs64(fixed, "0", data, -1)
+    torch.testing.assert_close(out.mean(0), mu_g, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.std(0, unbiased=False), sd_g, atol=1e-4, rtol=1e-3)
+    assert torch.equal(fixed[2].weight, merged[2].weight)  # feeds the BN: not a point
+    bn_in = _outputs64(fixed, "2", data, -1)
+    torch.testing.assert_close(fixed[3].running_mean.double(), bn_in.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fixed[3].running_var.double(), bn_in.var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_channel_stats_match_float64_reference():
+    from pymerge.align._hooks import ChannelStats
+
+    g = torch.Generator().manual_seed(9)
+    batches = [torch.randn(n, 4, 3, 5, generator=g) * 0.1 + 1e3 for n in (1, 7, 2)]
+    st = ChannelStats(4)
+    for x in batches:
+        st.update(x, 1)
+    ref = torch.cat([x.double().movedim(1, -1).reshape(-1, 4) for x in batches])
+    torch.testing.assert_close(st.mean, ref.mean(0), rtol=1e-6, atol=0)  # float32 batch means
+    torch.testing.assert_close(st.var(), ref.var(0, unbiased=False), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(st.var(unbiased=True), ref.var(0), rtol=1e-4, atol=1e-8)
+    half = ChannelStats(3)
+    xs = torch.randn(50, 3, generator=g).half()
+    half.update(xs[:20])
+    half.update(xs[20:].t().contiguous().t())  # non-contiguous
+    torch.testing.assert_close(half.var(), xs.double().var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="4 channels"):
+        st.update(torch.randn(3, 5), 1)
 
 
 def _digits():

@@ -299,18 +299,27 @@ class ChannelStats:
         self.mean = torch.zeros(d, dtype=torch.float64, device=device)
         self._m2 = torch.zeros(d, dtype=torch.float64, device=device)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add samples ``x`` of shape ``[samples, d]`` (any float dtype)."""
-        if x.dim() != 2 or x.shape[1] != self.d:
+    def update(self, x: torch.Tensor, dim: int = -1) -> None:
+        """Add the samples of ``x``: channels along ``dim`` (size ``d``), every other axis a
+        sample axis (``[samples, d]``, ``[N, C, H, W]`` with ``dim=1``, ``[N, T, d]``).
+
+        Each batch is reduced in its own dtype (fp16/bf16 in float32) without a copy, then
+        merged in float64.
+        """
+        if x.dim() == 0 or not -x.dim() <= dim < x.dim() or x.shape[dim] != self.d:
             raise ValueError(
-                f"expected features of shape [samples, {self.d}], got {tuple(x.shape)}"
+                f"expected {self.d} channels along dim {dim}, got shape {tuple(x.shape)}"
             )
-        nb = x.shape[0]
+        dim = dim % x.dim()
+        nb = x.numel() // self.d
         if nb == 0:
             return
-        xb = x.to(device=self.mean.device, dtype=torch.float64)
-        mean_b = xb.mean(0)
-        m2_b = (xb - mean_b).square().sum(0)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        axes = [a for a in range(x.dim()) if a != dim]
+        var_b, mean_b = torch.var_mean(x, dim=axes, correction=0)
+        mean_b = mean_b.to(device=self.mean.device, dtype=torch.float64)
+        m2_b = var_b.to(device=self.mean.device, dtype=torch.float64) * nb
         n = self.count + nb
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (nb / n)

@@ -103,10 +103,10 @@ def reset_bn_stats(
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = _hooks.features_2d(args[0].detach(), 1)
+            x = args[0].detach()
             if name not in stats:
                 stats[name] = _hooks.ChannelStats(x.shape[1], x.device)
-            stats[name].update(x)
+            stats[name].update(x, 1)
 
         return hook
 
@@ -160,14 +160,16 @@ def _output_stats(
     stats = _Stats()
     handles = []
 
-    def add(key: str, x: torch.Tensor) -> None:
+    def add(key: str, x: torch.Tensor, dim: int) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"output of {key!r} has shape {tuple(x.shape)}: no channel axis")
         if key not in stats:
-            stats[key] = _hooks.ChannelStats(x.shape[1], x.device)
-        stats[key].update(x)
+            stats[key] = _hooks.ChannelStats(x.shape[dim], x.device)
+        stats[key].update(x, dim)
 
     def out_hook(name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            add(name, _hooks.features_2d(output.detach(), _channel_dim(module)))
+            add(name, output.detach(), _channel_dim(module))
             if name == stop_after:
                 raise _hooks.StopForward
 
@@ -175,7 +177,7 @@ def _output_stats(
 
     def in_hook(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            add(name, _hooks.features_2d(args[0].detach(), 1))
+            add(name, args[0].detach(), 1)
             if name == stop_after:
                 raise _hooks.StopForward
 
@@ -242,6 +244,7 @@ def repair(
     eps: float = 1e-5,
     sequential: bool = True,
     reset_bn: bool = True,
+    exact_bn: bool = False,
     progress: bool = False,
 ) -> nn.Module:
     """REPAIR the merged model ``(1 - alpha) * A + alpha * B`` (B already aligned to A).
@@ -251,7 +254,8 @@ def repair(
     measured on ``batches`` in both endpoints; the merged model's outputs are rescaled to
     ``mu_goal = (1 - alpha) mu_A + alpha mu_B`` and ``sigma_goal = (1 - alpha) sigma_A +
     alpha sigma_B`` by folding ``y -> sigma_goal * (y - mu_M) / sqrt(sigma_M^2 + eps) + mu_goal``
-    into the layer's weight and bias. BatchNorm layers get their running statistics reset.
+    into the layer's weight and bias. BatchNorm layers get their running statistics reset
+    (see ``reset_bn``).
 
     Args:
         model_a, model_b, merged_model: same architecture (state-dict keys and shapes).
@@ -265,12 +269,17 @@ def repair(
         num_batches: use at most this many batches.
         device: where to run (models elsewhere are copied there; the result lives there).
         eps: added to the merged variance before dividing, as in BatchNorm.
-        sequential: correct the points (and reset BatchNorm layers) one at a time in execution
-            order, measuring each with the upstream ones already corrected, so that the
-            result's statistics equal the goal (about ``len(points)/2`` passes over the data,
-            each stopped early). False: one pass measures all points on the uncorrected model
-            (after :func:`reset_bn_stats`) — faster, approximate in deep networks.
-        reset_bn: also reset BatchNorm running statistics.
+        sequential: correct the points one at a time in execution order, measuring each with
+            the upstream ones already corrected, so that the result's statistics equal the goal
+            (about ``len(points)/2`` passes over the data, each stopped early). False: one pass
+            measures all points on the uncorrected model: faster, approximate in deep networks.
+        reset_bn: reset BatchNorm running statistics. By default with :func:`reset_bn_stats`
+            (one train-mode pass) before the points are measured, and once more after them when
+            points were corrected; a pure BatchNorm network therefore gets exactly
+            ``reset_bn_stats(merged_model, batches)``, as in the paper.
+        exact_bn: (with ``sequential``) instead set each BatchNorm layer, in execution order, to
+            the exact eval-mode statistics of its input with everything upstream already fixed
+            (one early-stopped pass per BatchNorm layer: slower, exact in eval mode).
         progress: tqdm bar over the correction units.
 
     Returns:
@@ -336,22 +345,29 @@ def repair(
         shift = mu_g.to(s.mean.device) - scale * s.mean
         _fold(modules[name], scale, shift)
 
+    def reset_all() -> None:
+        reset_bn_stats(merged, batches, num_batches=num_batches, inplace=True)
+
+    walk_bns = bns if exact_bn else []
+    if bns and not exact_bn:
+        reset_all()  # the points below are measured with sensible BN statistics
     if sequential:
-        units = sorted([*pts, *bns], key=order.index)
+        units = sorted([*pts, *walk_bns], key=order.index)
         for name in _progress(units, progress, "REPAIR"):
             stop = name if calls.get(name) == 1 else None
-            if name in bns:
+            if name in walk_bns:
                 s = _output_stats(merged, (), batches, num_batches, stop, inputs_of=(name,))
                 _set_bn_stats(modules[name], s[name], s.num_batches)
             else:
                 s = _output_stats(merged, (name,), batches, num_batches, stop)
                 correct(name, s[name])
     else:
-        if bns:
-            merged = reset_bn_stats(merged, batches, num_batches=num_batches, inplace=True)
-            modules = dict(merged.named_modules())
+        if walk_bns:
+            reset_all()
         if pts:
             s_all = _output_stats(merged, pts, batches, num_batches)
             for name in pts:
                 correct(name, s_all[name])
+    if bns and pts and not (sequential and exact_bn):
+        reset_all()  # BN layers downstream of corrected points see their new inputs
     return merged
