@@ -27,6 +27,14 @@
 #define PYMERGE_LAP_X86 0
 #endif
 
+// GCC 12's AVX-512 reduction intrinsics start from _mm512_undefined_*(), which
+// -Wall reports as uninitialised; the values are never read.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace pymerge_lap {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -629,3 +637,7 @@ struct KAvx512 {
 #endif  // PYMERGE_LAP_X86
 
 }  // namespace pymerge_lap
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
