@@ -257,12 +257,14 @@ def main() -> int:
     row(case, "torch gather-then-lerp", t_g, 3 * size, t_g / t)
     print(f"  bar: gather-then-lerp / pymerge = {t_g / t:.2f} (>= 1.5)")
     if args.sweep:
+        saved = (kp.DEFAULT_BR, kp.DEFAULT_BC, kp.DEFAULT_SEG, kp.DEFAULT_NUM_WARPS)
         for br, bc in ((1, 1024), (2, 512), (4, 512), (4, 256), (8, 256), (16, 128)):
             for nw in (4, 8):
                 kp.DEFAULT_BR, kp.DEFAULT_BC, kp.DEFAULT_NUM_WARPS = br, bc, nw
                 kp.DEFAULT_SEG = max(bc, 8192 // bc * bc)
                 t_k = bench(lambda: permuted_interpolate(a, b, 0.5, spec, backend=be))
                 row(case, f"BR={br} BC={bc} warps={nw}", t_k, 3 * size, t_g / t_k)
+        kp.DEFAULT_BR, kp.DEFAULT_BC, kp.DEFAULT_SEG, kp.DEFAULT_NUM_WARPS = saved
     del a, b
 
     # --- permuted interpolate, 25 alphas (loss-barrier curve)

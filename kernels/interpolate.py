@@ -171,6 +171,13 @@ def weighted_sum_(
     dtype = inputs[0][0].dtype
     device = out_flat.device
     elsize = inputs[0][0].element_size()
+    vo = max(1, ALIGN_BYTES // out_flat.element_size())
+    if (
+        any(x.data_ptr() % ALIGN_BYTES for row in inputs for x in row)
+        or any(o % vo for o in out_offsets)
+        or out_flat.data_ptr() % ALIGN_BYTES
+    ):
+        raise ValueError(f"inputs, output and out offsets must be {ALIGN_BYTES}-byte aligned")
     numels = [row[0].numel() for row in inputs]
     ptrs = [[x.data_ptr() for x in row] for row in inputs]
     deltas, numel_t, outoff, first, chunk = _tables_for(

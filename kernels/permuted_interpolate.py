@@ -27,8 +27,10 @@ DEFAULT_BR = 4
 DEFAULT_BC = 512
 DEFAULT_SEG = 8192
 DEFAULT_NUM_WARPS = 4
+#: every input and output start must be aligned to this many bytes (the front ensures it)
+ALIGN_BYTES = 16
 _CACHE_SIZE = 8
-_NF = 7  # fields per tensor in the table: da, db, out offset, R, C, rowmap off, colmap off
+_NF = 8  # fields per tensor: da, db, out offset, R, C, rowmap off, colmap off, flags
 
 
 @triton.jit
@@ -46,37 +48,63 @@ def _perm_lerp_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
     SEG: tl.constexpr,
+    VA: tl.constexpr,  # alignment (elements) of da and db: 16 bytes
+    VO: tl.constexpr,  # alignment (elements) of out offsets: 16 bytes
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(tile_ptr + 3 * pid)
     r0 = tl.load(tile_ptr + 3 * pid + 1)
     c0 = tl.load(tile_ptr + 3 * pid + 2)
     row = tab_ptr + t * NF
-    da = tl.load(row)
-    db = tl.load(row + 1)
-    oo = tl.load(row + 2)
+    da = tl.multiple_of(tl.load(row), VA)
+    db = tl.multiple_of(tl.load(row + 1), VA)
+    oo = tl.multiple_of(tl.load(row + 2), VO)
     R = tl.load(row + 3)
     C = tl.load(row + 4)
     rmo = tl.load(row + 5)
     cmo = tl.load(row + 6)
+    flags = tl.load(row + 7)
+    aligned = (flags & 1) != 0  # C % 8 == 0: every row starts 16-byte aligned
+    col_identity = (flags & 2) != 0  # no permuted column axis: B rows are contiguous
     rows = r0 + tl.arange(0, BR).to(tl.int64)
     rmask = rows < R
     rsrc = tl.load(map_ptr + rmo + rows, mask=rmask, other=0)
     rdst = rows * C
+    rows_full = r0 + BR <= R
     c_end = tl.minimum(c0 + SEG, C)
     for cc in range(c0, c_end, BC):
-        cols = cc + tl.arange(0, BC).to(tl.int64)
-        cmask = cols < c_end
-        csrc = tl.load(map_ptr + cmo + cols, mask=cmask, other=0)
-        mask = rmask[:, None] & cmask[None, :]
-        dst = rdst[:, None] + cols[None, :]
-        a = tl.load(a_base + da + dst, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_base + db + (rsrc[:, None] + csrc[None, :]), mask=mask, other=0.0)
-        b = b.to(tl.float32)
-        for m in range(M):
-            al = tl.load(alpha_ptr + m).to(tl.float32)
-            y = (1.0 - al) * a + al * b
-            tl.store(out_ptr + m * out_stride + oo + dst, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if aligned & rows_full & (cc + BC <= c_end):
+            # full, aligned tile: unmasked loads/stores the compiler can vectorise
+            cols = tl.multiple_of(cc, 8) + tl.arange(0, BC).to(tl.int64)
+            dst = tl.multiple_of(rdst, 8)[:, None] + cols[None, :]
+            a = tl.load(a_base + da + dst).to(tl.float32)
+            if col_identity:
+                b = tl.load(b_base + db + (tl.multiple_of(rsrc, 8)[:, None] + cols[None, :]))
+            else:
+                csrc = tl.load(map_ptr + cmo + cols)
+                b = tl.load(b_base + db + (rsrc[:, None] + csrc[None, :]))
+            b = b.to(tl.float32)
+            for m in range(M):
+                al = tl.load(alpha_ptr + m).to(tl.float32)
+                y = (1.0 - al) * a + al * b
+                tl.store(out_ptr + m * out_stride + oo + dst, y.to(out_ptr.dtype.element_ty))
+        else:
+            cols = cc + tl.arange(0, BC).to(tl.int64)
+            cmask = cols < c_end
+            csrc = tl.load(map_ptr + cmo + cols, mask=cmask, other=0)
+            mask = rmask[:, None] & cmask[None, :]
+            dst = rdst[:, None] + cols[None, :]
+            a = tl.load(a_base + da + dst, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(b_base + db + (rsrc[:, None] + csrc[None, :]), mask=mask, other=0.0)
+            b = b.to(tl.float32)
+            for m in range(M):
+                al = tl.load(alpha_ptr + m).to(tl.float32)
+                y = (1.0 - al) * a + al * b
+                tl.store(
+                    out_ptr + m * out_stride + oo + dst,
+                    y.to(out_ptr.dtype.element_ty),
+                    mask=mask,
+                )
 
 
 # launch tables by (pointers, shapes, map objects); each entry holds its maps, so their ids
@@ -155,7 +183,8 @@ def _build_tables(a_list, b_list, maps, out_offsets, br, seg, device):
         db = b.data_ptr() - b_base.data_ptr()
         if da % a_es or db % b_es:
             raise ValueError("input tensors are not aligned to their element size")
-        table.append([da // a_es, db // b_es, int(oo), R, C, place(rmap), place(cmap)])
+        flags = int(C % 8 == 0) | (2 * int(torch.equal(cmap, torch.arange(C))))
+        table.append([da // a_es, db // b_es, int(oo), R, C, place(rmap), place(cmap), flags])
         n_rt.append(-(-R // br) if R * C else 0)
         n_ct.append(-(-C // seg))
     tab = torch.tensor(table, dtype=torch.int64).reshape(-1)
@@ -216,6 +245,15 @@ def permuted_lerp_(
     if T == 0 or out.numel() == 0:
         return out
     device = out.device
+    if device.type == "cuda" and bc % 8:
+        raise ValueError(f"bc={bc} must be a multiple of 8 (alignment hints)")
+    vo = max(1, ALIGN_BYTES // out.element_size())
+    if (
+        any(t.data_ptr() % ALIGN_BYTES for t in (*a_list, *b_list, out))
+        or any(o % vo for o in out_offsets)
+        or (out.dim() == 2 and out.stride(0) % vo)
+    ):
+        raise ValueError(f"inputs, outputs and out offsets must be {ALIGN_BYTES}-byte aligned")
     a_base, b_base = a_list[0], b_list[0]
     key = (
         device,
@@ -255,6 +293,8 @@ def permuted_lerp_(
         BR=br,
         BC=bc,
         SEG=seg,
+        VA=max(1, ALIGN_BYTES // a_base.element_size()),
+        VO=max(1, ALIGN_BYTES // out.element_size()),
         num_warps=num_warps,
     )
     return out

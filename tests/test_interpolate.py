@@ -89,6 +89,9 @@ LAYOUT = [
     ("tall", (33, 1), BF16, None),
     ("wide", (1, 41), F32, "off"),
     ("empty", (0, 3), F32, None),
+    ("fc.weight", (6, 16), BF16, None),  # C % 8 == 0: aligned fast path, full tiles
+    ("fc2.weight", (5, 24), F32, None),  # aligned, odd rows: full and partial tiles
+    ("ln.weight", (24,), F16, None),
     ("bn.num_batches_tracked", (), torch.int64, None),
     ("mask", (4,), torch.bool, None),
 ]
@@ -316,6 +319,9 @@ def _perm_setup(seed: int):
         "tall": ((0, rp(33)),),
         "wide": ((1, rp(41)),),
         "empty": ((1, p3),),
+        "fc.weight": ((0, rp(6)), (1, rp(16))),  # gathered columns
+        "fc2.weight": ((0, p5),),  # rows only: contiguous B rows
+        "ln.weight": ((0, rp(24)),),
     }
     bp = {}
     for k, v in b.items():

@@ -242,7 +242,7 @@ def _flat_layout(numels: Sequence[int], dtype: torch.dtype) -> tuple[list[int], 
     for n in numels:
         offsets.append(total)
         total += -(-n // step) * step
-    return offsets, total
+    return offsets, -(-total // 16) * 16  # row stride of [M, total] divisible by 16
 
 
 def _group(tensors: Sequence[torch.Tensor], out_dtype) -> dict[tuple, list[int]]:
