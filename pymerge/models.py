@@ -186,13 +186,8 @@ class _ResNet(nn.Module):
 
     def spec(self) -> PermutationSpec:
         c = self._cfg
-        ds = []
-        prev = c["stem_width"]
-        for s, w in enumerate(c["widths"]):
-            blk0 = getattr(self, f"layer{s + 1}")[0]
-            ds.append(blk0.downsample is not None)
-            prev = w
-        del prev
+        ds = [getattr(self, f"layer{s + 1}")[0].downsample is not None
+              for s in range(self.n_stages)]
         return resnet_spec(c["widths"], c["blocks"], stem_width=c["stem_width"], norm=c["norm"],
                            gn_groups=c["gn_groups"], downsample=ds)
 

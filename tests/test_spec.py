@@ -305,3 +305,25 @@ def test_random_mlp_widths_invariance(hidden, din, dout, seed) -> None:
     other.load_state_dict(apply_permutation(spec, perm, sd))
     x = torch.randn(3, din, dtype=torch.float64)
     torch.testing.assert_close(model(x), other(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CPU twin: "
+                    "test_index_map_and_permute_param_match_apply)")
+def test_apply_on_cuda_state_with_cpu_permutation() -> None:
+    model = TinyGPT(13, 8, 2, 1, 5)
+    sd = model.state_dict()
+    spec = model.spec()
+    perm = random_permutation(spec, sd, 2)
+    ref = apply_permutation(spec, perm, sd)
+    cuda = {k: v.cuda() for k, v in sd.items()}
+    got = apply_permutation(spec, perm, cuda)
+    imap = permutation_index_map(spec, {g: p.cuda() for g, p in perm.items()}, cuda)
+    for k in sd:
+        assert got[k].device.type == "cuda"
+        assert torch.equal(got[k].cpu(), ref[k])
+    for k, axes in imap.items():
+        t = cuda[k]
+        for ax, idx in axes:
+            assert idx.device == t.device
+            t = t.index_select(ax, idx)
+        assert torch.equal(t.cpu(), ref[k])

@@ -456,3 +456,28 @@ def test_parameter_views_join_or_freeze(persistent: bool) -> None:
     else:  # c is a constant the permutation cannot touch: the group must freeze
         assert spec.groups() == []
     _same_function(model, spec, x, seed=10)
+
+
+class WithEncoderLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        self.mid = nn.Linear(8, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mid(self.enc(self.inp(x)))))
+
+
+def test_opaque_leaf_module_is_reported() -> None:
+    model = WithEncoderLayer()
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="leaf_modules"):
+        spec_from_model(model, x)
+    with pytest.warns(UserWarning, match="enc"):
+        spec = spec_from_model(model, x, leaf_modules=(nn.TransformerEncoderLayer,))
+    assert spec.groups() == ["mid"]  # inp flows into the opaque layer: frozen
+    assert any("enc" in r and "TransformerEncoderLayer" in r for r in spec.report)
+    assert all(k in spec.free for k in model.state_dict() if k.startswith(("enc.", "inp.")))
+    _same_function(model, spec, x)

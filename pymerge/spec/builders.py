@@ -173,8 +173,6 @@ def resnet_spec(
         b.ap(stream, f"layer{s + 1}.{nb - 1}")
     b.add(cur, f"{fc}.weight", 1)
     b.free.add(b.k(f"{fc}.bias"))
-    if norm == "gn":  # one head structure per group, even if several GNs share it
-        pass
     return b.build()
 
 

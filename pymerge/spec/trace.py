@@ -90,8 +90,9 @@ def spec_from_model(
         inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x
                        for x in example_inputs)
         gm = _trace_and_propagate(m, inputs, leaf_modules, type(model).__name__)
-    except _TraceError:
-        raise
+    except _TraceError as e:
+        raise ValueError(f"{e} (submodules torch.fx cannot trace can be passed as "
+                         "leaf_modules=(Type, ...): they are then treated as opaque)") from e
     except Exception:  # noqa: BLE001 - some ops lack meta kernels
         m = copy.deepcopy(model).eval()
         gm = _trace_and_propagate(m, example_inputs, leaf_modules, type(model).__name__)
@@ -265,7 +266,7 @@ def _activation_points(gm: fx.GraphModule, info: dict, st: _State, modules: dict
             continue
         if path in modules and not isinstance(modules[path], DEFAULT_LEAF_MODULES):
             block_out.setdefault(idxs[-1], path)
-    best: dict[int, tuple[int, int, str, int]] = {}
+    best: dict[int, tuple[tuple[int, int, int], str, int]] = {}
     for i, n in enumerate(nodes):
         v = info.get(n)
         if not isinstance(v, _Val) or len(v.tags) != 1:
@@ -287,7 +288,9 @@ def _activation_points(gm: fx.GraphModule, info: dict, st: _State, modules: dict
         if i in block_out:
             cands.append((1, block_out[i]))
         for prio, mname in cands:
+            # activations first, then whole blocks (shallowest: the full residual stream)
+            rank = (prio, mname.count(".") if prio == 1 else 0, i)
             cur = best.get(r)
-            if cur is None or (prio, i) < (cur[0], cur[1]):
-                best[r] = (prio, i, mname, dim)
-    return {names[r]: ActivationPoint(mname, dim) for r, (_, _, mname, dim) in best.items()}
+            if cur is None or rank < cur[0]:
+                best[r] = (rank, mname, dim)
+    return {names[r]: ActivationPoint(mname, dim) for r, (_, mname, dim) in best.items()}
