@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from pymerge.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
@@ -481,3 +483,46 @@ def test_opaque_leaf_module_is_reported() -> None:
     assert any("enc" in r and "TransformerEncoderLayer" in r for r in spec.report)
     assert all(k in spec.free for k in model.state_dict() if k.startswith(("enc.", "inp.")))
     _same_function(model, spec, x)
+
+
+class ElementwiseZoo(nn.Module):
+    """Comparisons, where, pad, normalize, spatial mean, masked_fill, softmax on features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3)
+        self.c2 = nn.Conv2d(6, 5, 3)
+        self.fc = nn.Linear(5, 4)
+        self.o = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(x)
+        h = torch.where(h > 0, h, 0.1 * h)
+        h = F.normalize(F.pad(h, (1, 1, 1, 1)), dim=1)
+        h = self.fc(self.c2(h).mean((2, 3)))
+        return self.o(F.softmax(h.masked_fill(h < -0.5, 0.0), -1))
+
+
+def test_elementwise_ops_keep_groups() -> None:
+    torch.manual_seed(0)
+    model = ElementwiseZoo()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = spec_from_model(model, x)
+    assert spec.groups() == ["c", "c2", "fc"]
+    _same_function(model, spec, x, seed=11)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.integers(2, 6), min_size=1, max_size=3),
+       st.sampled_from(["bn", "ln", "gn", "none"]), st.sampled_from(["global", "flatten"]),
+       st.one_of(st.none(), st.integers(2, 5)), st.integers(0, 1000))
+def test_random_cnn_traced_equals_builder(widths, norm, pool, hidden, seed) -> None:
+    widths = [2 * w for w in widths]  # even widths: GroupNorm(2) fits
+    torch.manual_seed(seed)
+    model = CNN(3, widths, 3, norm, image_size=5, pool=pool, hidden=hidden, gn_groups=2)
+    x = torch.randn(2, 3, 5, 5)
+    traced = spec_from_model(model, x)
+    assert _canon(traced) == _canon(model.spec())
+    _same_function(model, traced, x, seed=seed)

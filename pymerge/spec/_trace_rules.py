@@ -95,7 +95,9 @@ _BINARY_FUNCS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.iadd,
     operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul,
     torch.div, torch.pow, torch.where, torch.maximum, torch.minimum, torch.lerp,
-    torch.addcmul, torch.masked_fill,
+    torch.addcmul, torch.masked_fill, operator.gt, operator.lt, operator.ge, operator.le,
+    operator.eq, operator.ne, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
+    operator.and_, operator.or_, torch.logical_and, torch.logical_or,
 }
 _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "pow", "add_", "sub_", "mul_", "div_", "relu", "relu_",
@@ -103,11 +105,13 @@ _ELEMENTWISE_METHODS = {
     "square", "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
     "detach", "masked_fill", "masked_fill_", "where", "sin", "cos", "erf", "requires_grad_",
     "maximum", "minimum", "lerp", "type", "cpu", "cuda", "sigmoid_", "tanh_", "exp_",
+    "gt", "lt", "ge", "le", "eq", "ne", "logical_not", "sign", "reciprocal", "pow_",
 }
 _REDUCE_FUNCS = {torch.sum, torch.mean, torch.amax, torch.amin, torch.var, torch.std,
                  torch.logsumexp, torch.prod, torch.norm}
 _REDUCE_METHODS = {"sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "norm"}
-_SOFTMAX_FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+# equivariant along any dim (softmax over features, p-normalisation of features)
+_SOFTMAX_FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
                     "view_as", "reshape_as"}
 _RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
@@ -588,6 +592,10 @@ def _function_rule(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         return _permute(node, x, st, shape)
     if t in (torch.cat, torch.concat, torch.stack):
         return _cat(node, info, st, shape)
+    if not is_m and t is F.pad and isinstance(shape, tuple):
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+        k = len(pad) // 2 if isinstance(pad, (list, tuple)) else x.ndim
+        return _keep_dims(node, x, st, shape, range(x.ndim - k, x.ndim))
     if not is_m and t in _POOL_FUNCS:
         nsp = _POOL_FUNCS[t]
         if nsp == -1:
