@@ -54,7 +54,7 @@ def _perm_lerp_kernel(
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(tile_ptr + 3 * pid)
     r0 = tl.load(tile_ptr + 3 * pid + 1)
-    c0 = tl.load(tile_ptr + 3 * pid + 2)
+    c0 = tl.multiple_of(tl.load(tile_ptr + 3 * pid + 2), 8)  # a multiple of SEG
     row = tab_ptr + t * NF
     da = tl.multiple_of(tl.load(row), VA)
     db = tl.multiple_of(tl.load(row + 1), VA)
@@ -72,10 +72,12 @@ def _perm_lerp_kernel(
     rdst = rows * C
     rows_full = r0 + BR <= R
     c_end = tl.minimum(c0 + SEG, C)
-    for cc in range(c0, c_end, BC):
+    # (cc derived from c0, not a loop variable, so that its divisibility is known)
+    for k in range(0, tl.cdiv(c_end - c0, BC)):
+        cc = c0 + k * BC
         if aligned & rows_full & (cc + BC <= c_end):
             # full, aligned tile: unmasked loads/stores the compiler can vectorise
-            cols = tl.multiple_of(cc, 8) + tl.arange(0, BC).to(tl.int64)
+            cols = cc + tl.arange(0, BC).to(tl.int64)
             dst = tl.multiple_of(rdst, 8)[:, None] + cols[None, :]
             a = tl.load(a_base + da + dst).to(tl.float32)
             if col_identity:
