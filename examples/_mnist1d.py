@@ -13,6 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def make_model(width: int = 512, depth: int = 3) -> nn.Module:
+    """:class:`pymerge.models.MLP` for MNIST-1D: 40 inputs, ``depth`` hidden ReLU layers of
+    ``width`` units, 10 classes (its permutation spec: ``model.spec()``)."""
+    from pymerge.models import MLP
+
+    return MLP(40, (width,) * depth, 10)
+
+
 @dataclass
 class Data:
     x_train: Tensor  # float32 [N_train, 40]
@@ -49,12 +57,20 @@ def train(
     batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
+    optimizer: str = "adam",
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """Train ``model`` in place with Adam (cosine-decayed lr) on the training split;
-    the minibatch order is seeded by ``seed``. Returns a detached copy of its state dict."""
+    """Train ``model`` in place with Adam or SGD (momentum 0.9), cosine-decayed lr, on the
+    training split; the minibatch order is seeded by ``seed``. Returns a detached copy of
+    its state dict."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt: torch.optim.Optimizer
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     n = data.x_train.shape[0]
     steps = epochs * ((n + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
