@@ -32,6 +32,7 @@ __all__ = [
     "record_outputs",
     "reiterable",
     "resolve_module",
+    "to_device",
 ]
 
 
@@ -57,15 +58,16 @@ def batch_input(batch: Any) -> Any:
     )
 
 
-def _to_device(x: Any, device: torch.device | None) -> Any:
+def to_device(x: Any, device: torch.device | None) -> Any:
+    """Move a tensor, or the tensors in a mapping/tuple/list, to ``device`` (None: as is)."""
     if device is None:
         return x
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     if isinstance(x, tuple | list):
-        return type(x)(_to_device(v, device) for v in x)
+        return type(x)(to_device(v, device) for v in x)
     return x
 
 
@@ -104,7 +106,7 @@ def iter_inputs(
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     for batch in itertools.islice(batches, max_batches):
-        yield _to_device(batch_input(batch), device)
+        yield to_device(batch_input(batch), device)
 
 
 # --------------------------------------------------------------------------- models

@@ -12,8 +12,9 @@ heads the units within the head are matched, the within-head scores of all the
 structure's groups are summed, and one assignment over heads picks the head
 permutation.
 
-Groups without an activation point (e.g. q/k/v units of ``nn.MultiheadAttention``, whose
-projections are not separate modules) are matched by weights instead (the default,
+Groups without a usable activation point (e.g. q/k/v units of ``nn.MultiheadAttention``,
+whose projections are not separate modules, or a point module that runs more than once per
+forward pass) are matched by weights instead (the default,
 ``fallback="weights"``): Git Re-Basin coordinate descent over those groups only, with the
 activation-matched groups held fixed. ``fallback="error"`` raises instead, naming them.
 """
@@ -227,10 +228,11 @@ def activation_matching(
             None: each model runs where its parameters live.
         progress: tqdm bar over batches.
         backend: assignment backend passed to ``pymerge.linear_sum_assignment``.
-        fallback: for groups without an activation point: ``"weights"`` (default) matches them
-            by weight-matching coordinate descent with the activation-matched groups fixed;
-            ``"error"`` raises ``ValueError`` naming them. A head structure whose groups are not
-            all observed is matched by weights as a whole.
+        fallback: for groups without a usable activation point (none declared, or a module that
+            runs more than once per forward, e.g. a ReLU module reused within a block):
+            ``"weights"`` (default) matches them by weight-matching coordinate descent with the
+            activation-matched groups fixed; ``"error"`` raises ``ValueError`` naming them. A
+            head structure whose groups are not all observed is matched by weights as a whole.
         max_iter: sweeps of the weight-matching fallback.
 
     Returns:
@@ -283,7 +285,7 @@ def activation_matching(
             _hooks.resolve_module(ma, points[g].module, f"activation point of group {g!r}:")
     with _hooks.eval_mode(ma):
         counts = _hooks.call_counts(
-            ma, {points[g].module for g in groups if g in points}, _hooks._to_device(first, dev_a)
+            ma, {points[g].module for g in groups if g in points}, _hooks.to_device(first, dev_a)
         )
     for g in groups:
         if g in points and counts[points[g].module] == 0:
@@ -333,9 +335,9 @@ def activation_matching(
                 feats_a: dict[str, list[torch.Tensor]] = {}
                 feats_b: dict[str, list[torch.Tensor]] = {}
                 with _hooks.record_outputs(ma, rec_points, feats_a):
-                    _hooks.call_model(ma, _hooks._to_device(inputs, dev_a))
+                    _hooks.call_model(ma, _hooks.to_device(inputs, dev_a))
                 with _hooks.record_outputs(mb, rec_points, feats_b):
-                    _hooks.call_model(mb, _hooks._to_device(inputs, dev_b))
+                    _hooks.call_model(mb, _hooks.to_device(inputs, dev_b))
                 for key, (mod, dim) in rec_points.items():
                     if key not in feats_a or key not in feats_b:
                         gs = [g for g in act_groups if point_key[g] == (mod, dim)]
