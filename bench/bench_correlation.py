@@ -13,7 +13,7 @@ Peers, all float32 on the same batch:
 * ``corrcoef``: ``torch.corrcoef`` of the concatenated features (one-shot, computes the
   joint ``(d_a + d_b)^2`` matrix).
 
-    pytest bench/bench_correlation.py --benchmark-only      # pytest-benchmark
+    pytest bench/bench_correlation.py --benchmark-enable --benchmark-only   # pytest-benchmark
     python bench/bench_correlation.py [--quick]             # table of medians and ratios
 """
 

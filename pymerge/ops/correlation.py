@@ -45,6 +45,9 @@ Conventions
   sync per update on GPU. With ``check_finite=False`` NaN/inf propagate into the statistics
   of the features they touch.
 * Inputs are never modified; they are detached (statistics are not differentiable).
+* Memory: the torch path keeps two work buffers of ``N_batch x (d_a + d_b)`` in the
+  accumulator dtype between updates (fresh multi-MB allocations page-fault on every
+  batch); :meth:`CorrelationAccumulator.reset` frees them.
 """
 
 from __future__ import annotations
