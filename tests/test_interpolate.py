@@ -564,3 +564,69 @@ def test_property_permuted_random_axes(shape, data, dtype):
     for be in backends:
         out = permuted_interpolate(a, b, [alpha], spec, backend=be)[0]["t"]
         _assert_close(out, ref, scale, 1, (be, shape, axes))
+
+
+# ----------------------------------------------------------------------------- codegen
+
+
+_COMPILE_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pymerge.kernels import interpolate as ki, permuted_interpolate as kp
+
+dt, vec = sys.argv[1], int(sys.argv[2])
+
+
+def ptx(fn, sig, cx, num_warps, divisible=()):
+    names = fn.arg_names
+    attrs = {(names.index(k),): [["tt.divisibility", 16]]
+             for k, v in sig.items() if v.startswith("*") or k in divisible}
+    sig = {**sig, **{k: "constexpr" for k in cx}}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    p = k.asm["ptx"]
+    return [len(re.findall(r"ld\.global(\.\w+)*\.v4", p)),
+            len(re.findall(r"st\.global(\.\w+)*\.v4", p))]
+
+
+i64 = ("delta_ptr", "numel_ptr", "outoff_ptr", "first_ptr", "chunk_ptr")
+sig = {"base_ptr": f"*{dt}", "out_ptr": f"*{dt}", "w_ptr": "*fp32", **{k: "*i64" for k in i64}}
+ws = ptx(ki._weighted_sum_kernel, sig, {"K": 2, "BLOCK": 4096, "VEC": vec}, 8)
+sig = {"a_base": f"*{dt}", "b_base": f"*{dt}", "out_ptr": f"*{dt}", "alpha_ptr": "*fp32",
+       "M": "i32", "out_stride": "i32", "tab_ptr": "*i64", "tile_ptr": "*i64", "map_ptr": "*i64"}
+cx = {"NF": 8, "BR": 4, "BC": 512, "SEG": 8192, "VA": vec, "VO": vec}
+pl = ptx(kp._perm_lerp_kernel, sig, cx, 4, divisible=("out_stride",))
+print(json.dumps({"weighted_sum": ws, "permuted": pl}))
+"""
+
+
+@pytest.mark.skipif(triton_error() is not None, reason="triton missing")
+@pytest.mark.parametrize(("dt", "vec"), [("bf16", 8), ("fp32", 4)])
+def test_kernels_compile_to_128bit_accesses(dt, vec):
+    """Bandwidth needs 16-byte vector loads/stores on the unmasked paths: compile both kernels
+    for sm_90 (no GPU needed; in a subprocess, since code generation does not work with
+    TRITON_INTERPRET=1 set) and count v4 accesses in the PTX."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, dt, str(vec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode and ("ptxas" in proc.stderr or "backends" in proc.stderr):
+        pytest.skip(f"no sm_90 toolchain in this triton build: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    # weighted sum: 4096 elements / 256 threads = 16 per thread; permuted: 4 x 512 / 128 = 16
+    per_thread = 16 * (2 if dt == "bf16" else 4) // 16  # 16-byte vectors per tensor per thread
+    ld, st = counts["weighted_sum"]
+    assert ld >= 2 * per_thread and st >= per_thread, counts  # both inputs and the output
+    ld, st = counts["permuted"]
+    assert ld >= 2 * per_thread and st >= per_thread, counts  # A, contiguous-row B, output
