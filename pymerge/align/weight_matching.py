@@ -184,26 +184,41 @@ class _Plan:
         # index cache: (param, axis) -> full-length index or None (identity)
         self._index: dict[tuple[str, int], Tensor | None] = {}
         self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
+        # cost cache: group -> summed cost, the other-axis indices each term was built with,
+        # and the number of incremental updates since the last full build
+        self._cost: dict[str, tuple[Tensor, list[dict[int, Tensor | None]], int]] = {}
+        # objective cache: key -> (versions of the groups on its axes, <A, pi(B)>)
+        self.version: dict[str, int] = {g: 0 for g in self.groups}
+        self._groups_of = {
+            k: sorted({r.group for refs in axes.values() for r in refs})
+            for k, axes in self.refs_by_param.items()
+        }
+        self._dot: dict[str, tuple[tuple[int, ...], float]] = {}
+        self.full_builds = 0
+        self.delta_updates = 0
 
     # -- indices ---------------------------------------------------------------------
 
     def invalidate(self, group: str) -> None:
+        """Forget the cached axis indices touched by ``group`` (its permutation changed)."""
+        self.version[group] += 1
         for ref in self.refs_by_group[group]:
             self._index.pop((ref.param, ref.axis), None)
 
     def axis_index(self, param: str, axis: int, perm: Permutation) -> Tensor | None:
+        """Full-length index along ``axis`` of ``param`` (None: identity), cached."""
         key = (param, axis)
         if key in self._index:
             return self._index[key]
         refs = self.refs_by_param[param][axis]
-        length = self.a[param].shape[axis] if param in self.a else None
+        length = self.b[param].shape[axis]
         idx: Tensor | None = None
         for ref in refs:
             p = perm[ref.group]
             if _is_identity(p):
                 continue
             if idx is None:
-                idx = torch.arange(length if length is not None else ref.stop, dtype=torch.long)
+                idx = torch.arange(length, dtype=torch.long)
             seg = (p.view(-1, 1) * ref.inner + torch.arange(ref.inner)).reshape(-1) + ref.start
             idx[ref.start : ref.stop] = seg
         if idx is not None:
@@ -211,39 +226,135 @@ class _Plan:
         self._index[key] = idx
         return idx
 
-    def permuted_b(self, param: str, axes: list[int], perm: Permutation) -> Tensor:
+    def _permuted_b(self, param: str, indices: Mapping[int, Tensor | None]) -> Tensor:
         t = self.b[param]
-        for ax in axes:
-            idx = self.axis_index(param, ax, perm)
+        for ax, idx in indices.items():
             if idx is not None:
                 t = t.index_select(ax, idx)
         return t
 
     # -- costs and objective --------------------------------------------------------
 
+    def _term_cost(self, term: _Term, indices: Mapping[int, Tensor | None], n: int) -> Tensor:
+        b_mat = _axis_first(self._permuted_b(term.ref.param, indices), term.ref, n)
+        if b_mat.shape[1] == 1:
+            return term.a_mat * b_mat.view(1, n)  # outer product of vectors
+        return term.a_mat @ b_mat.T
+
     def cost(self, group: str, perm: Permutation) -> Tensor | None:
+        """Cost matrix [n, n] of ``group`` given the other groups' permutations.
+
+        Cached per group and updated incrementally: when the permutation of another axis of
+        a term changed at ``c`` of its ``L`` positions, only those ``c`` slices are re-multiplied
+        (``C += A[:, changed] @ (B_new[:, changed] - B_old[:, changed]).T``). The caller must
+        not modify the returned tensor.
+        """
         terms = self.terms[group]
         if not terms:
             return None
         n = self.sizes[group]
-        total: Tensor | None = None
-        for term in terms:
-            b = self.permuted_b(term.ref.param, term.other_axes, perm)
-            b_mat = _axis_first(b, term.ref, n)
-            if b_mat.shape[1] == 1:
-                c = term.a_mat * b_mat.view(1, n)  # outer product of vectors
-            else:
-                c = term.a_mat @ b_mat.T
+        cur = [
+            {ax: self.axis_index(t.ref.param, ax, perm) for ax in t.other_axes} for t in terms
+        ]
+        cached = self._cost.get(group)
+        if cached is not None and cached[2] < _REFRESH_EVERY:
+            total, used, updates = cached
+            work: list[tuple[int, dict[int, Tensor]]] = []
+            delta_flops = 0.0
+            full_flops = 0.0
+            for i, term in enumerate(terms):
+                flops = float(term.a_mat.numel()) * n
+                full_flops += flops
+                changed: dict[int, Tensor] = {}
+                for ax in term.other_axes:
+                    pos = _changed_positions(used[i][ax], cur[i][ax], self.b[term.ref.param], ax)
+                    if pos.numel():
+                        changed[ax] = pos
+                if not changed:
+                    continue
+                work.append((i, changed))
+                if len(changed) == 1:
+                    (ax, pos), = changed.items()
+                    delta_flops += flops * pos.numel() / self.b[term.ref.param].shape[ax]
+                else:
+                    delta_flops += flops
+            if not work:
+                return total
+            if delta_flops <= _DELTA_FRACTION * full_flops:
+                for i, changed in work:
+                    self._apply_delta(total, terms[i], used[i], cur[i], changed, n)
+                self.delta_updates += 1
+                self._cost[group] = (total, cur, updates + 1)
+                return total
+        total = None
+        for i, term in enumerate(terms):
+            c = self._term_cost(term, cur[i], n)
             total = c if total is None else total.add_(c)
+        assert total is not None
+        self.full_builds += 1
+        self._cost[group] = (total, cur, 0)
         return total
 
+    def _apply_delta(
+        self,
+        total: Tensor,
+        term: _Term,
+        old: Mapping[int, Tensor | None],
+        new: Mapping[int, Tensor | None],
+        changed: Mapping[int, Tensor],
+        n: int,
+    ) -> None:
+        ref = term.ref
+        if len(changed) == 1:
+            (ax, pos), = changed.items()
+            base = {a: i for a, i in new.items() if a != ax}
+            b_base = self._permuted_b(ref.param, base)
+            old_idx = pos if old[ax] is None else old[ax][pos]
+            new_idx = pos if new[ax] is None else new[ax][pos]
+            a_sel = _axis_first(self.a[ref.param].index_select(ax, pos), ref, n)
+            diff = _axis_first(b_base.index_select(ax, new_idx), ref, n) - _axis_first(
+                b_base.index_select(ax, old_idx), ref, n
+            )
+            total.addmm_(a_sel, diff.T)
+            return
+        diff = _axis_first(self._permuted_b(ref.param, new), ref, n) - _axis_first(
+            self._permuted_b(ref.param, old), ref, n
+        )
+        total.addmm_(term.a_mat, diff.T)
+
     def objective(self, perm: Permutation) -> float:
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        """J(perm) in float64; per-key inner products are cached by group versions."""
+        total = 0.0
         for k in self.cost_keys:
-            axes = sorted(self.refs_by_param.get(k, {}))
-            b = self.permuted_b(k, axes, perm) if axes else self.b[k]
-            total += torch.vdot(self.a[k].reshape(-1), b.reshape(-1)).to(torch.float64)
-        return float(total)
+            groups = self._groups_of.get(k, [])
+            key = tuple(self.version[g] for g in groups)
+            hit = self._dot.get(k)
+            if hit is None or hit[0] != key:
+                axes = self.refs_by_param.get(k, {})
+                b = self._permuted_b(k, {ax: self.axis_index(k, ax, perm) for ax in sorted(axes)})
+                value = float(torch.vdot(self.a[k].reshape(-1), b.reshape(-1)).to(torch.float64))
+                hit = (key, value)
+                self._dot[k] = hit
+            total += hit[1]
+        return total
+
+
+_REFRESH_EVERY = 16  # full rebuild of a group's cost after this many incremental updates
+_DELTA_FRACTION = 0.6  # incremental update when it needs < this share of a full rebuild
+
+
+def _changed_positions(old: Tensor | None, new: Tensor | None, t: Tensor, axis: int) -> Tensor:
+    """Positions along ``axis`` where two full-length indices (None: identity) differ."""
+    if old is None and new is None:
+        return torch.empty(0, dtype=torch.long, device=t.device)
+    if old is new:
+        return torch.empty(0, dtype=torch.long, device=t.device)
+    ar = None
+    if old is None or new is None:
+        ar = torch.arange(t.shape[axis], device=t.device)
+    o = ar if old is None else old
+    w = ar if new is None else new
+    return torch.nonzero(o != w).view(-1)
 
 
 def _is_identity(p: Tensor) -> bool:
