@@ -9,6 +9,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 from torch import nn
 
@@ -225,6 +227,30 @@ def test_matches_float64_scipy_reference_on_random_nets(kind, seed):
         assert res.perm[g].tolist() == list(ref[g]), g
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    h=st.integers(1, 4),
+    d=st.integers(1, 3),
+    n_groups=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_head_assignment_is_optimal_property(h, d, n_groups, seed):
+    from pymerge.align.activation_matching import _solve_heads, _Solver
+
+    rng = np.random.default_rng(seed)
+    corrs = {f"g{i}": rng.normal(size=(h * d, h * d)) for i in range(n_groups)}
+    got = _solve_heads({g: torch.tensor(c) for g, c in corrs.items()}, h, d, _Solver(None))
+    ref = _reference_heads(corrs, h, d)
+    total = sum(c[np.arange(h * d), got[g].numpy()].sum() for g, c in corrs.items())
+    best = sum(c[np.arange(h * d), ref[g]].sum() for g, c in corrs.items())
+    assert total == pytest.approx(best, rel=1e-12, abs=1e-12)
+    for g in corrs:  # heads kept whole and shared by the groups
+        blocks = got[g].view(h, d) // d
+        assert (blocks == blocks[:, :1]).all()
+        assert torch.equal(blocks[:, 0], got["g0"].view(h, d)[:, 0] // d)
+        assert sorted(got[g].tolist()) == list(range(h * d))
+
+
 # ----------------------------------------------------------------------------- fallback
 
 
@@ -312,10 +338,10 @@ def test_models_not_mutated_and_modes_restored():
     flags = [[m.training for m in x.modules()] for x in (model_a, model_b)]
     states = [{k: v.clone() for k, v in x.state_dict().items()} for x in (model_a, model_b)]
     activation_matching(model_a, model_b, _data((4, 3, 4, 4)), spec, max_batches=2, progress=False)
-    for x, fl, st in zip((model_a, model_b), flags, states, strict=True):
+    for x, fl, saved in zip((model_a, model_b), flags, states, strict=True):
         assert [m.training for m in x.modules()] == fl
         for k, v in x.state_dict().items():
-            assert torch.equal(v, st[k]), k  # BN running stats untouched (eval during recording)
+            assert torch.equal(v, saved[k]), k  # BN running stats untouched (eval during recording)
         assert _hooks_left(x) == 0
 
 
@@ -334,7 +360,7 @@ def test_max_batches_and_iterator_input():
     model_a, spec = _mlp(0)
     model_b, _ = _mlp(1)
     data = _data((10, 6), n_batches=4)
-    res = activation_matching(model_a, model_b, iter(data), spec, max_batches=2)
+    res = activation_matching(model_a, model_b, iter(data), spec, max_batches=2, progress=True)
     assert res.history["num_batches"] == 2
     ref = _reference_corr(model_a, model_b, spec.activation_points["h0"], data[:2])
     np.testing.assert_allclose(res.correlations["h0"].numpy(), ref, atol=1e-6)
