@@ -8,6 +8,10 @@ documented ones: float32 1e-5, float16 5e-3, bfloat16 3e-2, float64 1e-12.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -465,3 +469,19 @@ def test_requires_grad_inputs_are_detached():
     assert not acc.correlation().requires_grad
     assert xa.grad is None
     assert np.isfinite(acc.correlation().numpy()).all()
+
+
+def test_works_without_triton():
+    """The torch path never imports Triton (a machine without it still works)."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from pymerge.ops import CorrelationAccumulator\n"
+        "acc = CorrelationAccumulator(3, 2)\n"
+        "acc.update(torch.randn(9, 3), torch.randn(9, 2))\n"
+        "assert acc.last_backend == 'torch' and acc.correlation().shape == (3, 2)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYMERGE_BACKEND"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
