@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "weight_matching": "pymerge.align",
     "WeightMatchingResult": "pymerge.align",
     "activation_matching": "pymerge.align",
+    "ActivationMatchingResult": "pymerge.align",
     "ste_matching": "pymerge.align",
     "align_to_anchor": "pymerge.align",
     "merge_many": "pymerge.align",
