@@ -112,10 +112,12 @@ struct KScalar {
         return {u1, u2, j1};
     }
 
-    // Column minima over all rows (row-major pass): colmin(j), colarg(j) = lowest
-    // row attaining it.  Returns true when an invalid entry was seen.
+    // Column minima over all rows (row-major pass) of c'(i, j) - rowoff(i)
+    // (rowoff may be null: 0): colmin(j), colarg(j) = lowest row attaining it.
+    // Returns true when an invalid entry was seen.
     template <class T, bool MAX>
-    static bool colreduce(const T* c, int n, int m, double* colmin, int32_t* colarg) {
+    static bool colreduce(const T* c, int n, int m, const double* rowoff, double* colmin,
+                          int32_t* colarg) {
         for (int j = 0; j < m; ++j) {
             colmin[j] = kInf;
             colarg[j] = 0;
@@ -123,11 +125,13 @@ struct KScalar {
         bool b = false;
         for (int i = 0; i < n; ++i) {
             const T* row = c + static_cast<int64_t>(i) * m;
+            const double off = rowoff ? rowoff[i] : 0.0;
             for (int j = 0; j < m; ++j) {
                 double cc = widen<MAX>(row[j]);
                 b |= !(cc >= -kMaxFinite);
-                if (cc < colmin[j]) {
-                    colmin[j] = cc;
+                double x = cc - off;
+                if (x < colmin[j]) {
+                    colmin[j] = x;
                     colarg[j] = i;
                 }
             }
@@ -303,7 +307,8 @@ struct KAvx2 {
     }
 
     template <class T, bool MAX>
-    PYMERGE_AVX2 static bool colreduce(const T* c, int n, int m, double* colmin, int32_t* colarg) {
+    PYMERGE_AVX2 static bool colreduce(const T* c, int n, int m, const double* rowoff, double* colmin,
+                          int32_t* colarg) {
         for (int j = 0; j < m; ++j) {
             colmin[j] = kInf;
             colarg[j] = 0;
@@ -315,10 +320,13 @@ struct KAvx2 {
         for (int i = 0; i < n; ++i) {
             const T* row = c + static_cast<int64_t>(i) * m;
             const __m128i vrow = _mm_set1_epi32(i);
+            const double off = rowoff ? rowoff[i] : 0.0;
+            const __m256d voff = _mm256_set1_pd(off);
             int j = 0;
             for (; j + 4 <= m; j += 4) {
                 __m256d cc = avx2_sign<MAX>(avx2_load4(row + j));
                 vb = _mm256_or_pd(vb, _mm256_cmp_pd(cc, lim, _CMP_NGE_UQ));
+                cc = _mm256_sub_pd(cc, voff);
                 __m256d cm = _mm256_loadu_pd(colmin + j);
                 __m256d lt = _mm256_cmp_pd(cc, cm, _CMP_LT_OQ);
                 _mm256_storeu_pd(colmin + j, _mm256_blendv_pd(cm, cc, lt));
@@ -329,8 +337,9 @@ struct KAvx2 {
             for (; j < m; ++j) {
                 double cc = widen<MAX>(row[j]);
                 b |= !(cc >= -kMaxFinite);
-                if (cc < colmin[j]) {
-                    colmin[j] = cc;
+                double x = cc - off;
+                if (x < colmin[j]) {
+                    colmin[j] = x;
                     colarg[j] = i;
                 }
             }
@@ -576,8 +585,8 @@ struct KAvx512 {
     }
 
     template <class T, bool MAX>
-    PYMERGE_AVX512 static bool colreduce(const T* c, int n, int m, double* colmin,
-                                         int32_t* colarg) {
+    PYMERGE_AVX512 static bool colreduce(const T* c, int n, int m, const double* rowoff,
+                                         double* colmin, int32_t* colarg) {
         for (int j = 0; j < m; ++j) {
             colmin[j] = kInf;
             colarg[j] = 0;
@@ -587,12 +596,14 @@ struct KAvx512 {
         for (int i = 0; i < n; ++i) {
             const T* row = c + static_cast<int64_t>(i) * m;
             const __m256i vrow = _mm256_set1_epi32(i);
+            const __m512d voff = _mm512_set1_pd(rowoff ? rowoff[i] : 0.0);
             for (int j = 0; j < m; j += 8) {
                 __mmask8 t = (m - j >= 8) ? static_cast<__mmask8>(0xFF)
                                           : static_cast<__mmask8>((1u << (m - j)) - 1u);
                 __m512d cc = avx512_sign<MAX>(t == 0xFF ? avx512_load8(row + j)
                                                         : avx512_load8z(row + j, t));
                 kb |= _mm512_mask_cmp_pd_mask(t, cc, lim, _CMP_NGE_UQ);
+                cc = _mm512_sub_pd(cc, voff);
                 __m512d cm = _mm512_maskz_loadu_pd(t, colmin + j);
                 __mmask8 lt = _mm512_mask_cmp_pd_mask(t, cc, cm, _CMP_LT_OQ);
                 _mm512_mask_storeu_pd(colmin + j, lt, cc);

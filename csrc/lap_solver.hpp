@@ -109,7 +109,7 @@ class Solver {
         if (n_ == m_ && init_v == nullptr) {
             s = column_reduction(nfree);
         } else {
-            if (n_ == m_) {
+            if (n_ == m_ && init_v != nullptr) {
                 warm_ = true;
                 std::copy(init_v, init_v + m_, v_);
             } else {
@@ -153,7 +153,7 @@ class Solver {
     // a constant matrix starts from column 0 -> row 0).  Rows matched exactly
     // once get the reduction transfer; unmatched rows are free.
     Status column_reduction(int& nfree) {
-        bool bad = K::template colreduce<T, MAX>(c_, n_, m_, d_, pred_);
+        bool bad = K::template colreduce<T, MAX>(c_, n_, m_, nullptr, d_, pred_);
         if (bad) return kBad;
         for (int j = 0; j < m_; ++j)
             if (!(d_[j] < kInf)) return kInfeasible;  // a column with no allowed row
@@ -333,6 +333,7 @@ class Solver {
     const T* c_;
     int n_, m_;
     bool warm_ = false;
+
     double *v_, *d_, *rv_, *rd_;
     int32_t *pred_, *y_, *x_, *fr_, *rcol_, *cnt_;
 };
