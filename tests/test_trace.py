@@ -526,3 +526,111 @@ def test_random_cnn_traced_equals_builder(widths, norm, pool, hidden, seed) -> N
     traced = spec_from_model(model, x)
     assert _canon(traced) == _canon(model.spec())
     _same_function(model, traced, x, seed=seed)
+
+
+# --------------------------------------------------------------- hand-written attention
+class NanoAttention(nn.Module):
+    """nanoGPT-style causal self-attention: fused qkv Linear, split, view into heads,
+    transpose, then either explicit matmul/softmax or scaled_dot_product_attention."""
+
+    def __init__(self, d: int, n_heads: int, sdpa: bool) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.n_heads, self.d, self.sdpa = n_heads, d, sdpa
+        self.register_buffer("tril", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.d, dim=2)
+        k = k.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
+        q = q.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
+        v = v.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / k.size(-1) ** 0.5)
+            att = att.masked_fill(self.tril[:, :, :t, :t] == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(d, 6 * d)
+        self.w3 = nn.Linear(3 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.w12(x).chunk(2, dim=-1)
+        return self.w3(a * F.silu(g))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, sdpa: bool, vocab: int = 20, d: int = 16, n_heads: int = 4) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(16, d)
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = NanoAttention(d, n_heads, sdpa)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = SwiGLU(d)
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return self.lm_head(self.ln_f(x))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_handwritten_attention_heads_and_swiglu(sdpa: bool) -> None:
+    torch.manual_seed(0)
+    model = NanoGPT(sdpa)
+    idx = torch.randint(0, 20, (2, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = spec_from_model(model, idx)
+    (h,) = spec.heads.values()
+    assert (h.num_heads, h.head_dim) == (4, 4)
+    qk, vo = h.groups
+    qk_refs = {(r.param, r.axis, r.start, r.stop) for r in spec.perm_to_axes[qk]}
+    assert {("attn.c_attn.weight", 0, 0, 16), ("attn.c_attn.weight", 0, 16, 32),
+            ("attn.c_attn.bias", 0, 0, 16)} <= qk_refs
+    vo_refs = {(r.param, r.axis, r.start, r.stop) for r in spec.perm_to_axes[vo]}
+    assert {("attn.c_attn.weight", 0, 32, 48), ("attn.c_proj.weight", 1, 0, None)} <= vo_refs
+    # SwiGLU halves share one permutation (a * silu(g) is elementwise)
+    glu = {(r.param, r.axis, r.start, r.stop) for r in spec.perm_to_axes["mlp.w12[0]"]}
+    assert {("mlp.w12.weight", 0, 0, 48), ("mlp.w12.weight", 0, 48, 96),
+            ("mlp.w3.weight", 1, 0, None)} <= glu
+    res = {(r.param, r.axis) for r in spec.perm_to_axes["wte"]}
+    assert {("wpe.weight", 1), ("attn.c_attn.weight", 1), ("attn.c_proj.weight", 0),
+            ("lm_head.weight", 1)} <= res
+    perm = _same_function(model, spec, idx, seed=12)
+    hp = [perm[g].view(4, 4) // 4 for g in h.groups]
+    assert torch.equal(hp[0], hp[1]) and bool((hp[0] == hp[0][:, :1]).all())
+
+
+class MixedHeads(nn.Module):
+    """Averaging over heads mixes units across heads: must freeze, not mis-permute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 8)
+        self.out = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qkv(x).view(x.shape[0], 4, 2)  # [N, heads, units]
+        return self.out(y.mean(1))
+
+
+def test_reducing_heads_freezes_group() -> None:
+    model = MixedHeads()
+    x = torch.randn(3, 4)
+    spec = spec_from_model(model, x)
+    assert "qkv" not in spec.perm_to_axes
+    _same_function(model, spec, x)

@@ -23,14 +23,20 @@ from pymerge.spec.spec import AxisRef
 __all__ = ["DEFAULT_LEAF_MODULES"]
 
 
-
-
 @dataclass(frozen=True)
 class _Piece:
+    """``n`` features of element ``elem`` at ``start + c*inner + j`` along one dimension.
+
+    ``role`` is ``"full"`` for ordinary features; a dimension split into attention heads
+    carries a ``"head"`` piece (``n`` = number of heads, ``hd`` = head size) and a ``"unit"``
+    piece (``n`` = head size, ``hd`` = number of heads) of the same element."""
+
     elem: int
     start: int
     n: int
     inner: int = 1
+    role: str = "full"
+    hd: int = 1
 
     def scaled(self, m: int) -> _Piece:
         return _Piece(self.elem, self.start * m, self.n, self.inner * m)
@@ -135,6 +141,7 @@ class _State:
         self.poisoned: dict[str, str] = {}
         self.report: list[str] = []
         self.no_cost: set[str] = set()
+        self.refined: dict[int, list[tuple[int, int, int]]] = {}
         self._name_count: dict[str, int] = {}
 
     def new(self, n: int, name: str) -> int:
@@ -170,8 +177,87 @@ class _State:
 
     def join(self, pieces: Pieces, key: str, axis: int) -> None:
         for p in pieces:
+            if p.role != "full":
+                self.freeze(p.elem, f"head-split features used by {key!r}")
+                continue
             self.refs[p.elem].append(AxisRef(key, axis, p.start, p.start + p.n * p.inner,
                                              p.inner))
+
+    def link_heads(self, a: int, b: int, num_heads: int, head_dim: int, name: str) -> None:
+        """Elements ``a`` and ``b`` must move their heads together."""
+        self.heads.append((num_heads, head_dim, [a, b], name))
+
+    def linked(self, a: int, b: int) -> bool:
+        """Whether elements ``a`` and ``b`` share a head permutation (same group or linked)."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return True
+        seen, todo = {ra}, [ra]
+        while todo:
+            r = todo.pop()
+            for _, _, els, _ in self.heads:
+                roots = {self.find(x) for x in els}
+                if r in roots:
+                    for x in roots - seen:
+                        if x == rb:
+                            return True
+                        seen.add(x)
+                        todo.append(x)
+        return False
+
+    def refine(self, e: int, sizes: list[int], reason_name: str) -> list[int] | None:
+        """Split element ``e`` (and every element unioned with it) into consecutive chunks of
+        ``sizes``; their references become segment references. Returns the chunk elements of
+        ``e`` or None (refused: the group has a head structure)."""
+        root = self.find(e)
+        if any(self.find(x) == root for _, _, els, _ in self.heads for x in els):
+            return None
+        members = [x for x in range(len(self.parent)) if self.find(x) == root]
+        chunks: dict[int, list[int]] = {}
+        if sum(sizes) != self.size[e]:
+            return None
+        for m in members:
+            new = [self.new(k, f"{self.names[m]}[{i}]") for i, k in enumerate(sizes)]
+            if m in self.frozen:
+                for x in new:
+                    self.freeze(x, self.frozen[m])
+            offs = [sum(sizes[:i]) for i in range(len(sizes))]
+            for r in self.refs[m]:
+                for x, off, k in zip(new, offs, sizes, strict=True):
+                    self.refs[x].append(AxisRef(r.param, r.axis, r.start + off * r.inner,
+                                                r.start + (off + k) * r.inner, r.inner))
+            self.refs[m] = []
+            self.refined[m] = list(zip(new, offs, sizes, strict=True))
+            chunks[m] = new
+        for m in members:
+            for a, b in zip(chunks[e], chunks[m], strict=True):
+                self.union(a, b)
+        return chunks[e]
+
+    def resolve(self, pieces: Pieces) -> Pieces:
+        """Pieces with refined (split) elements replaced by their chunks."""
+        if not self.refined or not any(p.elem in self.refined for p in pieces):
+            return pieces
+        out: list[_Piece] = []
+        stack = list(reversed(pieces))
+        while stack:
+            p = stack.pop()
+            if p.elem in self.refined and p.role == "full":
+                stack.extend(reversed([_Piece(x, p.start + off * p.inner, k, p.inner)
+                                       for x, off, k in self.refined[p.elem]]))
+            elif p.elem in self.refined:  # a split of a head-split element: cannot happen
+                self.freeze(p.elem, "split after head split")
+                out.append(p)
+            else:
+                out.append(p)
+        return tuple(out)
+
+    def resolve_val(self, v: Any) -> Any:
+        if isinstance(v, _Val) and self.refined and v.tags:
+            return _Val(v.shape, {d: self.resolve(p) for d, p in v.tags.items()}, v.params)
+        if isinstance(v, list):
+            return [self.resolve_val(x) for x in v]
+        return v
 
     def freeze_val(self, v: Any, reason: str) -> None:
         for x in _iter_vals(v):
@@ -180,6 +266,17 @@ class _State:
                     self.freeze(p.elem, reason)
             for key, _ in x.params:
                 self.poisoned.setdefault(key, reason)
+
+
+class _Info(dict):
+    """node -> value, reading through element refinements (splits) recorded in ``st``."""
+
+    def __init__(self, st: _State) -> None:
+        super().__init__()
+        self.st = st
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.st.resolve_val(dict.get(self, key, default))
 
 
 def _iter_vals(v: Any) -> Iterable[_Val]:
@@ -251,11 +348,14 @@ def _flat_node_vals(args: Any, info: Mapping[fx.Node, Any]) -> list[Any]:
 def _unsupported(node: fx.Node, info: Mapping[fx.Node, Any], st: _State, why: str) -> None:
     vals = [v for v in _iter_vals(_flat_node_vals((node.args, node.kwargs), info))]
     if any(v.active() for v in vals):
-        target = node.target if isinstance(node.target, str) else getattr(
-            node.target, "__name__", str(node.target))
-        msg = f"unsupported op {node.name} ({node.op} {target}): {why}"
-        st.report.append(msg)
+        _report(node, st, why)
         st.freeze_val(vals, f"flows into {node.name}")
+
+
+def _report(node: fx.Node, st: _State, why: str) -> None:
+    target = node.target if isinstance(node.target, str) else getattr(
+        node.target, "__name__", str(node.target))
+    st.report.append(f"unsupported op {node.name} ({node.op} {target}): {why}")
 
 
 def _out_val(shape: Any) -> _Val | None:
@@ -265,7 +365,8 @@ def _out_val(shape: Any) -> _Val | None:
 def _broadcast(node: fx.Node, vals: list[Any], st: _State, shape: Any) -> _Val | None:
     """Elementwise op with broadcasting over ``vals`` (None = scalar/constant)."""
     if not isinstance(shape, tuple):
-        _unsupported(node, {}, st, "no tensor output")
+        if any(isinstance(v, _Val) and v.active() for v in vals):
+            _report(node, st, "no tensor output")
         for v in vals:
             if isinstance(v, _Val):
                 st.freeze_val(v, f"flows into {node.name}")
@@ -319,11 +420,14 @@ def _unify(tagged: list[Pieces], st: _State, node: fx.Node) -> Pieces:
     first = tagged[0]
     for other in tagged[1:]:
         same = len(other) == len(first) and all(
-            (a.start, a.n, a.inner) == (b.start, b.n, b.inner) for a, b in zip(first, other,
-                                                                             strict=True))
+            (a.start, a.n, a.inner, a.role, a.hd) == (b.start, b.n, b.inner, b.role, b.hd)
+            for a, b in zip(first, other, strict=True))
         if same:
             for a, b in zip(first, other, strict=True):
-                st.union(a.elem, b.elem)
+                if a.role == "head":  # same head permutation, own units
+                    st.link_heads(a.elem, b.elem, a.n, a.hd, "")
+                else:
+                    st.union(a.elem, b.elem)
         else:
             for p in (*first, *other):
                 st.freeze(p.elem, f"incompatible feature layouts meet in {node.name}")
@@ -394,7 +498,7 @@ def _module_rule(node: fx.Node, mod: nn.Module, info: dict, st: _State, shape: A
         if mod.groups != 1 and not depthwise:
             if ch in x.tags:
                 st.freeze_val(_Val(x.shape, {ch: x.tags[ch]}), f"grouped conv {name}")
-                _unsupported(node, {}, st, "grouped convolution")
+                _report(node, st, "grouped convolution")
             return out
         if depthwise:
             if ch in x.tags:
@@ -592,6 +696,12 @@ def _function_rule(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         return _permute(node, x, st, shape)
     if t in (torch.cat, torch.concat, torch.stack):
         return _cat(node, info, st, shape)
+    if t in (torch.matmul, operator.matmul, torch.bmm) or (is_m and t in ("matmul", "bmm")):
+        return _matmul(node, x, vals[1] if len(vals) > 1 else None, st, shape)
+    if t is F.scaled_dot_product_attention:
+        return _sdpa(node, info, st, shape)
+    if t in (torch.split, torch.chunk) or (is_m and t in ("split", "chunk")):
+        return _split(node, x, st, shape)
     if not is_m and t is F.pad and isinstance(shape, tuple):
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
         k = len(pad) // 2 if isinstance(pad, (list, tuple)) else x.ndim
@@ -632,7 +742,7 @@ def _reduce(node: fx.Node, x: _Val, st: _State, shape: Any) -> Any:
     if node.target in ("norm", torch.norm):
         dims = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
     if dims is not None and not isinstance(dims, (int, list, tuple)):
-        _unsupported(node, {}, st, "reduction with non-constant dims")
+        _report(node, st, "reduction with non-constant dims")
         st.freeze_val(x, f"reduced in {node.name}")
         return _out_val(shape)
     red = set(range(x.ndim)) if dims is None else set(_dims_arg(dims, x.ndim) or [])
@@ -640,6 +750,8 @@ def _reduce(node: fx.Node, x: _Val, st: _State, shape: Any) -> Any:
     out = _Val(shape)
     for d, p in x.tags.items():
         if d in red:
+            if any(q.role == "head" for q in p):  # units would mix across heads
+                st.freeze_val(_Val(x.shape, {d: p}), f"heads reduced in {node.name}")
             continue  # symmetric reduction over features: invariant
         nd = d if keep else d - sum(1 for r in red if r < d)
         out.tags[nd] = p
@@ -661,7 +773,7 @@ def _getitem(node: fx.Node, x: Any, idx: Any, st: _State, shape: Any) -> Any:
         return _out_val(shape) if isinstance(shape, tuple) else None
     if not isinstance(shape, tuple):
         if x.active():
-            _unsupported(node, {}, st, "indexing to a non-tensor")
+            _report(node, st, "indexing to a non-tensor")
         return None
     items = idx if isinstance(idx, tuple) else (idx,)
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
@@ -694,13 +806,13 @@ def _getitem(node: fx.Node, x: Any, idx: Any, st: _State, shape: Any) -> Any:
             d_in += 1
         else:  # advanced indexing
             if x.active():
-                _unsupported(node, {}, st, "advanced indexing")
+                _report(node, st, "advanced indexing")
             return _out_val(shape)
     out = _Val(shape)
     for d, p in x.tags.items():
         if d in sliced or mapping.get(d) is None:
             st.freeze_val(_Val(x.shape, {d: p}), f"indexed in {node.name}")
-            _unsupported(node, {}, st, "indexing along a feature axis")
+            _report(node, st, "indexing along a feature axis")
         else:
             out.tags[mapping[d]] = p
     for key, mp in x.params:
@@ -718,8 +830,18 @@ def _reshape(node: fx.Node, x: Any, st: _State, shape: Any) -> Any:
     ins = x.shape
     out = _Val(shape)
     prefix_out = [_prod(shape[:j]) for j in range(len(shape))]
-    for d, pieces in x.tags.items():
+    done: set[int] = set()
+    for d, pieces in sorted(x.tags.items()):
+        if d in done:
+            continue
         p_in = _prod(ins[:d])
+        if any(p.role != "full" for p in pieces):
+            if not _merge_heads(x, d, pieces, shape, prefix_out, p_in, out, st):
+                st.freeze_val(_Val(ins, {d: pieces}), f"head-split features reshaped in "
+                                                      f"{node.name}")
+                _report(node, st, "reshape of attention heads")
+            done.add(d + 1)
+            continue
         s_k = ins[d]
         rest = _prod(ins[d + 1:])
         cands = [j for j in range(len(shape)) if prefix_out[j] == p_in and shape[j] != 1]
@@ -741,9 +863,9 @@ def _reshape(node: fx.Node, x: Any, st: _State, shape: Any) -> Any:
             out.tags[j] = new
             ok = True
             break
-        if not ok:
+        if not ok and not _split_heads(pieces, s_k, shape, prefix_out, p_in, out, st):
             st.freeze_val(_Val(ins, {d: pieces}), f"reshaped in {node.name}")
-            _unsupported(node, {}, st, "reshape that splits or interleaves a feature axis")
+            _report(node, st, "reshape that splits or interleaves a feature axis")
     for key, mp in x.params:
         nm: dict[int, int | None] = {}
         for d, ax in mp.items():
@@ -754,6 +876,164 @@ def _reshape(node: fx.Node, x: Any, st: _State, shape: Any) -> Any:
                     break
         out.params.append((key, nm))
     return out
+
+
+def _batch_dims(node: fx.Node, xs: list[_Val], out_nd: int, st: _State,
+                out: _Val) -> None:
+    """Unify the leading (batch) dims of ``xs`` (all but their last two) into ``out``."""
+    for d in range(out_nd - 2):
+        tagged, plain = [], False
+        for v in xs:
+            dd = d - (out_nd - v.ndim)
+            if dd < 0 or dd >= v.ndim - 2:
+                continue
+            if dd in v.tags:
+                tagged.append(v.tags[dd])
+            elif v.shape[dd] != 1:
+                plain = True
+        if tagged:
+            pieces = _unify(tagged, st, node)
+            if plain:
+                st.freeze_val(_Val((), {0: pieces}), f"meets an unpermuted tensor in {node.name}")
+            out.tags[d] = pieces
+
+
+def _contract(node: fx.Node, a: Pieces | None, b: Pieces | None, st: _State) -> None:
+    """A summed-over dim: invariant when both sides carry the same group."""
+    if a is None and b is None:
+        return
+    if a is None or b is None or any(p.role == "head" for p in (*a, *b)):
+        for p in (*(a or ()), *(b or ())):
+            st.freeze(p.elem, f"contracted with unpermuted features in {node.name}")
+        return
+    _unify([a, b], st, node)
+
+
+def _matmul(node: fx.Node, a: Any, b: Any, st: _State, shape: Any) -> Any:
+    """``[..., m, k] @ [..., k, n]``: k contracted, m and n carried, batch dims unified."""
+    if not isinstance(shape, tuple) or not isinstance(a, _Val) or not isinstance(b, _Val) \
+            or a.ndim < 2 or b.ndim < 2 or a.params or b.params:
+        if any(isinstance(v, _Val) and v.active() for v in (a, b)):
+            _report(node, st, "matmul on features")
+        for v in (a, b):
+            if isinstance(v, _Val):
+                st.freeze_val(v, f"flows into {node.name}")
+        return _out_val(shape)
+    out = _Val(shape)
+    nd = len(shape)
+    _batch_dims(node, [a, b], nd, st, out)
+    _contract(node, a.tags.get(a.ndim - 1), b.tags.get(b.ndim - 2), st)
+    if a.ndim - 2 in a.tags:
+        out.tags[nd - 2] = a.tags[a.ndim - 2]
+    if b.ndim - 1 in b.tags:
+        out.tags[nd - 1] = b.tags[b.ndim - 1]
+    return out
+
+
+def _sdpa(node: fx.Node, info: Mapping[fx.Node, Any], st: _State, shape: Any) -> Any:
+    """``scaled_dot_product_attention(q, k, v, attn_mask, ...)``: q/k contracted over their
+    last dim, k/v over positions, heads (batch dims) unified, v's last dim carried."""
+    names = ["query", "key", "value", "attn_mask"]
+    args = dict(zip(names, node.args, strict=False))
+    args.update(node.kwargs)
+    q, k, v = (_arg_val(args.get(n), info) for n in names[:3])
+    mask = _arg_val(args.get("attn_mask"), info)
+    if isinstance(mask, _Val) and mask.active():
+        st.freeze_val(mask, f"attention mask in {node.name}")
+    if not all(isinstance(x, _Val) and x.ndim >= 2 and not x.params for x in (q, k, v)) or \
+            not isinstance(shape, tuple):
+        _unsupported(node, info, st, "attention on unexpected inputs")
+        return _out_val(shape)
+    out = _Val(shape)
+    nd = len(shape)
+    _batch_dims(node, [q, k, v], nd, st, out)
+    _contract(node, q.tags.get(q.ndim - 1), k.tags.get(k.ndim - 1), st)
+    _contract(node, k.tags.get(k.ndim - 2), v.tags.get(v.ndim - 2), st)
+    if q.ndim - 2 in q.tags:
+        out.tags[nd - 2] = q.tags[q.ndim - 2]
+    if v.ndim - 1 in v.tags:
+        out.tags[nd - 1] = v.tags[v.ndim - 1]
+    return out
+
+
+def _split(node: fx.Node, x: _Val, st: _State, shape: Any) -> Any:
+    """``split`` / ``chunk``: along a feature dim the element is refined into chunks."""
+    if not isinstance(shape, list) or not all(isinstance(s, tuple) for s in shape):
+        if x.active():
+            _report(node, st, "split into non-tensors")
+        st.freeze_val(x, f"split in {node.name}")
+        return None
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if not isinstance(dim, int):
+        if x.active():
+            _report(node, st, "split along a non-constant dim")
+        st.freeze_val(x, f"split in {node.name}")
+        return [_Val(s) for s in shape]
+    dim %= x.ndim
+    sizes = [s[dim] for s in shape]
+    outs = [_Val(s, {d: p for d, p in x.tags.items() if d != dim}) for s in shape]
+    for key, _ in x.params:
+        st.poisoned.setdefault(key, f"split in {node.name}")
+    pieces = x.tags.get(dim)
+    if pieces is None or len(sizes) == 1:
+        if pieces is not None:
+            outs[0].tags[dim] = pieces
+        return outs
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    p0 = pieces[0]
+    if len(pieces) == 1 and p0.role == "full" and p0.start == 0 and p0.inner == 1 and \
+            p0.n == x.shape[dim]:
+        chunks = st.refine(p0.elem, sizes, node.name)
+        if chunks is not None:
+            for o, c, k in zip(outs, chunks, sizes, strict=True):
+                o.tags[dim] = (_Piece(c, 0, k),)
+            return outs
+    # pieces that each fall inside one chunk are distributed; anything else freezes
+    for p in pieces:
+        lo, hi = p.start, p.start + p.n * p.inner
+        for o, off, k in zip(outs, offs, sizes, strict=True):
+            if off <= lo and hi <= off + k and p.role == "full":
+                o.tags[dim] = (*o.tags.get(dim, ()), p.shifted(-off))
+                break
+        else:
+            st.freeze(p.elem, f"split across features in {node.name}")
+    return outs
+
+
+def _split_heads(pieces: Pieces, s_k: int, shape: tuple[int, ...], prefix_out: list[int],
+                 p_in: int, out: _Val, st: _State) -> bool:
+    """``[..., E] -> [..., H, D]`` on one whole element: a head piece and a unit piece."""
+    if len(pieces) != 1 or pieces[0].start or pieces[0].inner != 1 or pieces[0].n != s_k:
+        return False
+    e = pieces[0].elem
+    for j in range(len(shape) - 1):
+        h, dh = shape[j], shape[j + 1]
+        if prefix_out[j] == p_in and h * dh == s_k and h > 1 and dh > 1:
+            if j in out.tags or j + 1 in out.tags:
+                return False
+            out.tags[j] = (_Piece(e, 0, h, 1, "head", dh),)
+            out.tags[j + 1] = (_Piece(e, 0, dh, 1, "unit", h),)
+            st.heads.append((h, dh, [e], ""))
+            return True
+    return False
+
+
+def _merge_heads(x: _Val, d: int, pieces: Pieces, shape: tuple[int, ...],
+                 prefix_out: list[int], p_in: int, out: _Val, st: _State) -> bool:
+    """``[..., H, D] -> [..., E]``: a head piece followed by a unit piece of a linked element."""
+    nxt = x.tags.get(d + 1)
+    if len(pieces) != 1 or nxt is None or len(nxt) != 1:
+        return False
+    hp, up = pieces[0], nxt[0]
+    if hp.role != "head" or up.role != "unit" or (hp.n, hp.hd) != (up.hd, up.n):
+        return False
+    if not st.linked(hp.elem, up.elem):
+        return False
+    for j in range(len(shape)):
+        if prefix_out[j] == p_in and shape[j] == hp.n * up.n and j not in out.tags:
+            out.tags[j] = (_Piece(up.elem, 0, hp.n * up.n),)
+            return True
+    return False
 
 
 def _permute(node: fx.Node, x: Any, st: _State, shape: Any) -> Any:
@@ -813,7 +1093,11 @@ def _cat(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         cat_pieces: list[_Piece] = []
         for v in vals:
             if dim in v.tags:
-                cat_pieces.extend(p.shifted(off) for p in v.tags[dim])
+                if any(p.role != "full" for p in v.tags[dim]):
+                    st.freeze_val(_Val(v.shape, {dim: v.tags[dim]}), f"heads concatenated in "
+                                                                    f"{node.name}")
+                else:
+                    cat_pieces.extend(p.shifted(off) for p in v.tags[dim])
             off += v.shape[dim]
         if cat_pieces:
             out.tags[dim] = tuple(cat_pieces)

@@ -34,6 +34,7 @@ from pymerge.spec._trace_rules import (
     _ACT_MODULES,
     _NORM_CH,
     DEFAULT_LEAF_MODULES,
+    _Info,
     _process,
     _State,
     _Val,
@@ -98,7 +99,7 @@ def spec_from_model(
         gm = _trace_and_propagate(m, example_inputs, leaf_modules, type(model).__name__)
     st = _State()
     modules = dict(gm.named_modules())
-    info: dict[fx.Node, Any] = {}
+    info = _Info(st)
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -190,7 +191,7 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
                         for r in rs | rs2:
                             frozen_roots.setdefault(r, f"conflicting head structures {nm!r} "
                                                        f"and {nm2!r}")
-                    merged[i] = (h2, d2, rs | rs2, nm2)
+                    merged[i] = (h2, d2, rs | rs2, nm2 or nm)
                     changed = True
                     break
             else:
@@ -232,8 +233,9 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
     heads = {}
     for h, d, rs, nm in structs:
         if all(r not in frozen_roots for r in rs):
-            heads[nm if nm not in heads else f"{nm}@{len(heads)}"] = HeadStructure(
-                h, d, tuple(sorted(names[r] for r in rs)))
+            groups = tuple(sorted(names[r] for r in rs))
+            nm = nm or f"{groups[0]}.heads"
+            heads[nm if nm not in heads else f"{nm}@{len(heads)}"] = HeadStructure(h, d, groups)
     covered = {ref.param for refs in p2a.values() for ref in refs}
     free = {k for k in state if k not in covered}
     report = list(st.report)
@@ -273,7 +275,7 @@ def _activation_points(gm: fx.GraphModule, info: dict, st: _State, modules: dict
             continue
         (d, pieces), = v.tags.items()
         if len(pieces) != 1 or pieces[0].inner != 1 or pieces[0].start != 0 or \
-                pieces[0].n != v.shape[d]:
+                pieces[0].n != v.shape[d] or pieces[0].role != "full":
             continue
         r = st.find(pieces[0].elem)
         if r in frozen:
