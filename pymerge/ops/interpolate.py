@@ -27,6 +27,7 @@ Rules shared by both functions:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 import weakref
@@ -226,6 +227,11 @@ def _device_floats(values: Sequence[float], device: torch.device) -> torch.Tenso
     return hit
 
 
+def _on(device: torch.device):
+    """Launch context: Triton launches on the current CUDA device, so make it ``device``."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (copy only when it is not)."""
     if not t.is_contiguous():
@@ -293,7 +299,8 @@ def _interp_triton(
     offsets, total = _flat_layout(numels, out_dtype)
     out = _empty((total,), out_dtype, device)
     wt = _device_floats(w, device)
-    kern.weighted_sum_(rows, wt, out, offsets)
+    with _on(device):
+        kern.weighted_sum_(rows, wt, out, offsets)
     return [out[o : o + n].view(r[0].shape) for o, n, r in zip(offsets, numels, rows, strict=True)]
 
 
@@ -512,7 +519,8 @@ def _perm_triton(
     M = len(alphas)
     out = _empty((M, total), out_dtype, device)
     at = _device_floats(alphas, device)
-    kern.permuted_lerp_(a_list, b_list, maps, at, out, offsets)
+    with _on(device):
+        kern.permuted_lerp_(a_list, b_list, maps, at, out, offsets)
     return [
         [out[m, o : o + n].view(a.shape) for o, n, a in zip(offsets, numels, a_list, strict=True)]
         for m in range(M)
