@@ -13,6 +13,11 @@ networks are fine.
   dimension; parameters (``get_attr``, e.g. positional embeddings) join the group they meet.
 - ``flatten`` / ``view`` / ``reshape`` keep groups with an ``inner`` block size; ``cat`` on
   the feature axis gives segments; ``permute`` / ``transpose`` move them.
+- Hand-written attention: ``split`` / ``chunk`` of a feature axis splits its group into
+  segment groups; ``view(..., H, D)`` of a whole group gives head-structured features
+  (:class:`HeadStructure`); ``matmul`` / ``scaled_dot_product_attention`` couple q with k
+  (contracted) and the heads of q/k with v; viewing heads back to ``[..., H*D]`` rejoins them.
+  SwiGLU-style ``a * silu(g)`` after a ``chunk`` ties both halves.
 - Groups reaching the model output, meeting an unpermuted tensor, or entering an op the
   tracer does not understand are frozen; the op is reported by node name (a warning and
   ``spec.report``).
