@@ -241,6 +241,44 @@ class _Plan:
             return term.a_mat * b_mat.view(1, n)  # outer product of vectors
         return term.a_mat @ b_mat.T
 
+    def _term_groups(self, term: _Term) -> set[str]:
+        return {r.group for ax in term.other_axes for r in self.refs_by_param[term.ref.param][ax]}
+
+    def greedy_order(self) -> list[int]:
+        """Unit order of the greedy first sweep: repeatedly the unit whose cost is most
+        determined, i.e. with the most A-side entries in terms whose other permuted axes
+        belong to groups already visited (ties: by name)."""
+        members = {
+            i: ([u[1]] if u[0] == "group" else list(self.heads[u[1]].groups))
+            for i, u in enumerate(self.units)
+        }
+        deps = {
+            i: [(float(t.a_mat.numel()), self._term_groups(t)) for g in gs for t in self.terms[g]]
+            for i, gs in members.items()
+        }
+        known: set[str] = set()
+        left = list(range(len(self.units)))
+        order: list[int] = []
+        while left:
+            best = max(left, key=lambda i: (sum(w for w, d in deps[i] if d <= known), -i))
+            order.append(best)
+            left.remove(best)
+            known.update(members[best])
+        return order
+
+    def partial_cost(self, group: str, perm: Permutation, known: set[str]) -> Tensor | None:
+        """Cost of ``group`` from only the terms whose other permuted axes belong to groups
+        in ``known`` (used by the greedy first sweep; not cached)."""
+        n = self.sizes[group]
+        total: Tensor | None = None
+        for term in self.terms[group]:
+            if not self._term_groups(term) <= known:
+                continue
+            idx = {ax: self.axis_index(term.ref.param, ax, perm) for ax in term.other_axes}
+            c = self._term_cost(term, idx, n)
+            total = c if total is None else total.add_(c)
+        return total
+
     def cost(self, group: str, perm: Permutation) -> Tensor | None:
         """Cost matrix [n, n] of ``group`` given the other groups' permutations.
 
@@ -467,6 +505,7 @@ def weight_matching(
     *,
     tol: float = 1e-12,
     dtype: torch.dtype = torch.float64,
+    greedy: bool = True,
 ) -> WeightMatchingResult:
     """Git Re-Basin weight matching (Ainsworth et al. 2022, Alg. 1) by coordinate descent.
 
@@ -485,6 +524,14 @@ def weight_matching(
             ``tol * max(1, |old score|)``; the loop stops after a sweep with no improvement.
             An assignment that does not improve keeps the old permutation.
         dtype: dtype of costs and scores (float64 default).
+        greedy: when starting from the identity (no ``init``), make the first sweep a greedy
+            initialisation: groups are visited most-determined-first (the group with the most
+            weight entries whose other permuted axes are already fixed goes next, ties by
+            name) and each cost uses only the terms whose other axes are fixed, so no
+            assignment is driven by the still-arbitrary identity of unvisited neighbours. On
+            an MLP this is a forward layer-by-layer pass. It is kept only if it beats the
+            identity's objective; the seeded random-order sweeps of the paper follow.
+            ``greedy=False`` runs the paper's algorithm exactly.
 
     Returns:
         :class:`WeightMatchingResult` with ``perm`` (group -> LongTensor [n] on CPU), the
@@ -501,6 +548,7 @@ def weight_matching(
         duals = dict(init._duals)
         init = init.perm
     perm = _check_perm(init or {}, plan)
+    start_identity = not init
     history = MatchingHistory()
     history.initial_objective = plan.objective(perm)
     history.setup_seconds = time.perf_counter() - t0
@@ -513,27 +561,40 @@ def weight_matching(
         bar = tqdm(total=max_iter, desc="weight matching", unit="sweep")
     converged = False
     try:
-        for _ in range(max_iter):
+        for it in range(max_iter):
             t_it = time.perf_counter()
             solves = 0
             improved = 0
             order = torch.randperm(len(plan.units), generator=gen).tolist()
+            known: set[str] | None = None
+            if it == 0 and greedy and start_identity:
+                known = set()
+                order = plan.greedy_order()
             for u in order:
                 kind, name = plan.units[u]
                 if kind == "group":
-                    ok, s = _step_group(plan, name, perm, duals, backend, tol)
+                    ok, s = _step_group(plan, name, perm, duals, backend, tol, known)
                 else:
-                    ok, s = _step_heads(plan, name, perm, backend, tol)
+                    ok, s = _step_heads(plan, name, perm, backend, tol, known)
                 solves += s
                 improved += int(ok)
-            history.objective.append(plan.objective(perm))
+            objective = plan.objective(perm)
+            if known is not None and objective < history.initial_objective:
+                # the greedy sweep ignores couplings; never let it lose against identity
+                for g in plan.groups:
+                    if not _is_identity(perm[g]):
+                        perm[g] = torch.arange(plan.sizes[g])
+                        plan.invalidate(g)
+                objective = plan.objective(perm)
+                improved = 0
+            history.objective.append(objective)
             history.solves.append(solves)
             history.improved.append(improved)
             history.seconds.append(time.perf_counter() - t_it)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(objective=f"{history.objective[-1]:.6g}", improved=improved)
-            if improved == 0:
+            if improved == 0 and known is None:  # a greedy sweep is always followed by another
                 converged = True
                 break
     finally:
@@ -558,7 +619,19 @@ def _step_group(
     duals: dict[str, Any],
     backend: str | None,
     tol: float,
+    known: set[str] | None = None,
 ) -> tuple[bool, int]:
+    if known is not None:
+        cost = plan.partial_cost(g, perm, known)
+        known.add(g)
+        if cost is None:
+            return False, 0
+        new, _ = _solve(cost, None, backend)
+        changed = not torch.equal(new, perm[g])
+        if changed:
+            perm[g] = new
+            plan.invalidate(g)
+        return changed, 1
     cost = plan.cost(g, perm)
     if cost is None:
         return False, 0
@@ -574,11 +647,21 @@ def _step_group(
 
 
 def _step_heads(
-    plan: _Plan, name: str, perm: Permutation, backend: str | None, tol: float
+    plan: _Plan,
+    name: str,
+    perm: Permutation,
+    backend: str | None,
+    tol: float,
+    known: set[str] | None = None,
 ) -> tuple[bool, int]:
     hs = plan.heads[name]
     h, d = hs.num_heads, hs.head_dim
-    costs = {g: plan.cost(g, perm) for g in hs.groups}
+    if known is not None:
+        known.update(hs.groups)
+        costs = {g: plan.partial_cost(g, perm, known) for g in hs.groups}
+        tol = -float("inf")
+    else:
+        costs = {g: plan.cost(g, perm) for g in hs.groups}
     costs = {g: c for g, c in costs.items() if c is not None}
     if not costs:
         return False, 0
