@@ -698,6 +698,8 @@ def _function_rule(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         return _cat(node, info, st, shape)
     if t in (torch.matmul, operator.matmul, torch.bmm) or (is_m and t in ("matmul", "bmm")):
         return _matmul(node, x, vals[1] if len(vals) > 1 else None, st, shape)
+    if t is F.linear:
+        return _linear_fn(node, info, st, shape)
     if t is F.scaled_dot_product_attention:
         return _sdpa(node, info, st, shape)
     if t in (torch.split, torch.chunk) or (is_m and t in ("split", "chunk")):
@@ -911,6 +913,10 @@ def _contract(node: fx.Node, a: Pieces | None, b: Pieces | None, st: _State) -> 
 
 def _matmul(node: fx.Node, a: Any, b: Any, st: _State, shape: Any) -> Any:
     """``[..., m, k] @ [..., k, n]``: k contracted, m and n carried, batch dims unified."""
+    w = _weight_view(b)
+    if w is not None and isinstance(a, _Val) and not a.params and isinstance(shape, tuple):
+        key, (ax_in, ax_out) = w  # x @ W with a parameter W [k, n]: a Linear layer
+        return _param_linear(node, a, key, ax_in, ax_out, None, st, shape)
     if not isinstance(shape, tuple) or not isinstance(a, _Val) or not isinstance(b, _Val) \
             or a.ndim < 2 or b.ndim < 2 or a.params or b.params:
         if any(isinstance(v, _Val) and v.active() for v in (a, b)):
@@ -928,6 +934,54 @@ def _matmul(node: fx.Node, a: Any, b: Any, st: _State, shape: Any) -> Any:
     if b.ndim - 1 in b.tags:
         out.tags[nd - 1] = b.tags[b.ndim - 1]
     return out
+
+
+def _weight_view(v: Any) -> tuple[str, tuple[int, int]] | None:
+    """``(key, (axis of dim -2, axis of dim -1))`` when ``v`` is exactly one whole 2-D
+    parameter (possibly transposed), else None."""
+    if not isinstance(v, _Val) or v.tags or len(v.params) != 1 or v.ndim != 2:
+        return None
+    key, mp = v.params[0]
+    if mp.get(0) is None or mp.get(1) is None:
+        return None
+    return key, (mp[0], mp[1])
+
+
+def _param_linear(node: fx.Node, x: _Val, key: str, ax_in: int, ax_out: int,
+                  bias: tuple[str, int] | None, st: _State, shape: tuple[int, ...]) -> _Val:
+    """``y = x W (+ b)`` with parameters: x's last dim joins W's ``ax_in``; the output's last
+    dim is a new group on W's ``ax_out`` (and the bias)."""
+    last = x.ndim - 1
+    if last in x.tags:
+        st.join(x.tags[last], key, ax_in)
+    out = _Val(shape, {d: p for d, p in x.tags.items() if d != last})
+    n = shape[-1]
+    e = st.new(n, key.rsplit(".", 1)[0] if "." in key else key)
+    st.refs[e].append(AxisRef(key, ax_out))
+    if bias is not None:
+        st.refs[e].append(AxisRef(*bias))
+    out.tags[len(shape) - 1] = (_Piece(e, 0, n),)
+    return out
+
+
+def _linear_fn(node: fx.Node, info: Mapping[fx.Node, Any], st: _State, shape: Any) -> Any:
+    """``F.linear(x, weight, bias)`` with parameter weight/bias."""
+    names = ["input", "weight", "bias"]
+    args = dict(zip(names, node.args, strict=False))
+    args.update(node.kwargs)
+    x, w, b = (_arg_val(args.get(n), info) for n in names)
+    wv = _weight_view(w)
+    bias = None
+    if isinstance(b, _Val):
+        if len(b.params) == 1 and not b.tags and b.ndim == 1 and b.params[0][1].get(0) is not None:
+            bias = (b.params[0][0], b.params[0][1][0])
+        else:
+            wv = None
+    if wv is None or not isinstance(x, _Val) or x.params or not isinstance(shape, tuple):
+        _unsupported(node, info, st, "linear with non-parameter weights")
+        return _out_val(shape)
+    key, (ax_out, ax_in) = wv  # weight is [out, in]
+    return _param_linear(node, x, key, ax_in, ax_out, bias, st, shape)
 
 
 def _sdpa(node: fx.Node, info: Mapping[fx.Node, Any], st: _State, shape: Any) -> Any:
