@@ -485,3 +485,72 @@ def test_works_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "PYMERGE_BACKEND"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+_COMPILE_SM90 = r"""
+import os, subprocess, sys, tempfile
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import pymerge.kernels.correlation as kc
+
+fn = kc._corr_update_kernel
+names = fn.arg_names
+out = []
+for dt, sym, atomic, prec, (bm, bn, bk, warps, stages) in (
+    ("bf16", False, False, "ieee", (128, 128, 64, 8, 3)),
+    ("fp32", True, True, "tf32", (64, 64, 32, 4, 3)),
+):
+    ptr = "*" + dt
+    ints = ("N", "DA", "DB", "stride_an", "stride_bn", "stride_om", "SPLIT_K")
+    sig = {n: "*fp32" for n in names if n.endswith("_ptr")}
+    sig.update(xa_ptr=ptr, xb_ptr=ptr, **{n: "i32" for n in ints})
+    consts = dict(
+        stride_ad=1, stride_bd=1, stride_on=1,  # Triton specialises unit strides
+        DOT_DTYPE={"bf16": tl.bfloat16, "fp32": tl.float32}[dt], INPUT_PRECISION=prec,
+        CENTER_B=dt == "fp32", ACCUMULATE=True, SYMMETRIC=sym, ATOMIC=atomic, EMULATE_DOT=0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+    )
+    sig.update({n: "constexpr" for n in consts})
+    div16 = [n for n in names if n.endswith("_ptr")] + list(ints[:-1])
+    src = ASTSource(
+        fn=fn, signature={n: sig[n] for n in names},
+        constexprs={(names.index(k),): v for k, v in consts.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16},
+    )
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    ptx = k.asm["ptx"]
+    spill = "?"
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name],
+                               capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        spill = "0" if "STACK:0 " in usage else "spills"
+    out.append(f"{dt} wgmma={ptx.count('wgmma.mma_async')} stack={spill}")
+print(";".join(out))
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason=f"triton: {triton_error()}")
+def test_kernel_compiles_for_sm90():
+    """CPU twin of the GPU runs: the kernel must compile for an H100 (sm_90), bf16 through
+    the tensor cores (wgmma) without register spills; the interpreter cannot catch this."""
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception as exc:  # pragma: no cover - triton without its NVIDIA backend
+        pytest.skip(f"triton's NVIDIA backend is unavailable: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    bf16, fp32 = res.stdout.strip().splitlines()[-1].split(";")
+    assert bf16.startswith("bf16 wgmma=") and not bf16.startswith("bf16 wgmma=0 ")
+    assert "spills" not in bf16 and "spills" not in fp32
+    assert fp32.startswith("fp32 wgmma=")  # tf32 also runs on the tensor cores
+    assert not fp32.startswith("fp32 wgmma=0 ")
