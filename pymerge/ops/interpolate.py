@@ -521,10 +521,12 @@ def _perm_triton(
     at = _device_floats(alphas, device)
     with _on(device):
         kern.permuted_lerp_(a_list, b_list, maps, at, out, offsets)
-    return [
-        [out[m, o : o + n].view(a.shape) for o, n, a in zip(offsets, numels, a_list, strict=True)]
-        for m in range(M)
+    # one unbind per key (M views in one call) instead of M * T Python-level slices
+    per_key = [
+        out[:, o : o + n].view(M, *a.shape).unbind(0)
+        for o, n, a in zip(offsets, numels, a_list, strict=True)
     ]
+    return [list(col) for col in zip(*per_key, strict=True)] if per_key else [[] for _ in range(M)]
 
 
 def permuted_interpolate(
