@@ -662,3 +662,46 @@ def test_functional_linear_with_parameters() -> None:
     assert sorted(groups.values(), key=len) == [
         {("w2", 1), ("w3", 1)}, {("w1", 0), ("b1", 0), ("w2", 0)}]
     _same_function(model, spec, x, seed=13)
+
+
+class ModuleZoo(nn.Module):
+    """Conv1d/BatchNorm1d, ConvTranspose2d, InstanceNorm2d(affine), PReLU(per channel),
+    Upsample, depthwise Conv2d, Softmax over channels, Unflatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.act1 = nn.PReLU(6)
+        self.unflat = nn.Unflatten(2, (2, 4))  # [N, 6, 8] -> [N, 6, 2, 4]
+        self.up = nn.Upsample(scale_factor=2)
+        self.ct = nn.ConvTranspose2d(6, 5, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(5, affine=True)
+        self.dw = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+        self.sm = nn.Softmax(dim=1)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.bn1(self.c1(x)))
+        h = self.up(self.unflat(h))
+        h = self.sm(self.dw(self.inorm(self.ct(h))))
+        return self.fc(self.flat(self.pool(h)))
+
+
+def test_module_zoo() -> None:
+    torch.manual_seed(0)
+    model = ModuleZoo()
+    x = torch.randn(3, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = spec_from_model(model, x)
+    c1 = {(r.param, r.axis) for r in spec.perm_to_axes["c1"]}
+    assert {("c1.weight", 0), ("bn1.running_var", 0), ("act1.weight", 0),
+            ("ct.weight", 0)} <= c1
+    ct = {(r.param, r.axis) for r in spec.perm_to_axes["ct"]}
+    assert {("ct.weight", 1), ("ct.bias", 0), ("inorm.weight", 0), ("dw.weight", 0),
+            ("dw.bias", 0), ("fc.weight", 1)} <= ct
+    _same_function(model, spec, x, seed=14)
+    _same_function(copy.deepcopy(model), spec, x, train=True, seed=15)
