@@ -485,6 +485,40 @@ def test_permutation_spec_goes_through_index_map(monkeypatch):
         permuted_interpolate(a, b, 0.5, fs)
 
 
+def _spec_models():
+    from pymerge.models import CNN, TinyGPT
+
+    torch.manual_seed(0)
+    yield TinyGPT(vocab=11, d_model=8, n_heads=2, n_layers=1, max_len=5, mlp_ratio=2)
+    # flatten head: the conv -> linear axis uses `inner` blocks; BN has num_batches_tracked
+    yield CNN(in_channels=2, widths=(3, 4), image_size=4, pool="flatten", hidden=6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_index", [0, 1])
+def test_permuted_with_real_permutation_spec(backend, model_index):
+    """PermutationSpec + perm (heads, packed in_proj segments, inner blocks) through
+    pymerge.spec.permutation_index_map: alpha=1 is exactly apply_permutation(spec, perm, B)."""
+    import pymerge.spec as spec_mod
+    model = list(_spec_models())[model_index]
+    spec = model.spec()
+    a = {k: v.detach().clone().to(DEV) for k, v in model.state_dict().items()}
+    g = _gen(5)
+    b = {
+        k: (torch.randn(v.shape, generator=g).to(v.dtype).to(DEV) if v.is_floating_point() else v)
+        for k, v in a.items()
+    }
+    perm = spec_mod.random_permutation(spec, b, seed=3)
+    pb = spec_mod.apply_permutation(spec, perm, b)
+    out = permuted_interpolate(a, b, [0.0, 0.5, 1.0], spec, perm, backend=backend)
+    for k in a:
+        assert torch.equal(out[0][k], a[k]), k
+        assert torch.equal(out[2][k], pb[k] if a[k].is_floating_point() else a[k]), k
+        if a[k].is_floating_point():
+            ref = 0.5 * a[k].double() + 0.5 * pb[k].double()
+            assert torch.allclose(out[1][k].double(), ref, rtol=1e-5, atol=1e-6), k
+
+
 def test_permuted_errors():
     a, b = _state(90), _state(91)
     p5 = torch.randperm(5)
