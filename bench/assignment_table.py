@@ -108,6 +108,22 @@ def peer_solvers(c: np.ndarray, maximize: bool, n: int) -> dict[str, Callable[[]
     return out
 
 
+def interleaved_ms(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median ms of each function, timed round-robin (a load spike hits every solver)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -138,12 +154,13 @@ def single_rows(sizes, repeats: int) -> list[dict[str, object]]:
                 if kind == "uniform" and dtype == np.float32:
                     continue
                 c, mx = make_cost(kind, n, dtype)
-                reps = max(1, repeats if n <= 2048 else (repeats + 1) // 2)
-                ours = median_ms(pymerge_solver(c, mx), reps)
+                # more repeats where a solve is short: medians stay stable on a busy machine
+                reps = max(1, repeats * 3 if n <= 1024 else repeats if n <= 2048 else
+                           (repeats + 1) // 2)
+                fns = {"pymerge": pymerge_solver(c, mx), **peer_solvers(c, mx, n)}
+                peers = interleaved_ms(fns, reps, warmup=0 if n >= 4096 else 1)
+                ours = peers.pop("pymerge")
                 col = native.solve(c, mx)[0]
-                peers = {}
-                for name, fn in peer_solvers(c, mx, n).items():
-                    peers[name] = median_ms(fn, reps, warmup=0 if n >= 4096 else 1)
                 ok = True
                 if _scipy_lsa is not None:
                     r, cc = _scipy_lsa(c, maximize=mx)
@@ -164,22 +181,26 @@ def _fallback_peer(c, mx, reps) -> dict[str, float]:
     return {"pymerge fallback": median_ms(lambda: fb.solve(c, mx, None, None), reps)}
 
 
+def _bind(fn: Callable[..., object], *args: object) -> Callable[[], object]:
+    return lambda: fn(*args)
+
+
 def batch_rows(b: int, repeats: int) -> list[dict[str, object]]:
     rows = []
     for dtype in (np.float64, np.float32):
         costs = make_batch(b, 64, dtype)
-        ours = median_ms(lambda costs=costs: native.solve_batch(costs), repeats)
-        one = median_ms(lambda costs=costs: native.solve_batch(costs, threads=1), repeats)
-        peers: dict[str, float] = {"pymerge 1 thread": one}
+        fns: dict[str, Callable[[], object]] = {
+            "pymerge": lambda costs=costs: native.solve_batch(costs),
+            "pymerge 1 thread": lambda costs=costs: native.solve_batch(costs, threads=1),
+        }
         if _lapx is not None:
             for name in ("lapjvr_batch", "lapjvh_batch"):
                 if hasattr(_lapx, name):
-                    fn = getattr(_lapx, name)
-                    peers[f"lapx.{name}"] = median_ms(lambda fn=fn, costs=costs: fn(costs), repeats)
+                    fns[f"lapx.{name}"] = _bind(getattr(_lapx, name), costs)
         if _scipy_lsa is not None and dtype == np.float64:
-            peers["scipy loop"] = median_ms(
-                lambda costs=costs: [_scipy_lsa(x) for x in costs], max(1, repeats // 2)
-            )
+            fns["scipy loop"] = lambda costs=costs: [_scipy_lsa(x) for x in costs]
+        peers = interleaved_ms(fns, max(3, repeats))
+        ours = peers.pop("pymerge")
         out = native.solve_batch(costs)
         ok = all(
             np.isclose(_total(costs[k], out[k]), _total(costs[k], native.solve(costs[k])[0]))
@@ -197,12 +218,19 @@ def warm_rows(sizes, steps: int) -> list[dict[str, object]]:
             col, _, v = native.solve(seq[0], True)
             warm_t, cold_t, ok = [], [], True
             for c in seq[1:]:
-                t = time.perf_counter()
+                # each step: warm (from the previous step's duals) and cold, interleaved
+                t = interleaved_ms(
+                    {
+                        "warm": lambda c=c, col=col, v=v: native.solve(c, True, col, v),
+                        "cold": lambda c=c: native.solve(c, True),
+                    },
+                    3 if n <= 1024 else 1,
+                    warmup=0,
+                )
+                warm_t.append(t["warm"] / 1e3)
+                cold_t.append(t["cold"] / 1e3)
                 wcol, _, wv = native.solve(c, True, col, v)
-                warm_t.append(time.perf_counter() - t)
-                t = time.perf_counter()
                 ccol = native.solve(c, True)[0]
-                cold_t.append(time.perf_counter() - t)
                 ok &= bool(np.isclose(_total(c, wcol), _total(c, ccol), rtol=1e-12, atol=1e-9))
                 col, v = wcol, wv
             rows.append(

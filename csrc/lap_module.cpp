@@ -244,7 +244,7 @@ py::array_t<int64_t> solve_batch(const py::array& costs, bool maximize, int thre
     auto worker = [&]() {
         Workspace w;
         w.ensure(n, m);
-        const int64_t chunk = 8;
+        const int64_t chunk = 1;  // a preempted thread holds back at most one problem
         for (;;) {
             int64_t b0 = next.fetch_add(chunk);
             if (b0 >= B) break;
