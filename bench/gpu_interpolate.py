@@ -13,6 +13,8 @@ exits with status 1 on a mismatch). Times are ``triton.testing.do_bench`` median
     python bench/gpu_interpolate.py                 # ~1B params
     python bench/gpu_interpolate.py --params 2e8    # smaller card / quicker
     python bench/gpu_interpolate.py --sweep         # also sweep kernel block sizes
+    python bench/gpu_interpolate.py --cpu-dry-run   # no GPU: tiny sizes, Triton interpreter
+                                                    # (checks the script, times are meaningless)
 """
 
 from __future__ import annotations
