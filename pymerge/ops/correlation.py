@@ -161,7 +161,8 @@ class CorrelationAccumulator:
         self.joint = bool(joint)
         self.check_finite = bool(check_finite)
         self.allow_tf32 = bool(allow_tf32)
-        self.device = None if device is None else torch.device(device)
+        # resolve "cuda" to "cuda:<current>" so it compares equal to tensors' devices
+        self.device = None if device is None else torch.empty(0, device=device).device
         # self mode: one feature set of size _d (x_a, or [x_a, x_b] when joint)
         self._self = self.d_b is None or self.joint
         self._d = self.d_a + (self.d_b or 0) if self.joint else self.d_a
