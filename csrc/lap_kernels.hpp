@@ -239,55 +239,104 @@ struct KAvx2 {
         return best;
     }
 
+    // N rows at one Dijkstra level in one pass; identical to N sequential scans.
     template <class T, bool MAX, int N>
     PYMERGE_AVX2 static double scanN(const T* const* rows, const double* hs, const int32_t* ids,
                                      const double* v, double* d, int32_t* pred, int m) {
-        double best = kInf;
-        for (int r = 0; r < N; ++r) best = scan<T, MAX, false>(rows[r], v, d, pred, m, hs[r], ids[r]);
-        return best;
+        __m256d vh[N], vr[N];
+        for (int r = 0; r < N; ++r) {
+            vh[r] = _mm256_set1_pd(hs[r]);
+            vr[r] = _mm256_set1_pd(static_cast<double>(ids[r]));
+        }
+        __m256d best = _mm256_set1_pd(kInf);
+        int j = 0;
+        for (; j + 4 <= m; j += 4) {
+            __m256d vv = _mm256_loadu_pd(v + j), dd = _mm256_loadu_pd(d + j);
+            __m256d kany = _mm256_setzero_pd(), pv = vr[0];
+            for (int r = 0; r < N; ++r) {
+                __m256d x = _mm256_sub_pd(
+                    _mm256_sub_pd(avx2_sign<MAX>(avx2_load4(rows[r] + j)), vv), vh[r]);
+                __m256d k = _mm256_cmp_pd(x, dd, _CMP_LT_OQ);
+                dd = _mm256_blendv_pd(dd, x, k);
+                pv = _mm256_blendv_pd(pv, vr[r], k);
+                kany = _mm256_or_pd(kany, k);
+            }
+            _mm256_storeu_pd(d + j, dd);
+            if (_mm256_movemask_pd(kany)) {
+                const __m256i pack = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+                __m128i mk = _mm256_castsi256_si128(
+                    _mm256_permutevar8x32_epi32(_mm256_castpd_si256(kany), pack));
+                _mm_maskstore_epi32(pred + j, mk, _mm256_cvtpd_epi32(pv));
+            }
+            best = _mm256_min_pd(best, dd);
+        }
+        double b = avx2_hmin(best);
+        for (; j < m; ++j) {
+            for (int r = 0; r < N; ++r) {
+                double x = (widen<MAX>(rows[r][j]) - v[j]) - hs[r];
+                if (x < d[j]) {
+                    d[j] = x;
+                    pred[j] = ids[r];
+                }
+            }
+            b = d[j] < b ? d[j] : b;
+        }
+        return b;
     }
 
+    // Two independent lane sets halve the dependency chain; merged by index.
     template <class T, bool MAX>
     PYMERGE_AVX2 static Min2 min2(const T* c, const double* v, int m, bool* bad) {
         const __m256d lim = _mm256_set1_pd(-kMaxFinite);
         __m256d a1 = _mm256_set1_pd(kInf), a2 = a1, ai = _mm256_set1_pd(-1.0);
+        __m256d b1 = a1, b2 = a1, bi = ai;
         __m256d jv = _mm256_setr_pd(0, 1, 2, 3);
-        const __m256d four = _mm256_set1_pd(4.0);
+        const __m256d four = _mm256_set1_pd(4.0), eight = _mm256_set1_pd(8.0);
         __m256d vb = _mm256_setzero_pd();
         int j = 0;
-        for (; j + 4 <= m; j += 4) {
-            __m256d cc = avx2_sign<MAX>(avx2_load4(c + j));
-            vb = _mm256_or_pd(vb, _mm256_cmp_pd(cc, lim, _CMP_NGE_UQ));
-            __m256d r = _mm256_sub_pd(cc, _mm256_loadu_pd(v + j));
-            __m256d lt = _mm256_cmp_pd(r, a1, _CMP_LT_OQ);
-            a2 = _mm256_blendv_pd(_mm256_min_pd(a2, r), a1, lt);
-            a1 = _mm256_blendv_pd(a1, r, lt);
-            ai = _mm256_blendv_pd(ai, jv, lt);
-            jv = _mm256_add_pd(jv, four);
+        for (; j + 8 <= m; j += 8) {
+            __m256d c0 = avx2_sign<MAX>(avx2_load4(c + j));
+            __m256d c1 = avx2_sign<MAX>(avx2_load4(c + j + 4));
+            vb = _mm256_or_pd(vb, _mm256_or_pd(_mm256_cmp_pd(c0, lim, _CMP_NGE_UQ),
+                                               _mm256_cmp_pd(c1, lim, _CMP_NGE_UQ)));
+            __m256d r0 = _mm256_sub_pd(c0, _mm256_loadu_pd(v + j));
+            __m256d r1 = _mm256_sub_pd(c1, _mm256_loadu_pd(v + j + 4));
+            __m256d l0 = _mm256_cmp_pd(r0, a1, _CMP_LT_OQ);
+            __m256d l1 = _mm256_cmp_pd(r1, b1, _CMP_LT_OQ);
+            a2 = _mm256_blendv_pd(_mm256_min_pd(a2, r0), a1, l0);
+            b2 = _mm256_blendv_pd(_mm256_min_pd(b2, r1), b1, l1);
+            a1 = _mm256_blendv_pd(a1, r0, l0);
+            b1 = _mm256_blendv_pd(b1, r1, l1);
+            ai = _mm256_blendv_pd(ai, jv, l0);
+            bi = _mm256_blendv_pd(bi, _mm256_add_pd(jv, four), l1);
+            jv = _mm256_add_pd(jv, eight);
         }
-        alignas(32) double l1[5], l2[5], li[5];
+        alignas(32) double l1[9], l2[9], li[9];
         _mm256_store_pd(l1, a1);
         _mm256_store_pd(l2, a2);
         _mm256_store_pd(li, ai);
-        // tail as a fifth lane
-        l1[4] = kInf;
-        l2[4] = kInf;
-        li[4] = -1;
+        _mm256_storeu_pd(l1 + 4, b1);
+        _mm256_storeu_pd(l2 + 4, b2);
+        _mm256_storeu_pd(li + 4, bi);
+        // tail as a ninth lane
+        l1[8] = kInf;
+        l2[8] = kInf;
+        li[8] = -1;
         bool b = _mm256_movemask_pd(vb) != 0;
         for (; j < m; ++j) {
             double cc = widen<MAX>(c[j]);
             b |= !(cc >= -kMaxFinite);
             double r = cc - v[j];
-            if (r < l1[4]) {
-                l2[4] = l1[4];
-                l1[4] = r;
-                li[4] = j;
-            } else if (r < l2[4]) {
-                l2[4] = r;
+            if (r < l1[8]) {
+                l2[8] = l1[8];
+                l1[8] = r;
+                li[8] = j;
+            } else if (r < l2[8]) {
+                l2[8] = r;
             }
         }
         *bad |= b;
-        return merge_lanes(l1, l2, li, 5, m);
+        return merge_lanes(l1, l2, li, 9, m);
     }
 
     static Min2 merge_lanes(const double* l1, const double* l2, const double* li, int lanes,
@@ -330,9 +379,11 @@ struct KAvx2 {
                 __m256d cm = _mm256_loadu_pd(colmin + j);
                 __m256d lt = _mm256_cmp_pd(cc, cm, _CMP_LT_OQ);
                 _mm256_storeu_pd(colmin + j, _mm256_blendv_pd(cm, cc, lt));
-                __m128i mk = _mm256_castsi256_si128(
-                    _mm256_permutevar8x32_epi32(_mm256_castpd_si256(lt), pack));
-                _mm_maskstore_epi32(colarg + j, mk, vrow);
+                if (_mm256_movemask_pd(lt)) {
+                    __m128i mk = _mm256_castsi256_si128(
+                        _mm256_permutevar8x32_epi32(_mm256_castpd_si256(lt), pack));
+                    _mm_maskstore_epi32(colarg + j, mk, vrow);
+                }
             }
             for (; j < m; ++j) {
                 double cc = widen<MAX>(row[j]);
