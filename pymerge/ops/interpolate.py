@@ -399,7 +399,7 @@ def _normalise_axes(
                     f"spec_axes[{key!r}]: axis {axis} out of range for shape {tuple(t.shape)}"
                 )
             axis %= nd
-            label = f"key {key!r} axis {axis}"
+            label: Any = (key, axis, None)  # formatted only for an error message
             if perm is not None:
                 if not isinstance(idx, str):
                     raise TypeError(
@@ -407,8 +407,8 @@ def _normalise_axes(
                         f"got {type(idx).__name__}"
                     )
                 if idx not in perm:
-                    raise ValueError(f"{label}: group {idx!r} is not in perm")
-                label += f" (group {idx!r})"
+                    raise ValueError(f"{_label(label)}: group {idx!r} is not in perm")
+                label = (key, axis, idx)
                 idx = perm[idx]
             lst.append((axis, idx, label))
         raw[key] = lst
@@ -429,7 +429,14 @@ def _normalise_axes(
     return out
 
 
-def _check_index(idx: Any, n: int, label: str) -> torch.Tensor:
+def _label(label: Any) -> str:
+    if isinstance(label, str):
+        return label
+    key, axis, group = label
+    return f"key {key!r} axis {axis}" + (f" (group {group!r})" if group is not None else "")
+
+
+def _check_index(idx: Any, n: int, label: Any) -> torch.Tensor:
     """Validated int64 CPU copy of ``idx`` (a permutation of ``range(n)``).
 
     Cached per live index tensor and its version counter: a repeated call with the same
@@ -451,7 +458,8 @@ def _check_index(idx: Any, n: int, label: str) -> torch.Tensor:
     return cpu
 
 
-def _validate_index(idx: Any, n: int, label: str) -> torch.Tensor:
+def _validate_index(idx: Any, n: int, label: Any) -> torch.Tensor:
+    label = _label(label)
     if not isinstance(idx, torch.Tensor):
         try:
             idx = torch.as_tensor(idx)
