@@ -423,3 +423,42 @@ def test_float32_batch_stays_float32_exact():
     out = lap.solve_batch(costs)
     for b in range(40):
         assert _total(costs[b], out[b]) == pytest.approx(_scipy_total(costs[b], False), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- property
+
+
+def test_property_brute_force_hypothesis():
+    hyp = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    hnp = pytest.importorskip("hypothesis.extra.numpy")
+
+    @st.composite
+    def problems(draw):
+        n = draw(st.integers(1, 5))
+        m = draw(st.integers(n, 6))
+        values = st.sampled_from([0.0, 1.0, 2.0, 2.5, -3.0, 1e6, np.inf])
+        c = draw(hnp.arrays(np.float64, (n, m), elements=values))
+        dtype = draw(st.sampled_from([np.float32, np.float64]))
+        return c.astype(dtype), draw(st.booleans())
+
+    @hyp.settings(max_examples=150, deadline=None)
+    @hyp.given(problems())
+    def check(problem):
+        c, maximize = problem
+        if maximize:
+            c = _as_max(c)
+        n, m = c.shape
+        sign = -1.0 if maximize else 1.0
+        best = min(
+            sign * c.astype(np.float64)[np.arange(n), list(cols)].sum()
+            for cols in itertools.permutations(range(m), n)
+        )
+        if not np.isfinite(best):
+            with pytest.raises(ValueError, match="infeasible"):
+                lap.solve(c, maximize)
+            return
+        col, u, v = lap.solve(c, maximize)
+        _check_solution(c, maximize, col, u, v, sign * best)
+
+    check()
