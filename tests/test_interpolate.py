@@ -226,6 +226,21 @@ def test_interpolate_outputs_do_not_alias_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_do_not_require_grad(backend):
+    layout = [("w", (3, 8), F32, None), ("b", (8,), F32, None)]
+    a, b = _state(17, layout), _state(18, layout)
+    for s in (a, b):
+        for t in s.values():
+            t.requires_grad_(True)
+    out = interpolate([a, b], [0.2, 0.9], backend=backend)
+    pout = permuted_interpolate(a, b, 0.5, {"w": ((1, torch.randperm(8)),)}, backend=backend)
+    for o in (out, pout):
+        assert not any(t.requires_grad for t in o.values())
+    ref = 0.2 * a["w"].detach().double() + 0.9 * b["w"].detach().double()
+    assert torch.allclose(out["w"].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_interpolate_repeated_calls_see_new_values(backend):
     """Launch tables are cached by pointer: values changed in place must still be read."""
     states = [_state(11), _state(12)]
@@ -500,6 +515,7 @@ def test_permuted_with_real_permutation_spec(backend, model_index):
     """PermutationSpec + perm (heads, packed in_proj segments, inner blocks) through
     pymerge.spec.permutation_index_map: alpha=1 is exactly apply_permutation(spec, perm, B)."""
     import pymerge.spec as spec_mod
+
     model = list(_spec_models())[model_index]
     spec = model.spec()
     a = {k: v.detach().clone().to(DEV) for k, v in model.state_dict().items()}

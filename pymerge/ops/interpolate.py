@@ -23,6 +23,9 @@ Rules shared by both functions:
   non-finite wherever a contributing input element is non-finite, even when its weight is
   0 (``0 * inf = nan``); other elements are unaffected.
 * Inputs are never modified and outputs never alias inputs.
+* Not differentiable: both backends compute under ``torch.no_grad()`` and return tensors
+  that do not require grad (for gradients through an interpolation, e.g. straight-through
+  estimators, use torch ops directly).
 """
 
 from __future__ import annotations
@@ -304,6 +307,7 @@ def _interp_triton(
     return [out[o : o + n].view(r[0].shape) for o, n, r in zip(offsets, numels, rows, strict=True)]
 
 
+@torch.no_grad()
 def interpolate(
     states: Sequence[StateDict],
     weights: Sequence[float] | torch.Tensor,
@@ -537,6 +541,7 @@ def _perm_triton(
     return [list(col) for col in zip(*per_key, strict=True)] if per_key else [[] for _ in range(M)]
 
 
+@torch.no_grad()
 def permuted_interpolate(
     state_a: StateDict,
     state_b: StateDict,
