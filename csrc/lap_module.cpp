@@ -2,8 +2,14 @@
 //
 //   solve(cost, maximize=False, init_col4row=None, init_v=None) -> (col4row, u, v)
 //   solve_batch(costs, maximize=False, threads=0) -> col4row [B, n]
-//   __simd__  : the kernel set picked at import ("avx512", "avx2" or "scalar")
-//   _set_simd(name) / _simd_available() : test hooks
+//   __simd__  : the kernel set picked at import ("avx512", "avx2" or "scalar"); the
+//               best the CPU supports, or $PYMERGE_LAP_SIMD when that names a
+//               supported one (e.g. PYMERGE_LAP_SIMD=scalar)
+//   _set_simd(name) / _simd_available() / _num_threads() : test hooks
+//
+// Threads: solve_batch(threads=0) uses $PYMERGE_NUM_THREADS, else
+// std::thread::hardware_concurrency(), capped by the batch size and by the
+// amount of work (about 64k cost entries per thread at least).
 //
 // The algorithm lives in lap_solver.hpp, the vector kernels in lap_kernels.hpp.
 #include <pybind11/numpy.h>

@@ -212,6 +212,23 @@ def test_simd_paths_identical():
                     np.testing.assert_array_equal(x, y)  # bit-identical duals too
 
 
+def test_simd_env_override():
+    import os
+    import subprocess
+    import sys
+
+    code = "import pymerge._lap as l; print(l.__simd__)"
+    for want in SIMD:
+        env = {**os.environ, "PYMERGE_LAP_SIMD": want}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == want
+    env = {**os.environ, "PYMERGE_LAP_SIMD": "bogus"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == SIMD[-1]  # unknown value: the best supported path
+
+
 def test_set_simd_rejects_unknown():
     with pytest.raises(ValueError, match="unknown SIMD"):
         lap._set_simd("neon9000")
