@@ -16,10 +16,16 @@ the previous duals of the same group. Groups under a :class:`~pymerge.spec.HeadS
 are solved jointly: for every pair of heads the within-head assignment of each member
 group, then one head-to-head assignment on the summed within-head optima.
 
-Numerics: costs are accumulated and solved in float64 by default (``dtype``) so that
-the stopping test (improvement > ``tol`` relative) is not decided by float32 round-off;
-the matrix products are a small part of the time on CPU. Pass ``dtype=torch.float32``
-to trade exactness for speed on a GPU.
+Numerics (``dtype=None``): costs are built and solved in float64 when either state holds
+float64 weights, else in float32 (float16/bfloat16 weights are promoted to float32), like the
+paper's reference code; scores are always summed in float64. The stopping tolerance follows
+(``tol=None``: 1e-12 relative in float64, 1e-7 in float32, so round-off does not count as
+progress). Pass ``dtype=torch.float64`` for float64 arithmetic on float32 weights (about
+twice the time on CPU).
+
+Speed: each group's cost is cached and, when a neighbouring permutation changes at ``c`` of
+its ``L`` positions, updated with a rank-``c`` product instead of rebuilt; weights with one
+other permuted axis are stored with that axis first so that permuting them is a row gather.
 """
 
 from __future__ import annotations
@@ -128,11 +134,20 @@ class _Ref:
 
 @dataclass
 class _Term:
-    """One (param, axis segment) of a group: the cached A-side matrix and what B needs."""
+    """One (param, axis segment) of a group: the cached A-side matrix and what B needs.
+
+    With exactly one other permuted axis (the common case: Linear/conv weights) A and B are
+    stored as ``a_t``/``b_t`` of shape [K, r * n] (that axis first, the group's axis last),
+    so permuting B is a fast row gather and the cost is ``a_t.view(-1, n).T @ b_t[idx]``.
+    Otherwise ``a_mat`` is A's segment as an (n, m) matrix.
+    """
 
     ref: _Ref
-    a_mat: Tensor  # (n, m) float, A's segment with the axis first
+    a_mat: Tensor | None  # (n, m): A's segment with the axis first (generic terms)
     other_axes: list[int]  # axes of the param (other than ref.axis) that carry a permutation
+    numel: int = 0  # entries of A's segment (work estimate)
+    a_t: Tensor | None = None  # [K, r * n] (single other axis)
+    b_t: Tensor | None = None  # [K, r * n] (single other axis)
 
 
 class _Plan:
@@ -143,7 +158,7 @@ class _Plan:
         spec: PermutationSpec,
         state_a: Mapping[str, Tensor],
         state_b: Mapping[str, Tensor],
-        dtype: torch.dtype,
+        dtype: torch.dtype | None,
     ) -> None:
         self.spec = spec
         self.sizes = _validate(spec, state_a, state_b)
@@ -152,6 +167,12 @@ class _Plan:
         self.cost_keys = [
             k for k, v in state_a.items() if k not in no_cost and torch.is_floating_point(v)
         ]
+        if dtype is None:
+            wide = any(
+                s[k].dtype == torch.float64 for s in (state_a, state_b) for k in self.cost_keys
+            )
+            dtype = torch.float64 if wide else torch.float32
+        self.dtype = dtype
         self.a = {k: state_a[k].detach().to(dtype) for k in self.cost_keys}
         self.b = {k: state_b[k].detach().to(dtype) for k in self.cost_keys}
         # refs by param and axis
@@ -169,9 +190,15 @@ class _Plan:
             for ref in self.refs_by_group[g]:
                 if ref.param not in self.a:
                     continue
-                a_mat = _axis_first(self.a[ref.param], ref, n)
-                others = [ax for ax in self.refs_by_param[ref.param] if ax != ref.axis]
-                self.terms[g].append(_Term(ref, a_mat, sorted(others)))
+                others = sorted(ax for ax in self.refs_by_param[ref.param] if ax != ref.axis)
+                numel = _moved(self.a[ref.param], ref).numel()
+                if len(others) == 1:
+                    a_t = _other_first(self.a[ref.param], ref, n, others[0])
+                    b_t = _other_first(self.b[ref.param], ref, n, others[0])
+                    self.terms[g].append(_Term(ref, None, others, numel, a_t, b_t))
+                else:
+                    a_mat = _axis_first(self.a[ref.param], ref, n)
+                    self.terms[g].append(_Term(ref, a_mat, others, numel))
         # groups of each head structure; the other groups solve alone
         self.head_of: dict[str, str] = {}
         self.heads = dict(getattr(spec, "heads", {}) or {})
@@ -186,7 +213,7 @@ class _Plan:
         self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
         # cost cache: group -> summed cost, the other-axis indices each term was built with,
         # and the number of incremental updates since the last full build
-        self._cost: dict[str, tuple[Tensor, list[dict[int, Tensor | None]], int]] = {}
+        self._cost: dict[str, tuple[Tensor, list[Any], int]] = {}
         # objective cache: key -> (versions of the groups on its axes, <A, pi(B)>)
         self.version: dict[str, int] = {g: 0 for g in self.groups}
         self._groups_of = {
@@ -235,8 +262,24 @@ class _Plan:
 
     # -- costs and objective --------------------------------------------------------
 
+    def _b_mat(self, term: _Term, indices: Mapping[int, Tensor | None], n: int) -> Tensor:
+        """B's segment with the other axes permuted by ``indices``, as an (n, -1) matrix;
+        indexing the axis-first view directly gives a contiguous result in one copy."""
+        ref = term.ref
+        t = _moved(self.b[ref.param], ref)
+        for ax, idx in indices.items():
+            if idx is not None:
+                t = t.index_select(_moved_dim(ax, ref), idx)
+        return t.reshape(n, -1)
+
     def _term_cost(self, term: _Term, indices: Mapping[int, Tensor | None], n: int) -> Tensor:
-        b_mat = _axis_first(self._permuted_b(term.ref.param, indices), term.ref, n)
+        if term.a_t is not None:
+            assert term.b_t is not None
+            idx = indices[term.other_axes[0]]
+            bt = term.b_t if idx is None else term.b_t.index_select(0, idx)
+            return term.a_t.view(-1, n).T @ bt.view(-1, n)
+        assert term.a_mat is not None
+        b_mat = self._b_mat(term, indices, n)
         if b_mat.shape[1] == 1:
             return term.a_mat * b_mat.view(1, n)  # outer product of vectors
         return term.a_mat @ b_mat.T
@@ -253,7 +296,7 @@ class _Plan:
             for i, u in enumerate(self.units)
         }
         deps = {
-            i: [(float(t.a_mat.numel()), self._term_groups(t)) for g in gs for t in self.terms[g]]
+            i: [(float(t.numel), self._term_groups(t)) for g in gs for t in self.terms[g]]
             for i, gs in members.items()
         }
         known: set[str] = set()
@@ -268,15 +311,22 @@ class _Plan:
 
     def partial_cost(self, group: str, perm: Permutation, known: set[str]) -> Tensor | None:
         """Cost of ``group`` from only the terms whose other permuted axes belong to groups
-        in ``known`` (used by the greedy first sweep; not cached)."""
+        in ``known`` (the greedy first sweep). It seeds the group's cost cache: the left-out
+        terms are marked missing and added by the next :meth:`cost` call."""
         n = self.sizes[group]
         total: Tensor | None = None
+        used: list[dict[int, Tensor | None] | None] = []
         for term in self.terms[group]:
             if not self._term_groups(term) <= known:
+                used.append(None)
                 continue
             idx = {ax: self.axis_index(term.ref.param, ax, perm) for ax in term.other_axes}
+            used.append(idx)
             c = self._term_cost(term, idx, n)
             total = c if total is None else total.add_(c)
+        if total is None:
+            return None
+        self._cost[group] = (total, used, 0)
         return total
 
     def cost(self, group: str, perm: Permutation) -> Tensor | None:
@@ -298,10 +348,14 @@ class _Plan:
         if cached is not None and cached[2] < _REFRESH_EVERY:
             total, used, updates = cached
             work: list[tuple[int, dict[int, Tensor]]] = []
+            missing: list[int] = []
             delta_flops = 0.0
             full_flops = 0.0
             for i, term in enumerate(terms):
-                flops = float(term.a_mat.numel()) * n
+                flops = float(term.numel) * n
+                if used[i] is None:
+                    missing.append(i)
+                    continue
                 full_flops += flops
                 changed: dict[int, Tensor] = {}
                 for ax in term.other_axes:
@@ -316,11 +370,13 @@ class _Plan:
                     delta_flops += flops * pos.numel() / self.b[term.ref.param].shape[ax]
                 else:
                     delta_flops += flops
-            if not work:
+            if not work and not missing:
                 return total
             if delta_flops <= _DELTA_FRACTION * full_flops:
                 for i, changed in work:
                     self._apply_delta(total, terms[i], used[i], cur[i], changed, n)
+                for i in missing:
+                    total.add_(self._term_cost(terms[i], cur[i], n))
                 self.delta_updates += 1
                 self._cost[group] = (total, cur, updates + 1)
                 return total
@@ -343,21 +399,31 @@ class _Plan:
         n: int,
     ) -> None:
         ref = term.ref
-        if len(changed) == 1:
+        if term.a_t is not None:
+            assert term.b_t is not None
             (ax, pos), = changed.items()
-            base = {a: i for a, i in new.items() if a != ax}
-            b_base = self._permuted_b(ref.param, base)
             old_idx = pos if old[ax] is None else old[ax][pos]
             new_idx = pos if new[ax] is None else new[ax][pos]
-            a_sel = _axis_first(self.a[ref.param].index_select(ax, pos), ref, n)
-            diff = _axis_first(b_base.index_select(ax, new_idx), ref, n) - _axis_first(
-                b_base.index_select(ax, old_idx), ref, n
-            )
+            diff = term.b_t.index_select(0, new_idx)
+            diff -= term.b_t.index_select(0, old_idx)
+            total.addmm_(term.a_t.index_select(0, pos).view(-1, n).T, diff.view(-1, n))
+            return
+        if len(changed) == 1:
+            (ax, pos), = changed.items()
+            d = _moved_dim(ax, ref)
+            b_base = _moved(self.b[ref.param], ref)
+            for a2, idx in new.items():
+                if a2 != ax and idx is not None:
+                    b_base = b_base.index_select(_moved_dim(a2, ref), idx)
+            old_idx = pos if old[ax] is None else old[ax][pos]
+            new_idx = pos if new[ax] is None else new[ax][pos]
+            a_sel = _moved(self.a[ref.param], ref).index_select(d, pos).reshape(n, -1)
+            diff = b_base.index_select(d, new_idx).reshape(n, -1)
+            diff -= b_base.index_select(d, old_idx).reshape(n, -1)
             total.addmm_(a_sel, diff.T)
             return
-        diff = _axis_first(self._permuted_b(ref.param, new), ref, n) - _axis_first(
-            self._permuted_b(ref.param, old), ref, n
-        )
+        diff = self._b_mat(term, new, n) - self._b_mat(term, old, n)
+        assert term.a_mat is not None
         total.addmm_(term.a_mat, diff.T)
 
     def objective(self, perm: Permutation) -> float:
@@ -370,7 +436,7 @@ class _Plan:
             if hit is None or hit[0] != key:
                 axes = self.refs_by_param.get(k, {})
                 b = self._permuted_b(k, {ax: self.axis_index(k, ax, perm) for ax in sorted(axes)})
-                value = float(torch.vdot(self.a[k].reshape(-1), b.reshape(-1)).to(torch.float64))
+                value = float(torch.vdot(self.a[k].reshape(-1).double(), b.reshape(-1).double()))
                 hit = (key, value)
                 self._dot[k] = hit
             total += hit[1]
@@ -410,6 +476,26 @@ def _normalise_ref(raw: Any, group: str, state: Mapping[str, Tensor]) -> _Ref:
     axis = axis % t.dim()
     stop = t.shape[axis] if stop is None else stop
     return _Ref(param, axis, int(start), int(stop), int(inner), group)
+
+
+def _moved(t: Tensor, ref: _Ref) -> Tensor:
+    """View of the segment of ``t`` along ``ref.axis`` with that axis first."""
+    return t.narrow(ref.axis, ref.start, ref.stop - ref.start).movedim(ref.axis, 0)
+
+
+def _moved_dim(axis: int, ref: _Ref) -> int:
+    """Position of original ``axis`` (!= ref.axis) in the :func:`_moved` view."""
+    return axis + 1 if axis < ref.axis else axis
+
+
+def _other_first(t: Tensor, ref: _Ref, n: int, axis: int) -> Tensor:
+    """Contiguous [K, r * n] copy of ``t``'s segment: ``axis`` (length K) first, the group's
+    n units last, everything else (``inner`` blocks, other dims) in between."""
+    m = _moved(t, ref)
+    m = m.reshape(n, ref.inner, *m.shape[1:])
+    d = _moved_dim(axis, ref) + 1
+    order = [d] + [i for i in range(1, m.dim()) if i != d] + [0]
+    return m.permute(order).contiguous().reshape(m.shape[d], -1)
 
 
 def _axis_first(t: Tensor, ref: _Ref, n: int) -> Tensor:
@@ -503,8 +589,8 @@ def weight_matching(
     progress: bool = False,
     backend: str | None = None,
     *,
-    tol: float = 1e-12,
-    dtype: torch.dtype = torch.float64,
+    tol: float | None = None,
+    dtype: torch.dtype | None = None,
     greedy: bool = True,
 ) -> WeightMatchingResult:
     """Git Re-Basin weight matching (Ainsworth et al. 2022, Alg. 1) by coordinate descent.
@@ -522,8 +608,10 @@ def weight_matching(
         backend: assignment backend (``"native"``, ``"torch"`` or None for auto).
         tol: a group counts as improved when its score rises by more than
             ``tol * max(1, |old score|)``; the loop stops after a sweep with no improvement.
-            An assignment that does not improve keeps the old permutation.
-        dtype: dtype of costs and scores (float64 default).
+            An assignment that does not improve keeps the old permutation. ``None``: 1e-12
+            when computing in float64, 1e-7 in float32.
+        dtype: arithmetic of the costs, ``torch.float64`` or ``torch.float32``; ``None``
+            (default): float64 if either state has float64 weights, else float32.
         greedy: when starting from the identity (no ``init``), make the first sweep a greedy
             initialisation: groups are visited most-determined-first (the group with the most
             weight entries whose other permuted axes are already fixed goes next, ties by
@@ -539,10 +627,14 @@ def weight_matching(
     """
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    if dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    if dtype not in (None, torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64, torch.float32 or None, got {dtype}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
     t0 = time.perf_counter()
     plan = _Plan(spec, state_a, state_b, dtype)
+    if tol is None:
+        tol = 1e-12 if plan.dtype == torch.float64 else 1e-7
     duals: dict[str, Any] = {}
     if isinstance(init, WeightMatchingResult):
         duals = dict(init._duals)
@@ -609,7 +701,8 @@ def _improves(new: float, old: float, tol: float) -> bool:
 
 def _score(cost: Tensor, p: Tensor) -> float:
     n = cost.shape[0]
-    return float(cost[torch.arange(n, device=cost.device), p.to(cost.device)].sum())
+    picked = cost[torch.arange(n, device=cost.device), p.to(cost.device)]
+    return float(picked.sum(dtype=torch.float64))
 
 
 def _step_group(
@@ -707,4 +800,4 @@ def matching_objective(
 ) -> float:
     """J(perm) = sum over keys (except ``spec.no_cost``) of <A_w, perm(B)_w>, in float64."""
     plan = _Plan(spec, state_a, state_b, torch.float64)
-    return plan.objective(_check_perm(perm or {}, plan))
+    return plan.objective(_check_perm(perm or {}, plan))  # float64 products
