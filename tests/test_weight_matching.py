@@ -151,6 +151,12 @@ def cost_norm(spec, state):
     )
 
 
+def obj_rel(state):
+    """Relative accuracy of reported objectives: exact-ish in float64, float32 products else."""
+    wide = any(v.dtype == torch.float64 for v in state.values())
+    return 1e-12 if wide else 1e-6
+
+
 def assert_state_equal(x, y):
     assert x.keys() == y.keys()
     for k in x:
@@ -169,7 +175,7 @@ def test_recovers_known_permutation(case, seed):
     res = weight_matching(spec, a, b, seed=seed)
     assert res.converged
     assert_state_equal(apply_permutation(spec, res.perm, b), a)
-    assert res.objective == pytest.approx(cost_norm(spec, a), rel=1e-12)
+    assert res.objective == pytest.approx(cost_norm(spec, a), rel=obj_rel(a))
     for g, p in res.perm.items():
         assert p.dtype == torch.long
         # found perm inverts the true one: b[found] = a[true][found] = a
@@ -210,7 +216,7 @@ def test_recovers_with_builder_models(name):
     back = apply_permutation(spec, res.perm, b)
     for k in a:
         assert torch.equal(back[k], a[k]), (name, k)
-    assert res.objective == pytest.approx(cost_norm(spec, a), rel=1e-9)
+    assert res.objective == pytest.approx(cost_norm(spec, a), rel=obj_rel(a))
     # and the matched model computes the same function as model B
     model.eval()
     x = make_input()
@@ -241,8 +247,13 @@ def test_objective_non_decreasing_and_history(case):
         for k, v in apply_permutation(spec, res.perm, b).items()
         if k not in spec.no_cost and torch.is_floating_point(v)
     )
-    assert res.objective == pytest.approx(direct, rel=1e-12)
+    assert res.objective == pytest.approx(direct, rel=obj_rel(a))
     assert matching_objective(spec, a, b, res.perm) == pytest.approx(direct, rel=1e-12)
+    # intermediate values (tracked from assignment gains) match exact evaluations of the
+    # same path stopped early
+    for k in range(1, h.iterations):
+        early = weight_matching(spec, a, b, seed=2, max_iter=k)
+        assert early.objective == pytest.approx(h.objective[k - 1], rel=max(obj_rel(a), 1e-9)), k
 
 
 def test_deterministic_for_seed():

@@ -208,6 +208,15 @@ class _Plan:
         units: list[tuple[str, str]] = [("group", g) for g in self.groups if g not in self.head_of]
         units += [("heads", h) for h in self.heads]
         self.units = sorted(units, key=lambda u: u[1])
+        # units some key carries on two different axes (J is then not linear in the unit)
+        self.nonlinear_units: set[str] = set()
+        for kind, name in self.units:
+            members = {name} if kind == "group" else set(self.heads[name].groups)
+            for axes in self.refs_by_param.values():
+                hit = [ax for ax, refs in axes.items() if any(r.group in members for r in refs)]
+                if len(hit) > 1:
+                    self.nonlinear_units.add(name)
+                    break
         # index cache: (param, axis) -> full-length index or None (identity)
         self._index: dict[tuple[str, int], Tensor | None] = {}
         self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
@@ -427,7 +436,8 @@ class _Plan:
         total.addmm_(term.a_mat, diff.T)
 
     def objective(self, perm: Permutation) -> float:
-        """J(perm) in float64; per-key inner products are cached by group versions."""
+        """J(perm), summed in float64 (products in the compute dtype); per-key inner
+        products are cached by group versions."""
         total = 0.0
         for k in self.cost_keys:
             groups = self._groups_of.get(k, [])
@@ -436,7 +446,10 @@ class _Plan:
             if hit is None or hit[0] != key:
                 axes = self.refs_by_param.get(k, {})
                 b = self._permuted_b(k, {ax: self.axis_index(k, ax, perm) for ax in sorted(axes)})
-                value = float(torch.vdot(self.a[k].reshape(-1).double(), b.reshape(-1).double()))
+                if self.dtype == torch.float64:
+                    value = float(torch.vdot(self.a[k].reshape(-1), b.reshape(-1)))
+                else:  # products in float32, summed in float64
+                    value = float((self.a[k] * b).sum(dtype=torch.float64))
                 hit = (key, value)
                 self._dot[k] = hit
             total += hit[1]
@@ -662,15 +675,22 @@ def weight_matching(
             if it == 0 and greedy and start_identity:
                 known = set()
                 order = plan.greedy_order()
+            gain = 0.0
+            exact = known is not None
             for u in order:
                 kind, name = plan.units[u]
                 if kind == "group":
-                    ok, s = _step_group(plan, name, perm, duals, backend, tol, known)
+                    ok, s, dj = _step_group(plan, name, perm, duals, backend, tol, known)
                 else:
-                    ok, s = _step_heads(plan, name, perm, backend, tol, known)
+                    ok, s, dj = _step_heads(plan, name, perm, backend, tol, known)
                 solves += s
                 improved += int(ok)
-            objective = plan.objective(perm)
+                gain += dj
+                exact |= ok and name in plan.nonlinear_units
+            # J is linear in one unit's permutation (unless a key carries the unit on two
+            # axes), so the sweep's gain is the sum of the assignment gains
+            previous = history.objective[-1] if history.objective else history.initial_objective
+            objective = plan.objective(perm) if exact else previous + gain
             if known is not None and objective < history.initial_objective:
                 # the greedy sweep ignores couplings; never let it lose against identity
                 for g in plan.groups:
@@ -692,6 +712,8 @@ def weight_matching(
     finally:
         if bar is not None:
             bar.close()
+    if history.objective:
+        history.objective[-1] = plan.objective(perm)  # the final value evaluated exactly
     return WeightMatchingResult(perm=perm, history=history, converged=converged, _duals=duals)
 
 
@@ -713,30 +735,32 @@ def _step_group(
     backend: str | None,
     tol: float,
     known: set[str] | None = None,
-) -> tuple[bool, int]:
+) -> tuple[bool, int, float]:
+    """One coordinate step on group ``g``: (improved, assignments solved, objective gain)."""
     if known is not None:
         cost = plan.partial_cost(g, perm, known)
         known.add(g)
         if cost is None:
-            return False, 0
+            return False, 0, 0.0
         new, _ = _solve(cost, None, backend)
         changed = not torch.equal(new, perm[g])
         if changed:
             perm[g] = new
             plan.invalidate(g)
-        return changed, 1
+        return changed, 1, 0.0
     cost = plan.cost(g, perm)
     if cost is None:
-        return False, 0
+        return False, 0, 0.0
     new, state = _solve(cost, duals.get(g), backend)
     duals[g] = state
     if torch.equal(new, perm[g]):
-        return False, 1
-    if _improves(_score(cost, new), _score(cost, perm[g]), tol):
+        return False, 1, 0.0
+    new_score, old_score = _score(cost, new), _score(cost, perm[g])
+    if _improves(new_score, old_score, tol):
         perm[g] = new
         plan.invalidate(g)
-        return True, 1
-    return False, 1
+        return True, 1, new_score - old_score
+    return False, 1, 0.0
 
 
 def _step_heads(
@@ -746,7 +770,8 @@ def _step_heads(
     backend: str | None,
     tol: float,
     known: set[str] | None = None,
-) -> tuple[bool, int]:
+) -> tuple[bool, int, float]:
+    """Joint step on the groups of head structure ``name`` (see :func:`_step_group`)."""
     hs = plan.heads[name]
     h, d = hs.num_heads, hs.head_dim
     if known is not None:
@@ -757,7 +782,7 @@ def _step_heads(
         costs = {g: plan.cost(g, perm) for g in hs.groups}
     costs = {g: c for g, c in costs.items() if c is not None}
     if not costs:
-        return False, 0
+        return False, 0, 0.0
     solves = 0
     head_score = None
     within: dict[str, Tensor] = {}
@@ -783,13 +808,13 @@ def _step_heads(
     old = sum(_score(costs[g], perm[g]) for g in costs)
     new = sum(_score(costs[g], new_perm[g]) for g in costs)
     if all(torch.equal(new_perm[g], perm[g]) for g in costs):
-        return False, solves
+        return False, solves, 0.0
     if _improves(new, old, tol):
         for g, p in new_perm.items():
             perm[g] = p
             plan.invalidate(g)
-        return True, solves
-    return False, solves
+        return True, solves, new - old
+    return False, solves, 0.0
 
 
 def matching_objective(
