@@ -10,6 +10,7 @@ axis, then ``torch.lerp`` per key and alpha).
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import time
@@ -160,15 +161,18 @@ def test_bench_interpolate(benchmark, case, impl):
 def _interleaved(
     impls: dict[str, Callable[[], object]], budget_s: float = 1.5, max_reps: int = 101
 ):
-    """Per-implementation (median, min) in microseconds, timed round-robin so that load
-    changes on a shared machine hit every implementation alike."""
+    """Per-implementation (median, min) in microseconds, timed round-robin (shuffled each
+    round) so that load changes on a shared machine hit every implementation alike."""
     for fn in impls.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in impls}
     start = time.perf_counter()
     reps = 0
+    order = list(impls.items())
+    rng = random.Random(0)
     while reps < max_reps and (time.perf_counter() - start < budget_s or reps < 5):
-        for name, fn in impls.items():
+        rng.shuffle(order)  # no implementation always runs right after the same other one
+        for name, fn in order:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -177,9 +181,12 @@ def _interleaved(
 
 
 def main() -> None:
+    only = sys.argv[1:]  # optional substrings selecting cases
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'case':44s} {'impl':17s} {'median us':>10s} {'min us':>9s} {'peer/pymerge':>13s}")
     for case, impls in _CASES.items():
+        if only and not any(o in case for o in only):
+            continue
         res = _interleaved(impls)
         base = res["pymerge"][0]
         for impl, (med, mn) in res.items():

@@ -157,9 +157,20 @@ def test_interpolate_matches_float64_reference(backend, K):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("weights", [[1.0, 0.5], [1.0, 0.5, -0.3], [2.0], [0.0, 0.0, 0.0]])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1.0, 0.5],
+        [1.0, 0.5, -0.3],
+        [2.0],
+        [0.0, 0.0, 0.0],
+        [0.01, 0.7, 0.5],
+        [1e-5, 1.0],
+        [-3.0, 0.5],
+    ],
+)
 def test_interpolate_special_weight_patterns(backend, weights):
-    """Task arithmetic (w0 = 1), K = 1 scaling and all-zero weights."""
+    """Task arithmetic (w0 = 1), K = 1 scaling, all-zero weights, tiny and negative w0."""
     K = len(weights)
     states = [_state(200 + i) for i in range(K)]
     out = interpolate(states, weights, backend=backend)
