@@ -15,7 +15,9 @@ Rules shared by both functions:
   path) are combined. Triton computes in fp32 and rounds once to the output dtype. The torch
   path computes each op in fp32 (torch's "opmath") and rounds after each op: once for K=1,
   for K=2 with ``w_0 + w_1 == 1`` (``torch.lerp``) and for ``permuted_interpolate``; for
-  general weights up to K roundings of the storage dtype (exact fp32 for fp32 tensors).
+  general weights up to K roundings of the storage dtype (fp32 tensors: fp32 throughout;
+  fp16/bf16: torch also rounds the ``alpha`` of ``add`` to the storage dtype, an error of
+  the same size as one rounding per term).
 * **Non-floating entries** (e.g. BatchNorm's ``num_batches_tracked``) are copied (cloned)
   from the first state dict (``state_a``); their shape and dtype must match across state
   dicts but their values may differ. Complex tensors are rejected.
@@ -31,7 +33,6 @@ Rules shared by both functions:
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import types
 import weakref
@@ -280,15 +281,6 @@ def _factor(w: float, like: torch.Tensor) -> float | torch.Tensor:
     return w
 
 
-def _scale_ok(w0: float, like: torch.Tensor) -> bool:
-    """Whether ``x + (w0 - 1) * x`` in fp32 equals ``w0 * x`` to within 1% of an ulp of the
-    storage dtype: relative error <= eps32 * (1 + |w0 - 1|) / |w0|."""
-    if not math.isfinite(w0) or w0 == 0.0:
-        return False
-    eps32 = torch.finfo(torch.float32).eps
-    return eps32 * (1.0 + abs(w0 - 1.0)) / abs(w0) <= 0.01 * torch.finfo(like.dtype).eps
-
-
 def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) -> list[torch.Tensor]:
     in_dtype = lists[0][0].dtype
     cdt = torch.promote_types(in_dtype, out_dtype)
@@ -300,20 +292,9 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
     elif K == 2 and w[0] == 1.0 - w[1]:  # interpolation: one op, one rounding
         res = torch._foreach_lerp(lists[0], lists[1], w[1])
     else:
-        w0 = w[0]
-        like = lists[0][0]
-        if w0 == 1.0:  # task arithmetic (base + sum of scaled vectors): no multiply
+        if w[0] == 1.0:  # task arithmetic (base + sum of scaled vectors): no multiply
             res = torch._foreach_add(lists[0], lists[1], alpha=w[1])
             rest = zip(lists[2:], w[2:], strict=True)
-        elif like.is_cpu and like.dtype in (torch.float16, torch.bfloat16) and _scale_ok(w0, like):
-            # CPU fp16/bf16: a Python-scalar multiply is slow there, add with alpha is not:
-            # sum_k w_k x_k = w0 * (x_0 + sum_k (w_k / w0) x_k), the last scaling done as
-            # res + (w0 - 1) * res in fp32 (error far below the storage precision)
-            res = torch._foreach_add(lists[0], lists[1], alpha=w[1] / w0)
-            for lst, wk in zip(lists[2:], w[2:], strict=True):
-                torch._foreach_add_(res, lst, alpha=wk / w0)
-            torch._foreach_add_(res, res, alpha=w0 - 1.0)
-            rest = iter(())
         else:
             res = torch._foreach_mul(lists[0], _factor(w[0], lists[0][0]))
             rest = zip(lists[1:], w[1:], strict=True)
