@@ -30,6 +30,7 @@ other permuted axis are stored with that axis first so that permuting them is a 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,8 +138,9 @@ class _Term:
     """One (param, axis segment) of a group: the cached A-side matrix and what B needs.
 
     With exactly one other permuted axis (the common case: Linear/conv weights) A and B are
-    stored as ``a_t``/``b_t`` of shape [K, r * n] (that axis first, the group's axis last),
-    so permuting B is a fast row gather and the cost is ``a_t.view(-1, n).T @ b_t[idx]``.
+    stored with that axis first and the group's axis last: ``a_t`` as a [K * r, n] matrix
+    (a view of A when the strides allow) and ``b_t`` as a contiguous [K, r * n] copy, so
+    permuting B is a fast row gather and the cost is ``a_t.T @ b_t[idx].view(-1, n)``.
     Otherwise ``a_mat`` is A's segment as an (n, m) matrix.
     """
 
@@ -146,7 +148,7 @@ class _Term:
     a_mat: Tensor | None  # (n, m): A's segment with the axis first (generic terms)
     other_axes: list[int]  # axes of the param (other than ref.axis) that carry a permutation
     numel: int = 0  # entries of A's segment (work estimate)
-    a_t: Tensor | None = None  # [K, r * n] (single other axis)
+    a_t: Tensor | None = None  # [K * r, n], any strides (single other axis)
     b_t: Tensor | None = None  # [K, r * n] (single other axis)
 
 
@@ -193,8 +195,14 @@ class _Plan:
                 others = sorted(ax for ax in self.refs_by_param[ref.param] if ax != ref.axis)
                 numel = _moved(self.a[ref.param], ref).numel()
                 if len(others) == 1:
-                    a_t = _other_first(self.a[ref.param], ref, n, others[0])
-                    b_t = _other_first(self.b[ref.param], ref, n, others[0])
+                    k = self.a[ref.param].shape[others[0]]
+                    a_view = _other_first(self.a[ref.param], ref, n, others[0])
+                    try:
+                        a_t = a_view.view(-1, n)  # no copy when the strides allow
+                    except RuntimeError:
+                        a_t = _other_first_copy(self.a[ref.param], ref, n, others[0])
+                        a_t = a_t.view(-1, n)
+                    b_t = _other_first_copy(self.b[ref.param], ref, n, others[0]).view(k, -1)
                     self.terms[g].append(_Term(ref, None, others, numel, a_t, b_t))
                 else:
                     a_mat = _axis_first(self.a[ref.param], ref, n)
@@ -286,7 +294,7 @@ class _Plan:
             assert term.b_t is not None
             idx = indices[term.other_axes[0]]
             bt = term.b_t if idx is None else term.b_t.index_select(0, idx)
-            return term.a_t.view(-1, n).T @ bt.view(-1, n)
+            return term.a_t.T @ bt.view(-1, n)
         assert term.a_mat is not None
         b_mat = self._b_mat(term, indices, n)
         if b_mat.shape[1] == 1:
@@ -415,7 +423,9 @@ class _Plan:
             new_idx = pos if new[ax] is None else new[ax][pos]
             diff = term.b_t.index_select(0, new_idx)
             diff -= term.b_t.index_select(0, old_idx)
-            total.addmm_(term.a_t.index_select(0, pos).view(-1, n).T, diff.view(-1, n))
+            r = term.a_t.shape[0] // term.b_t.shape[0]
+            rows = pos if r == 1 else (pos.view(-1, 1) * r + torch.arange(r)).reshape(-1)
+            total.addmm_(term.a_t.index_select(0, rows).T, diff.view(-1, n))
             return
         if len(changed) == 1:
             (ax, pos), = changed.items()
@@ -436,8 +446,8 @@ class _Plan:
         total.addmm_(term.a_mat, diff.T)
 
     def objective(self, perm: Permutation) -> float:
-        """J(perm), summed in float64 (products in the compute dtype); per-key inner
-        products are cached by group versions."""
+        """J(perm): per-key inner products in the compute dtype (float32: cascade sums),
+        added in float64; cached by group versions."""
         total = 0.0
         for k in self.cost_keys:
             groups = self._groups_of.get(k, [])
@@ -448,8 +458,8 @@ class _Plan:
                 b = self._permuted_b(k, {ax: self.axis_index(k, ax, perm) for ax in sorted(axes)})
                 if self.dtype == torch.float64:
                     value = float(torch.vdot(self.a[k].reshape(-1), b.reshape(-1)))
-                else:  # products in float32, summed in float64
-                    value = float((self.a[k] * b).sum(dtype=torch.float64))
+                else:  # float32 products, cascade-summed (torch's float reduction)
+                    value = float((self.a[k] * b).sum())
                 hit = (key, value)
                 self._dot[k] = hit
             total += hit[1]
@@ -502,13 +512,34 @@ def _moved_dim(axis: int, ref: _Ref) -> int:
 
 
 def _other_first(t: Tensor, ref: _Ref, n: int, axis: int) -> Tensor:
-    """Contiguous [K, r * n] copy of ``t``'s segment: ``axis`` (length K) first, the group's
-    n units last, everything else (``inner`` blocks, other dims) in between."""
+    """View of ``t``'s segment as [K, *r, n]: ``axis`` (length K) first, the group's n units
+    last, everything else (``inner`` blocks, other dims) in between."""
     m = _moved(t, ref)
     m = m.reshape(n, ref.inner, *m.shape[1:])
     d = _moved_dim(axis, ref) + 1
     order = [d] + [i for i in range(1, m.dim()) if i != d] + [0]
-    return m.permute(order).contiguous().reshape(m.shape[d], -1)
+    return m.permute(order)
+
+
+def _other_first_copy(t: Tensor, ref: _Ref, n: int, axis: int) -> Tensor:
+    """Contiguous copy of :func:`_other_first`. For a whole axis without ``inner`` blocks the
+    transpose is done on the fewest merged dimensions (a 2-D/3-D transpose copies several
+    times faster than the general N-D permute)."""
+    whole = ref.start == 0 and ref.stop == t.shape[ref.axis] and ref.inner == 1
+    if not (whole and t.is_contiguous()):
+        return _other_first(t, ref, n, axis).contiguous()
+    rest = [d for d in range(t.dim()) if d not in (axis, ref.axis)]
+    order = [axis, *rest, ref.axis]
+    groups: list[list[int]] = []
+    for d in order:
+        if groups and groups[-1][-1] + 1 == d:
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    src = sorted(groups, key=lambda g: g[0])
+    sizes = [math.prod(t.shape[d] for d in g) for g in src]
+    merged = t.reshape(sizes).permute([src.index(g) for g in groups]).contiguous()
+    return merged.reshape([t.shape[d] for d in order])
 
 
 def _axis_first(t: Tensor, ref: _Ref, n: int) -> Tensor:
