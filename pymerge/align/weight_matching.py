@@ -424,7 +424,9 @@ class _Plan:
             diff = term.b_t.index_select(0, new_idx)
             diff -= term.b_t.index_select(0, old_idx)
             r = term.a_t.shape[0] // term.b_t.shape[0]
-            rows = pos if r == 1 else (pos.view(-1, 1) * r + torch.arange(r)).reshape(-1)
+            if r > 1:
+                pos = (pos.view(-1, 1) * r + torch.arange(r, device=pos.device)).reshape(-1)
+            rows = pos
             total.addmm_(term.a_t.index_select(0, rows).T, diff.view(-1, n))
             return
         if len(changed) == 1:
@@ -806,8 +808,8 @@ def _step_heads(
     hs = plan.heads[name]
     h, d = hs.num_heads, hs.head_dim
     if known is not None:
-        known.update(hs.groups)
         costs = {g: plan.partial_cost(g, perm, known) for g in hs.groups}
+        known.update(hs.groups)
         tol = -float("inf")
     else:
         costs = {g: plan.cost(g, perm) for g in hs.groups}
