@@ -188,7 +188,7 @@ def merge_many(
             raise ValueError(f"states[{i}]: {exc}") from None
     keys = _cost_keys(spec, states[0])
     perms: list[Permutation] = [{g: torch.arange(n) for g, n in sizes.items()} for _ in states]
-    warm: list[WeightMatchingResult | Permutation] = list(perms)
+    warm: list[WeightMatchingResult | None] = [None] * k  # first match: greedy start
     aligned = [{key: s[key].detach().to(torch.float64) for key in states[0]
                 if torch.is_floating_point(s[key])} for s in states]
     for i, s in enumerate(states):
