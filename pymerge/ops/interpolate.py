@@ -272,12 +272,18 @@ def _group(
 # ----------------------------------------------------------------------------- interpolate
 
 
-def _factor(w: float, like: torch.Tensor) -> float | torch.Tensor:
-    """Multiplier for ``torch._foreach_mul``: on CPU, for fp32/fp64, a 0-d tensor of the same
-    dtype is ~2x faster than a Python scalar (no per-tensor scalar wrapping) and rounds the
-    same way; otherwise the Python scalar."""
-    if like.is_cpu and like.dtype in (torch.float32, torch.float64):
+def _factor(w: float, tensors: Sequence[torch.Tensor]) -> float | torch.Tensor:
+    """Multiplier for ``torch._foreach_mul``: on CPU a 0-d tensor is faster than a Python
+    scalar (no per-tensor scalar wrapping) and gives the same results (fp32/fp64: same dtype;
+    fp16/bf16: an fp32 factor, which torch reads in fp32, but only when no input is 0-d, as
+    two 0-d tensors would promote to fp32); otherwise the Python scalar."""
+    like = tensors[0]
+    if not like.is_cpu:
+        return w
+    if like.dtype in (torch.float32, torch.float64):
         return torch.tensor(w, dtype=like.dtype)
+    if like.dtype in (torch.float16, torch.bfloat16) and all(t.dim() for t in tensors):
+        return torch.tensor(w, dtype=torch.float32)
     return w
 
 
@@ -288,7 +294,7 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
         lists = [[t.to(cdt) for t in lst] for lst in lists]
     K = len(lists)
     if K == 1:
-        res = torch._foreach_mul(lists[0], _factor(w[0], lists[0][0]))
+        res = torch._foreach_mul(lists[0], _factor(w[0], lists[0]))
     elif K == 2 and w[0] == 1.0 - w[1]:  # interpolation: one op, one rounding
         res = torch._foreach_lerp(lists[0], lists[1], w[1])
     else:
@@ -296,7 +302,7 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
             res = torch._foreach_add(lists[0], lists[1], alpha=w[1])
             rest = zip(lists[2:], w[2:], strict=True)
         else:
-            res = torch._foreach_mul(lists[0], _factor(w[0], lists[0][0]))
+            res = torch._foreach_mul(lists[0], _factor(w[0], lists[0]))
             rest = zip(lists[1:], w[1:], strict=True)
         for lst, wk in rest:
             torch._foreach_add_(res, lst, alpha=wk)
