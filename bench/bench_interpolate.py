@@ -6,6 +6,7 @@ axis, then ``torch.lerp`` per key and alpha).
 
     pytest bench/bench_interpolate.py --benchmark-only      # pytest-benchmark
     python bench/bench_interpolate.py                       # table of medians and ratios
+    python bench/bench_interpolate.py --threads=1 resnet    # one thread, cases matching 'resnet'
 """
 
 from __future__ import annotations
@@ -181,7 +182,12 @@ def _interleaved(
 
 
 def main() -> None:
-    only = sys.argv[1:]  # optional substrings selecting cases
+    args = sys.argv[1:]
+    if args and args[0].startswith("--threads="):
+        # on a shared, oversubscribed machine OpenMP barriers wait for descheduled threads;
+        # --threads=1 gives steadier figures
+        torch.set_num_threads(int(args.pop(0).split("=", 1)[1]))
+    only = args  # optional substrings selecting cases
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'case':44s} {'impl':17s} {'median us':>10s} {'min us':>9s} {'peer/pymerge':>13s}")
     for case, impls in _CASES.items():
