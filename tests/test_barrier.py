@@ -96,6 +96,14 @@ def test_interpolate_state_direct_and_exact_endpoints():
     assert all(torch.equal(interpolate_state(a, b, 0.0)[k], a[k]) for k in a)
     assert all(torch.equal(interpolate_state(a, b, 1.0)[k], b[k]) for k in a
                if a[k].is_floating_point())
+    # mixed dtypes take the lerp path, in A's dtype
+    b64 = {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
+    mixed = interpolate_state(a, b64, 0.25)
+    for k in a:
+        assert mixed[k].dtype == a[k].dtype
+        if a[k].is_floating_point():
+            ref = (0.75 * a[k].double() + 0.25 * b64[k]).to(a[k].dtype)
+            assert torch.allclose(mixed[k], ref, atol=1e-6), k
     with pytest.raises(ValueError, match="0.weight"):
         interpolate_state(a, {**b, "0.weight": torch.zeros(2, 2)}, 0.5)
     with pytest.raises(ValueError, match="3.bias"):
