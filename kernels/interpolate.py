@@ -47,14 +47,15 @@ def _weighted_sum_kernel(
     chunk_ptr,  # int64 [C] tensor id of chunk c
     K: tl.constexpr,
     BLOCK: tl.constexpr,
-    VEC: tl.constexpr,  # alignment (elements) of every delta and out offset
+    VEC: tl.constexpr,  # alignment (elements) of every input delta: 16 bytes
+    VO: tl.constexpr,  # alignment (elements) of every out offset: 16 bytes
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_ptr + pid).to(tl.int64)
     first = tl.load(first_ptr + t)
     start = (pid - first) * BLOCK
     n = tl.load(numel_ptr + t)
-    oo = tl.multiple_of(tl.load(outoff_ptr + t), VEC)
+    oo = tl.multiple_of(tl.load(outoff_ptr + t), VO)
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if start + BLOCK <= n:
@@ -183,7 +184,6 @@ def weighted_sum_(
     deltas, numel_t, outoff, first, chunk = _tables_for(
         ptrs, numels, list(out_offsets), elsize, block, device
     )
-    vec = max(1, min(ALIGN_BYTES // elsize, ALIGN_BYTES // out_flat.element_size()))
     grid = (chunk.numel(),)
     if grid[0] == 0:
         return out_flat
@@ -199,7 +199,8 @@ def weighted_sum_(
         chunk,
         K=K,
         BLOCK=block,
-        VEC=vec,
+        VEC=max(1, ALIGN_BYTES // elsize),
+        VO=vo,
         num_warps=num_warps,
     )
     return out_flat

@@ -654,7 +654,7 @@ def ptx(fn, sig, cx, num_warps, divisible=()):
 
 i64 = ("delta_ptr", "numel_ptr", "outoff_ptr", "first_ptr", "chunk_ptr")
 sig = {"base_ptr": f"*{dt}", "out_ptr": f"*{dt}", "w_ptr": "*fp32", **{k: "*i64" for k in i64}}
-ws = ptx(ki._weighted_sum_kernel, sig, {"K": 2, "BLOCK": 4096, "VEC": vec}, 8)
+ws = ptx(ki._weighted_sum_kernel, sig, {"K": 2, "BLOCK": 4096, "VEC": vec, "VO": vec}, 8)
 sig = {"a_base": f"*{dt}", "b_base": f"*{dt}", "out_ptr": f"*{dt}", "alpha_ptr": "*fp32",
        "M": "i32", "out_stride": "i32", "tab_ptr": "*i64", "tile_ptr": "*i64", "map_ptr": "*i64"}
 cx = {"NF": 8, "BR": 4, "BC": 512, "SEG": 8192, "VA": vec, "VO": vec}
