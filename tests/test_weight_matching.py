@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
 from pymerge.align import WeightMatchingResult, matching_objective, weight_matching
@@ -541,3 +543,29 @@ def test_incremental_costs_equal_fresh_costs():
             matching_objective(spec, state, other, perm), rel=1e-12
         )
     assert plan.delta_updates > 0
+
+
+def test_progress_bar_runs(capsys):
+    spec, a = mlp_case(seed=0)
+    _, b = mlp_case(seed=1)
+    quiet = weight_matching(spec, a, b, seed=3)
+    loud = weight_matching(spec, a, b, seed=3, progress=True)
+    assert "weight matching" in capsys.readouterr().err
+    assert loud.history.objective == quiet.history.objective
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    st.integers(1, 6),
+    st.integers(0, 2**16),
+)
+def test_recovery_property(hidden, d_in, seed):
+    """Any MLP shape (incl. width-1 layers): a permuted copy is matched back exactly."""
+    dims = (d_in, *hidden, 3)
+    spec, a = mlp_case(dims=dims, seed=seed)
+    true = random_permutation(spec, a, seed=seed + 1)
+    b = apply_permutation(spec, true, a)
+    res = weight_matching(spec, a, b, seed=seed)
+    assert_state_equal(apply_permutation(spec, res.perm, b), a)
+    assert res.objective == pytest.approx(cost_norm(spec, a), rel=1e-12)
