@@ -691,3 +691,27 @@ def test_kernels_compile_to_128bit_accesses(dt, vec):
     assert ld >= 2 * per_thread and st >= per_thread, counts  # both inputs and the output
     ld, st = counts["permuted"]
     assert ld >= 2 * per_thread and st >= per_thread, counts  # A, contiguous-row B, output
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 5), max_size=3), min_size=1, max_size=4),
+    K=st.integers(1, 4),
+    dtype=st.sampled_from([F32, F16, BF16]),
+    data=st.data(),
+)
+def test_property_interpolate_random_dicts(shapes, K, dtype, data):
+    backends = ["torch"] + (["triton"] if _TRITON_OK else [])
+    g = _gen(data.draw(st.integers(0, 2**16)))
+    weights = data.draw(st.lists(st.floats(-2.0, 2.0), min_size=K, max_size=K))
+    states = [
+        {f"p{i}": torch.randn(s, generator=g).to(dtype) for i, s in enumerate(shapes)}
+        for _ in range(K)
+    ]
+    for be in backends:
+        out = interpolate(states, weights, backend=be)
+        for k in states[0]:
+            xs = [s[k].double() for s in states]
+            ref = sum(w * x for w, x in zip(weights, xs, strict=True))
+            scale = sum(abs(w) * x.abs() for w, x in zip(weights, xs, strict=True))
+            _assert_close(out[k], ref, scale, 1 if be == "triton" else K, (be, k, weights))
