@@ -25,7 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _mnist1d import evaluate, make_data, make_model, train  # noqa: E402
 
-from pymerge.align import weight_matching  # noqa: E402
+from pymerge.align import (  # noqa: E402
+    align_to_anchor,
+    average_aligned,
+    merge_many,
+    weight_matching,
+)
 from pymerge.landscape import (  # noqa: E402
     BARRIER_KINDS,
     error_barrier,
@@ -36,8 +41,11 @@ from pymerge.spec import apply_permutation  # noqa: E402
 
 
 def run(width=512, depth=3, samples=20_000, epochs=20, lr=0.05, points=25, seeds=(0, 1),
-        optimizer="sgd", verbose=True):
-    """Train two models, weight-match, and return a dict of barriers and timings."""
+        optimizer="sgd", three=False, verbose=True):
+    """Train two models (three with ``three=True``), weight-match, and return a dict of
+    barriers and timings."""
+    if three and len(seeds) < 3:
+        seeds = (*seeds, max(seeds) + 1)
     t0 = time.perf_counter()
     data = make_data(samples)
     states = []
@@ -47,7 +55,7 @@ def run(width=512, depth=3, samples=20_000, epochs=20, lr=0.05, points=25, seeds
         states.append(train(model, data, epochs=epochs, lr=lr, optimizer=optimizer, seed=seed))
     t_train = time.perf_counter() - t0
     spec = make_model(width, depth).spec()
-    a, b = states
+    a, b = states[:2]
     res = weight_matching(spec, a, b, seed=0)
     b_aligned = apply_permutation(spec, res.perm, b)
     model = make_model(width, depth)
@@ -67,6 +75,8 @@ def run(width=512, depth=3, samples=20_000, epochs=20, lr=0.05, points=25, seeds
         }
     naive, matched = out["naive"]["loss_rebasin"], out["weight matching"]["loss_rebasin"]
     out["loss_reduction"] = 1.0 - matched / naive
+    if three:
+        out["three"] = _three_models(spec, states[:3], model, eval_fn, points)
     if verbose:
         print(f"MNIST-1D, {samples} samples, MLP {depth}x{width}, {optimizer} lr={lr}, "
               f"{epochs} epochs "
@@ -84,7 +94,40 @@ def run(width=512, depth=3, samples=20_000, epochs=20, lr=0.05, points=25, seeds
                   + "".join(f"{row['error_' + k]:>16.4f}" for k in BARRIER_KINDS))
         print(f"test-loss barrier (Git Re-Basin definition) reduced by "
               f"{100 * out['loss_reduction']:.1f}%")
+        if three:
+            _print_three(out["three"])
     return out
+
+
+def _three_models(spec, states, model, eval_fn, points):
+    """Ito et al.'s setting: B and C matched to anchor A only; then the barrier between the
+    aligned B and C (never matched to each other), and merges of all three."""
+    perms = align_to_anchor(spec, states, anchor=0)
+    b_al, c_al = (apply_permutation(spec, p, s) for p, s in zip(perms[1:], states[1:],
+                                                                 strict=True))
+    out = {}
+    for name, (x, y) in (("B-C naive", (states[1], states[2])), ("B-C via anchor", (b_al, c_al))):
+        curve = interpolation_curve(model, x, y, eval_fn, points)
+        out[name] = {"loss_rebasin": loss_barrier(curve), "error_rebasin": error_barrier(curve)}
+    mm = merge_many(spec, states, seed=0)
+    for name, merged in (
+        ("average, unaligned", average_aligned(spec, states)),
+        ("average, anchored WM", average_aligned(spec, states, perms)),
+        ("MergeMany", mm.merged_state),
+    ):
+        model.load_state_dict(merged)
+        out[name] = eval_fn(model)
+    return out
+
+
+def _print_three(res):
+    print("three models (B, C matched to anchor A only):")
+    for name in ("B-C naive", "B-C via anchor"):
+        r = res[name]
+        print(f"  barrier {name:<16} loss {r['loss_rebasin']:.4f}  error {r['error_rebasin']:.4f}")
+    for name in ("average, unaligned", "average, anchored WM", "MergeMany"):
+        r = res[name]
+        print(f"  merged {name:<22} test loss {r['loss']:.4f}  accuracy {r['accuracy']:.4f}")
 
 
 def main() -> None:
@@ -96,13 +139,16 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--points", type=int, default=25)
+    p.add_argument("--three", action="store_true",
+                   help="also train a third model: transitive alignment through an anchor, "
+                        "and merges of all three (averaging, MergeMany)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: these small matrices gain little from more, "
                         "and a shared machine makes extra threads much slower)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run(args.width, args.depth, args.samples, args.epochs, args.lr, args.points,
-        optimizer=args.optimizer)
+        optimizer=args.optimizer, three=args.three)
 
 
 if __name__ == "__main__":
