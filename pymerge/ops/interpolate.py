@@ -18,6 +18,8 @@ Rules shared by both functions:
   general weights up to K roundings of the storage dtype (fp32 tensors: fp32 throughout;
   fp16/bf16: torch also rounds the ``alpha`` of ``add`` to the storage dtype, an error of
   the same size as one rounding per term).
+* **Weights and alphas** are applied as fp32 values (rounded to fp32 first) on both paths
+  (fp64 tensors, which always take the torch path: as fp64 values).
 * **Non-floating entries** (e.g. BatchNorm's ``num_batches_tracked``) are copied (cloned)
   from the first state dict (``state_a``); their shape and dtype must match across state
   dicts but their values may differ. Complex tensors are rejected.
