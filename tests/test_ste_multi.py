@@ -182,3 +182,35 @@ def test_multi_errors():
         average_aligned(spec, [a, a], weights=[1.0])
     with pytest.raises(ValueError, match="zero"):
         average_aligned(spec, [a, a], weights=[1.0, -1.0])
+
+
+def test_ste_with_batchnorm_does_not_touch_inputs():
+    from pymerge.models import CNN
+
+    torch.manual_seed(0)
+    model = CNN(3, (4, 6), num_classes=3, norm="bn", image_size=6)
+    a = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    b = {k: v.clone() for k, v in CNN(3, (4, 6), num_classes=3, norm="bn",
+                                      image_size=6).state_dict().items()}
+    a0 = {k: v.clone() for k, v in a.items()}
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    model.train()
+    res = ste_matching(model, a, b, [(x, y)] * 3, F.cross_entropy, spec=model.spec())
+    for k in a:
+        assert torch.equal(a[k], a0[k]), k
+    assert len(res.history.loss) == 3 and model.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_weight_matching_on_cuda_matches_cpu():
+    from pymerge.align import weight_matching
+
+    spec, a = random_state(7)
+    _, b = random_state(8)
+    cpu = weight_matching(spec, a, b, seed=0)
+    gpu = weight_matching(spec, {k: v.cuda() for k, v in a.items()},
+                          {k: v.cuda() for k, v in b.items()}, seed=0)
+    assert gpu.objective == pytest.approx(cpu.objective, rel=1e-5)
+    for g in cpu.perm:
+        assert torch.equal(gpu.perm[g].cpu(), cpu.perm[g])
