@@ -19,6 +19,11 @@ _EXPORTS: dict[str, str] = {
     "linear_sum_assignment_batch": "pymerge.ops.assignment",
     "AssignmentResult": "pymerge.ops.assignment",
     "solve_assignment": "pymerge.ops.assignment",
+    # fused primitives (issue 3)
+    "CorrelationAccumulator": "pymerge.ops",
+    "correlation": "pymerge.ops",
+    "interpolate": "pymerge.ops",
+    "permuted_interpolate": "pymerge.ops",
     # permutation specs (issue 4)
     "PermutationSpec": "pymerge.spec",
     "AxisRef": "pymerge.spec",
@@ -49,9 +54,17 @@ _EXPORTS: dict[str, str] = {
     "merge_many": "pymerge.align",
     "repair": "pymerge.align",
     "reset_bn_stats": "pymerge.align",
+    "matching_objective": "pymerge.align",
+    "average_aligned": "pymerge.align",
+    "MergeManyResult": "pymerge.align",
+    "SteResult": "pymerge.align",
+    "interpolation_curve": "pymerge.landscape",
+    "Curve": "pymerge.landscape",
+    "loss_barrier": "pymerge.landscape",
+    "error_barrier": "pymerge.landscape",
 }
 
-_SUBMODULES = ("ops", "spec", "align", "kernels", "landscape", "models")
+_SUBMODULES = ("ops", "spec", "align", "kernels", "landscape", "models", "cli")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

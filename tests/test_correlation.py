@@ -445,7 +445,7 @@ def test_mixed_dtypes_promote_and_numpy_inputs():
     assert got64.dtype == torch.float32 and _err(got64, _ref(xa, xb)["corr"]) < 1e-5
     got_np = correlation(xa.cpu().numpy(), xb.cpu().numpy())
     assert _err(got_np, _ref(xa, xb)["corr"]) < 1e-5
-    # `pymerge.ops.correlation` may resolve to the module of the same name: it is callable
+    # `pymerge.ops.correlation` names the function even after the submodule was imported
     assert ops.CorrelationAccumulator is CorrelationAccumulator
     assert torch.equal(ops.correlation(xa, xb), correlation(xa, xb))
 

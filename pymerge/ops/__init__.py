@@ -1,31 +1,30 @@
 """Thin fronts over the fast primitives; each picks native, Triton or torch.
 
-Submodules are imported lazily so that ``import pymerge.ops`` does not import
-Triton or build anything.
+The fronts are imported eagerly (they need only numpy and torch); Triton kernels and
+the C++ extension are loaded lazily by the fronts themselves. Eager imports also keep
+``pymerge.ops.correlation`` / ``pymerge.ops.interpolate`` naming the functions: the
+submodules of the same names are reachable through ``sys.modules`` and ``from
+pymerge.ops.correlation import ...``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pymerge.ops.assignment import (
+    AssignmentResult,
+    linear_sum_assignment,
+    linear_sum_assignment_batch,
+    solve_assignment,
+)
+from pymerge.ops.correlation import CorrelationAccumulator, correlation
+from pymerge.ops.interpolate import interpolate, permuted_interpolate
 
-_EXPORTS: dict[str, str] = {
-    "linear_sum_assignment": "pymerge.ops.assignment",
-    "linear_sum_assignment_batch": "pymerge.ops.assignment",
-    "AssignmentResult": "pymerge.ops.assignment",
-    "solve_assignment": "pymerge.ops.assignment",
-    "CorrelationAccumulator": "pymerge.ops.correlation",
-    "correlation": "pymerge.ops.correlation",
-    "interpolate": "pymerge.ops.interpolate",
-    "permuted_interpolate": "pymerge.ops.interpolate",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pymerge.ops' has no attribute {name!r}")
+__all__ = [
+    "AssignmentResult",
+    "CorrelationAccumulator",
+    "correlation",
+    "interpolate",
+    "linear_sum_assignment",
+    "linear_sum_assignment_batch",
+    "permuted_interpolate",
+    "solve_assignment",
+]

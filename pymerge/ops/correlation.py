@@ -52,8 +52,6 @@ Conventions
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
 
 import numpy as np
@@ -620,14 +618,3 @@ def correlation(
     acc.update(x_a, x_b, feature_dim=feature_dim)
     return acc.correlation()
 
-
-class _CallableModule(types.ModuleType):
-    """``pymerge.ops.correlation`` names both this module and the function :func:`correlation`;
-    once the module is imported, the package attribute is the module, so calling it
-    forwards to the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return correlation(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -645,14 +644,3 @@ def permuted_interpolate(
     ]
     return result if many else result[0]
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule makes ``pymerge.ops.interpolate`` name the module (Python sets
-    the parent's attribute), shadowing the function of the same name that ``pymerge.ops``
-    exports; calling the module calls the function, so both spellings keep working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return interpolate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
