@@ -155,8 +155,9 @@ def single_rows(sizes, repeats: int) -> list[dict[str, object]]:
                     continue
                 c, mx = make_cost(kind, n, dtype)
                 # more repeats where a solve is short: medians stay stable on a busy machine
-                reps = max(1, repeats * 3 if n <= 1024 else repeats if n <= 2048 else
-                           (repeats + 1) // 2)
+                reps = max(
+                    1, repeats * 3 if n <= 1024 else repeats if n <= 2048 else (repeats + 1) // 2
+                )
                 fns = {"pymerge": pymerge_solver(c, mx), **peer_solvers(c, mx, n)}
                 peers = interleaved_ms(fns, reps, warmup=0 if n >= 4096 else 1)
                 ours = peers.pop("pymerge")
@@ -284,8 +285,10 @@ def run_table(sizes=DEFAULT_SIZES, repeats: int = 5, quick: bool = False) -> str
         repeats = min(repeats, 3)
     rows = single_rows(sizes, repeats)
     rows += batch_rows(200 if quick else 1000, repeats)
-    rows += warm_rows((min(sizes[-1], 1024),) if quick else (1024, 4096 if 4096 in sizes else 2048),
-                      4 if quick else 8)
+    rows += warm_rows(
+        (min(sizes[-1], 1024),) if quick else (1024, 4096 if 4096 in sizes else 2048),
+        4 if quick else 8,
+    )
     return machine_line() + "\n\n" + render(rows)
 
 

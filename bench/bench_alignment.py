@@ -105,8 +105,7 @@ def test_pymerge(benchmark, case):
 
     spec, a, b = ma.spec(), ma.state_dict(), mb.state_dict()
     benchmark.group = f"weight matching {name}"
-    benchmark.pedantic(lambda: weight_matching(spec, a, b), rounds=5, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(lambda: weight_matching(spec, a, b), rounds=5, iterations=1, warmup_rounds=1)
 
 
 def test_rebasin(benchmark, case):
@@ -121,8 +120,9 @@ def test_rebasin(benchmark, case):
         pcd = rebasin.PermutationCoordinateDescent(ma, copy.deepcopy(mb), x)
         return (pcd,), {}
 
-    benchmark.pedantic(lambda pcd: pcd.calculate_permutations(100), setup=setup, rounds=3,
-                       iterations=1)
+    benchmark.pedantic(
+        lambda pcd: pcd.calculate_permutations(100), setup=setup, rounds=3, iterations=1
+    )
 
 
 # --------------------------------------------------------------------------- script
@@ -147,8 +147,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     header = f"{'case':<12}{'implementation':<28}{'median s':>10}{'objective':>16}{'speed-up':>10}"
     print(header)
     print("-" * len(header))
@@ -156,12 +158,15 @@ def main() -> None:
         ma, mb, x = make_case(name)
         run_pymerge(ma, mb)  # warm-up (imports, allocator)
         t_pm, (_, obj_pm) = _median(lambda ma=ma, mb=mb: run_pymerge(ma, mb), args.repeats)
-        t_pp, (_, obj_pp) = _median(lambda ma=ma, mb=mb: run_pymerge(ma, mb, greedy=False),
-                                    args.repeats)
+        t_pp, (_, obj_pp) = _median(
+            lambda ma=ma, mb=mb: run_pymerge(ma, mb, greedy=False), args.repeats
+        )
         t_64, (_, obj_64) = _median(
-            lambda ma=ma, mb=mb: run_pymerge(ma, mb, dtype=torch.float64), args.repeats)
-        t_rb, (_, obj_rb, t_trace) = _median(lambda ma=ma, mb=mb, x=x: run_rebasin(ma, mb, x),
-                                             args.rebasin_repeats)
+            lambda ma=ma, mb=mb: run_pymerge(ma, mb, dtype=torch.float64), args.repeats
+        )
+        t_rb, (_, obj_rb, t_trace) = _median(
+            lambda ma=ma, mb=mb, x=x: run_rebasin(ma, mb, x), args.rebasin_repeats
+        )
         rows = [
             ("pymerge (default)", t_pm, obj_pm),
             ("pymerge (greedy=False)", t_pp, obj_pp),

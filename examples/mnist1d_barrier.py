@@ -40,8 +40,18 @@ from pymerge.landscape import (  # noqa: E402
 from pymerge.spec import apply_permutation  # noqa: E402
 
 
-def run(width=512, depth=3, samples=20_000, epochs=20, lr=0.05, points=25, seeds=(0, 1),
-        optimizer="sgd", three=False, verbose=True):
+def run(
+    width=512,
+    depth=3,
+    samples=20_000,
+    epochs=20,
+    lr=0.05,
+    points=25,
+    seeds=(0, 1),
+    optimizer="sgd",
+    three=False,
+    verbose=True,
+):
     """Train two models (three with ``three=True``), weight-match, and return a dict of
     barriers and timings."""
     if three and len(seeds) < 3:
@@ -63,8 +73,11 @@ def run(width=512, depth=3, samples=20_000, epochs=20, lr=0.05, points=25, seeds
     def eval_fn(m):
         return evaluate(m, data.x_test, data.y_test)
 
-    out = {"train_seconds": t_train, "wm_seconds": res.history.total_seconds,
-           "wm_iterations": res.history.iterations}
+    out = {
+        "train_seconds": t_train,
+        "wm_seconds": res.history.total_seconds,
+        "wm_iterations": res.history.iterations,
+    }
     for name, other in (("naive", b), ("weight matching", b_aligned)):
         curve = interpolation_curve(model, a, other, eval_fn, points)
         out[name] = {
@@ -78,22 +91,34 @@ def run(width=512, depth=3, samples=20_000, epochs=20, lr=0.05, points=25, seeds
     if three:
         out["three"] = _three_models(spec, states[:3], model, eval_fn, points)
     if verbose:
-        print(f"MNIST-1D, {samples} samples, MLP {depth}x{width}, {optimizer} lr={lr}, "
-              f"{epochs} epochs "
-              f"(training {t_train:.1f}s, weight matching {out['wm_seconds']:.2f}s, "
-              f"{out['wm_iterations']} sweeps)")
+        print(
+            f"MNIST-1D, {samples} samples, MLP {depth}x{width}, {optimizer} lr={lr}, "
+            f"{epochs} epochs "
+            f"(training {t_train:.1f}s, weight matching {out['wm_seconds']:.2f}s, "
+            f"{out['wm_iterations']} sweeps)"
+        )
         acc = out["naive"]["endpoint_acc"]
         loss = out["naive"]["endpoint_loss"]
-        print(f"endpoints: test loss {loss[0]:.4f} / {loss[1]:.4f}, "
-              f"accuracy {acc[0]:.4f} / {acc[1]:.4f}")
-        print(f"{'path':<16}" + "".join(f"{'loss ' + k:>16}" for k in BARRIER_KINDS)
-              + "".join(f"{'error ' + k:>16}" for k in BARRIER_KINDS))
+        print(
+            f"endpoints: test loss {loss[0]:.4f} / {loss[1]:.4f}, "
+            f"accuracy {acc[0]:.4f} / {acc[1]:.4f}"
+        )
+        print(
+            f"{'path':<16}"
+            + "".join(f"{'loss ' + k:>16}" for k in BARRIER_KINDS)
+            + "".join(f"{'error ' + k:>16}" for k in BARRIER_KINDS)
+        )
         for name in ("naive", "weight matching"):
             row = out[name]
-            print(f"{name:<16}" + "".join(f"{row['loss_' + k]:>16.4f}" for k in BARRIER_KINDS)
-                  + "".join(f"{row['error_' + k]:>16.4f}" for k in BARRIER_KINDS))
-        print(f"test-loss barrier (Git Re-Basin definition) reduced by "
-              f"{100 * out['loss_reduction']:.1f}%")
+            print(
+                f"{name:<16}"
+                + "".join(f"{row['loss_' + k]:>16.4f}" for k in BARRIER_KINDS)
+                + "".join(f"{row['error_' + k]:>16.4f}" for k in BARRIER_KINDS)
+            )
+        print(
+            f"test-loss barrier (Git Re-Basin definition) reduced by "
+            f"{100 * out['loss_reduction']:.1f}%"
+        )
         if three:
             _print_three(out["three"])
     return out
@@ -103,8 +128,7 @@ def _three_models(spec, states, model, eval_fn, points):
     """Ito et al.'s setting: B and C matched to anchor A only; then the barrier between the
     aligned B and C (never matched to each other), and merges of all three."""
     perms = align_to_anchor(spec, states, anchor=0)
-    b_al, c_al = (apply_permutation(spec, p, s) for p, s in zip(perms[1:], states[1:],
-                                                                 strict=True))
+    b_al, c_al = (apply_permutation(spec, p, s) for p, s in zip(perms[1:], states[1:], strict=True))
     out = {}
     for name, (x, y) in (("B-C naive", (states[1], states[2])), ("B-C via anchor", (b_al, c_al))):
         curve = interpolation_curve(model, x, y, eval_fn, points)
@@ -139,16 +163,31 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--points", type=int, default=25)
-    p.add_argument("--three", action="store_true",
-                   help="also train a third model: transitive alignment through an anchor, "
-                        "and merges of all three (averaging, MergeMany)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: these small matrices gain little from more, "
-                        "and a shared machine makes extra threads much slower)")
+    p.add_argument(
+        "--three",
+        action="store_true",
+        help="also train a third model: transitive alignment through an anchor, "
+        "and merges of all three (averaging, MergeMany)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: these small matrices gain little from more, "
+        "and a shared machine makes extra threads much slower)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    run(args.width, args.depth, args.samples, args.epochs, args.lr, args.points,
-        optimizer=args.optimizer, three=args.three)
+    run(
+        args.width,
+        args.depth,
+        args.samples,
+        args.epochs,
+        args.lr,
+        args.points,
+        optimizer=args.optimizer,
+        three=args.three,
+    )
 
 
 if __name__ == "__main__":

@@ -36,16 +36,20 @@ def demo(argv: list[str] | None = None) -> int:
     rows, cols = pymerge.linear_sum_assignment(cost)
     print("\nlinear_sum_assignment of")
     print(cost)
-    print(f"-> row_ind {rows.tolist()}, col_ind {cols.tolist()}, "
-          f"total {cost[rows, cols].sum():g}  (same as scipy.optimize.linear_sum_assignment)")
+    print(
+        f"-> row_ind {rows.tolist()}, col_ind {cols.tolist()}, "
+        f"total {cost[rows, cols].sum():g}  (same as scipy.optimize.linear_sum_assignment)"
+    )
 
     print("\nQuick comparison on this machine (pymerge bench --full for more):", flush=True)
     t0 = time.perf_counter()
     rows_ = _demo.quick_comparison(DEMO_SIZES, repeat=3, batch=DEMO_BATCH, warm_n=DEMO_WARM_N)
     print(_demo.format_table(rows_))
-    print(f"\n't / t(pymerge)' = time over pymerge's (above 1: pymerge faster); "
-          f"lapx only minimises, so maximised costs are negated before timing it. "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"\n't / t(pymerge)' = time over pymerge's (above 1: pymerge faster); "
+        f"lapx only minimises, so maximised costs are negated before timing it. "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     return 0 if all(r.ok for r in rows_) else 1
 
 

@@ -93,11 +93,14 @@ def choose_kernels(backend: str | None = None, *tensors: torch.Tensor) -> Kernel
         return "triton" if on_cuda and triton_error() is None else "torch"
     # forced triton
     if triton_error() is not None:
-        raise RuntimeError(f"backend 'triton' was requested but triton does not import: {triton_error()}")
+        raise RuntimeError(
+            f"backend 'triton' was requested but triton does not import: {triton_error()}"
+        )
     if not on_cuda and not triton_interpret():
         raise RuntimeError(
             "backend 'triton' was requested for CPU tensors; set TRITON_INTERPRET=1 "
-            "(before importing triton) to run the kernels in the interpreter, or move the tensors to CUDA"
+            "(before importing triton) to run the kernels in the interpreter, "
+            "or move the tensors to CUDA"
         )
     return "triton"
 

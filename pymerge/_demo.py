@@ -98,8 +98,10 @@ def _bench_batch(shape: tuple[int, int, int], repeat: int, rng, threads: int | N
         return float(costs[np.arange(shape[0])[:, None], rows, cols].sum())
 
     if resolve_backend() == "native":
-        t, v = _median_time(lambda: total(*linear_sum_assignment_batch(
-            costs, backend="native", threads=threads)), repeat)
+        t, v = _median_time(
+            lambda: total(*linear_sum_assignment_batch(costs, backend="native", threads=threads)),
+            repeat,
+        )
         out.append(Timing(case, "pymerge", t, v))
     few = min(shape[0], 100)  # the fallback is slow: time a slice, scale to the batch
     t, _ = _median_time(lambda: linear_sum_assignment_batch(costs[:few], backend="torch"), 1)

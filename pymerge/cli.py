@@ -117,8 +117,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _warn_plugin(name: str, exc: BaseException) -> None:
-    print(f"pymerge: commands from {name} unavailable ({type(exc).__name__}: {exc})",
-          file=sys.stderr)
+    print(
+        f"pymerge: commands from {name} unavailable ({type(exc).__name__}: {exc})", file=sys.stderr
+    )
 
 
 def _load_plugins() -> None:
@@ -161,7 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # bad input: one clear line, no traceback
+        print(f"pymerge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

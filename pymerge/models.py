@@ -27,8 +27,9 @@ def _act(name: str) -> nn.Module:
     return _ACTS[name]()
 
 
-def make_norm(norm: str | None, channels: int, *, gn_groups: int = 4,
-              shape: Sequence[int] | None = None) -> nn.Module:
+def make_norm(
+    norm: str | None, channels: int, *, gn_groups: int = 4, shape: Sequence[int] | None = None
+) -> nn.Module:
     """``"bn"`` BatchNorm2d, ``"gn"`` GroupNorm(gn_groups), ``"ln"`` LayerNorm over
     ``shape`` (C, H, W) if given else GroupNorm(1, C), ``"none"``/None Identity."""
     if norm in (None, "none"):
@@ -48,8 +49,14 @@ class MLP(nn.Sequential):
     """``flatten -> fc0 -> act0 -> ... -> out``. Input ``[N, *]`` flattened to ``in_dim``;
     output ``[N, out_dim]``. Spec: :meth:`spec` (groups ``fc{i}``)."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int] = (512, 512, 512), out_dim: int = 10,
-                 act: str = "relu", bias: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int] = (512, 512, 512),
+        out_dim: int = 10,
+        act: str = "relu",
+        bias: bool = True,
+    ) -> None:
         hidden = list(hidden)
         if not hidden:
             raise ValueError("MLP needs at least one hidden layer")
@@ -77,22 +84,32 @@ class CNN(nn.Module):
     global average pooling or flatten of the last C x H x W map; optional hidden Linear
     ``fc``/``fc_act``; classifier ``out``. Input ``[N, in_channels, image_size, image_size]``."""
 
-    def __init__(self, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64),
-                 num_classes: int = 10, norm: str = "bn", image_size: int = 32,
-                 pool: str = "global", hidden: int | None = None, gn_groups: int = 4,
-                 act: str = "relu") -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: Sequence[int] = (16, 32, 64),
+        num_classes: int = 10,
+        norm: str = "bn",
+        image_size: int = 32,
+        pool: str = "global",
+        hidden: int | None = None,
+        gn_groups: int = 4,
+        act: str = "relu",
+    ) -> None:
         super().__init__()
         if pool not in ("global", "flatten"):
             raise ValueError(f"pool must be 'global' or 'flatten', got {pool!r}")
-        self.cfg = dict(widths=tuple(widths), norm=norm, pool=pool, hidden=hidden,
-                        gn_groups=gn_groups)
+        self.cfg = dict(
+            widths=tuple(widths), norm=norm, pool=pool, hidden=hidden, gn_groups=gn_groups
+        )
         prev, size = in_channels, image_size
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2
             size = _conv_out(size, stride)
             self.add_module(f"conv{i}", nn.Conv2d(prev, w, 3, stride=stride, padding=1))
-            self.add_module(f"norm{i}", make_norm(norm, w, gn_groups=gn_groups,
-                                                  shape=(w, size, size)))
+            self.add_module(
+                f"norm{i}", make_norm(norm, w, gn_groups=gn_groups, shape=(w, size, size))
+            )
             self.add_module(f"act{i}", _act(act))
             prev = w
         self.n_conv = len(widths)
@@ -120,17 +137,23 @@ class CNN(nn.Module):
 
     def spec(self) -> PermutationSpec:
         c = self.cfg
-        return cnn_spec(c["widths"], norm=c["norm"], pool=c["pool"], hidden=c["hidden"],
-                        spatial=self.spatial if c["pool"] == "flatten" else 1,
-                        gn_groups=c["gn_groups"])
+        return cnn_spec(
+            c["widths"],
+            norm=c["norm"],
+            pool=c["pool"],
+            hidden=c["hidden"],
+            spatial=self.spatial if c["pool"] == "flatten" else 1,
+            gn_groups=c["gn_groups"],
+        )
 
 
 class BasicBlock(nn.Module):
     """torchvision-style BasicBlock (param names conv1, bn1, conv2, bn2, downsample.0/.1).
     Uses two ReLU modules (``relu`` inside, ``relu2`` after the residual add)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, norm: str = "bn",
-                 gn_groups: int = 4) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int = 1, norm: str = "bn", gn_groups: int = 4
+    ) -> None:
         super().__init__()
         bias = norm in (None, "none")
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
@@ -142,7 +165,8 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride=stride, bias=bias),
-                make_norm(norm, cout, gn_groups=gn_groups))
+                make_norm(norm, cout, gn_groups=gn_groups),
+            )
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,30 +177,49 @@ class BasicBlock(nn.Module):
 
 
 class _ResNet(nn.Module):
-    def __init__(self, stem: nn.Module | None, stem_width: int, widths: Sequence[int],
-                 blocks: Sequence[int], strides: Sequence[int], num_classes: int, norm: str,
-                 gn_groups: int, in_channels: int, stem_kernel: int) -> None:
+    def __init__(
+        self,
+        stem: nn.Module | None,
+        stem_width: int,
+        widths: Sequence[int],
+        blocks: Sequence[int],
+        strides: Sequence[int],
+        num_classes: int,
+        norm: str,
+        gn_groups: int,
+        in_channels: int,
+        stem_kernel: int,
+    ) -> None:
         super().__init__()
         bias = norm in (None, "none")
         pad = stem_kernel // 2
         stride = 2 if stem_kernel == 7 else 1
-        self.conv1 = nn.Conv2d(in_channels, stem_width, stem_kernel, stride=stride, padding=pad,
-                               bias=bias)
+        self.conv1 = nn.Conv2d(
+            in_channels, stem_width, stem_kernel, stride=stride, padding=pad, bias=bias
+        )
         self.bn1 = make_norm(norm, stem_width, gn_groups=gn_groups)
         self.relu = nn.ReLU()
         self.maxpool = stem if stem is not None else nn.Identity()
         prev = stem_width
         for s, (w, nb, st) in enumerate(zip(widths, blocks, strides, strict=True)):
-            layer = nn.Sequential(*[
-                BasicBlock(prev if b == 0 else w, w, st if b == 0 else 1, norm, gn_groups)
-                for b in range(nb)])
+            layer = nn.Sequential(
+                *[
+                    BasicBlock(prev if b == 0 else w, w, st if b == 0 else 1, norm, gn_groups)
+                    for b in range(nb)
+                ]
+            )
             self.add_module(f"layer{s + 1}", layer)
             prev = w
         self.n_stages = len(widths)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(prev, num_classes)
-        self._cfg = dict(widths=tuple(widths), blocks=tuple(blocks), stem_width=stem_width,
-                         norm=norm, gn_groups=gn_groups)
+        self._cfg = dict(
+            widths=tuple(widths),
+            blocks=tuple(blocks),
+            stem_width=stem_width,
+            norm=norm,
+            gn_groups=gn_groups,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -186,22 +229,36 @@ class _ResNet(nn.Module):
 
     def spec(self) -> PermutationSpec:
         c = self._cfg
-        ds = [getattr(self, f"layer{s + 1}")[0].downsample is not None
-              for s in range(self.n_stages)]
-        return resnet_spec(c["widths"], c["blocks"], stem_width=c["stem_width"], norm=c["norm"],
-                           gn_groups=c["gn_groups"], downsample=ds)
+        ds = [
+            getattr(self, f"layer{s + 1}")[0].downsample is not None for s in range(self.n_stages)
+        ]
+        return resnet_spec(
+            c["widths"],
+            c["blocks"],
+            stem_width=c["stem_width"],
+            norm=c["norm"],
+            gn_groups=c["gn_groups"],
+            downsample=ds,
+        )
 
 
 class ResNet20(_ResNet):
     """CIFAR ResNet-20: 3x3 stem (16w), stages of 3 BasicBlocks at 16w/32w/64w (strides
     1/2/2), 1x1-conv projection shortcuts, global pooling, ``fc``. Input ``[N, 3, H, W]``."""
 
-    def __init__(self, width_multiplier: int = 1, num_classes: int = 10, norm: str = "bn",
-                 gn_groups: int = 4, in_channels: int = 3, blocks: Sequence[int] = (3, 3, 3)
-                 ) -> None:
+    def __init__(
+        self,
+        width_multiplier: int = 1,
+        num_classes: int = 10,
+        norm: str = "bn",
+        gn_groups: int = 4,
+        in_channels: int = 3,
+        blocks: Sequence[int] = (3, 3, 3),
+    ) -> None:
         w = [16 * width_multiplier, 32 * width_multiplier, 64 * width_multiplier]
-        super().__init__(None, w[0], w, blocks, (1, 2, 2), num_classes, norm, gn_groups,
-                         in_channels, 3)
+        super().__init__(
+            None, w[0], w, blocks, (1, 2, 2), num_classes, norm, gn_groups, in_channels, 3
+        )
 
 
 class ResNet18(_ResNet):
@@ -209,20 +266,43 @@ class ResNet18(_ResNet):
     ``maxpool``, ``layer1..4`` of 2 BasicBlocks at width, 2w, 4w, 8w, ``avgpool``, ``fc``.
     ``width=64`` gives torchvision's shapes."""
 
-    def __init__(self, num_classes: int = 1000, width: int = 64, norm: str = "bn",
-                 gn_groups: int = 4, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        width: int = 64,
+        norm: str = "bn",
+        gn_groups: int = 4,
+        in_channels: int = 3,
+    ) -> None:
         w = [width, 2 * width, 4 * width, 8 * width]
-        super().__init__(nn.MaxPool2d(3, 2, 1), width, w, (2, 2, 2, 2), (1, 2, 2, 2),
-                         num_classes, norm, gn_groups, in_channels, 7)
+        super().__init__(
+            nn.MaxPool2d(3, 2, 1),
+            width,
+            w,
+            (2, 2, 2, 2),
+            (1, 2, 2, 2),
+            num_classes,
+            norm,
+            gn_groups,
+            in_channels,
+            7,
+        )
 
 
 class VGG(nn.Module):
     """Small VGG: ``features`` = Sequential of Conv3x3 [+ norm] + ReLU and ``"M"`` max-pools,
     flatten, ``classifier`` = [Linear(C*H*W, hidden), ReLU, Linear(hidden, num_classes)]."""
 
-    def __init__(self, cfg: Sequence[int | str] = (16, "M", 32, "M", 64, "M"),
-                 num_classes: int = 10, norm: str | None = "bn", in_channels: int = 3,
-                 image_size: int = 32, hidden: int = 64, gn_groups: int = 4) -> None:
+    def __init__(
+        self,
+        cfg: Sequence[int | str] = (16, "M", 32, "M", 64, "M"),
+        num_classes: int = 10,
+        norm: str | None = "bn",
+        in_channels: int = 3,
+        image_size: int = 32,
+        hidden: int = 64,
+        gn_groups: int = 4,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev, size = in_channels, image_size
@@ -233,14 +313,16 @@ class VGG(nn.Module):
                 continue
             layers.append(nn.Conv2d(prev, int(c), 3, padding=1))
             if norm not in (None, "none"):
-                layers.append(make_norm(norm, int(c), gn_groups=gn_groups,
-                                        shape=(int(c), size, size)))
+                layers.append(
+                    make_norm(norm, int(c), gn_groups=gn_groups, shape=(int(c), size, size))
+                )
             layers.append(nn.ReLU())
             prev = int(c)
         self.features = nn.Sequential(*layers)
         self.spatial = size * size
-        self.classifier = nn.Sequential(nn.Linear(prev * self.spatial, hidden), nn.ReLU(),
-                                        nn.Linear(hidden, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(prev * self.spatial, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
         self._cfg = dict(cfg=tuple(cfg), norm=norm, hidden=hidden, gn_groups=gn_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,8 +330,13 @@ class VGG(nn.Module):
 
     def spec(self) -> PermutationSpec:
         c = self._cfg
-        return vgg_spec(c["cfg"], norm=c["norm"], spatial=self.spatial, hidden=c["hidden"],
-                        gn_groups=c["gn_groups"])
+        return vgg_spec(
+            c["cfg"],
+            norm=c["norm"],
+            spatial=self.spatial,
+            hidden=c["hidden"],
+            gn_groups=c["gn_groups"],
+        )
 
 
 class GPTMLP(nn.Module):
@@ -286,13 +373,22 @@ class TinyGPT(nn.Module):
     GELU MLP), final ``ln_f`` and ``head`` (no bias). Input ``[N, T]`` int64 tokens with
     ``T <= max_len``; output logits ``[N, T, vocab]``."""
 
-    def __init__(self, vocab: int = 64, d_model: int = 32, n_heads: int = 4, n_layers: int = 2,
-                 max_len: int = 64, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab: int = 64,
+        d_model: int = 32,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        max_len: int = 64,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.tok_emb = nn.Embedding(vocab, d_model)
         self.pos_emb = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
-        self.blocks = nn.ModuleList([GPTBlock(d_model, n_heads, mlp_ratio * d_model, dropout)
-                                     for _ in range(n_layers)])
+        self.blocks = nn.ModuleList(
+            [GPTBlock(d_model, n_heads, mlp_ratio * d_model, dropout) for _ in range(n_layers)]
+        )
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         mask = torch.triu(torch.ones(max_len, max_len, dtype=torch.bool), diagonal=1)

@@ -126,9 +126,7 @@ def test_matches_scipy_on_many_small_problems(backend, kind):
             np.testing.assert_array_equal(cols, ref[1])
 
 
-@pytest.mark.parametrize(
-    "shape", [(37, 37), (64, 200), (200, 64), (129, 130), (150, 150)]
-)
+@pytest.mark.parametrize("shape", [(37, 37), (64, 200), (200, 64), (129, 130), (150, 150)])
 @pytest.mark.parametrize("kind", ["uniform", "int100", "inf"])
 def test_matches_scipy_on_medium_problems(backend, shape, kind):
     rng = np.random.default_rng(shape[0] * 1000 + shape[1])
@@ -552,8 +550,15 @@ def test_malformed_warm_starts(backend):
         (solve_assignment(rng.random((5, 6)), backend=backend), r"shape \(5, 6\)"),
         (solve_assignment(c, True, backend=backend), "maximize=True"),
         (
-            AssignmentResult(res.row_ind, res.col_ind, 0.0, (5, 5), False, "torch",
-                             np.array([0.0, np.nan, 0, 0, 0])),
+            AssignmentResult(
+                res.row_ind,
+                res.col_ind,
+                0.0,
+                (5, 5),
+                False,
+                "torch",
+                np.array([0.0, np.nan, 0, 0, 0]),
+            ),
             "col_duals must be finite",
         ),
         (
@@ -590,8 +595,9 @@ def test_batch_equals_loop(backend, shape):
 def test_batch_torch_float32_and_threads(backend):
     gen = torch.Generator().manual_seed(1)
     stack = torch.rand(50, 16, 16, generator=gen)
-    rows, cols = linear_sum_assignment_batch(stack.transpose(1, 2), True, backend=backend,
-                                             threads=1)
+    rows, cols = linear_sum_assignment_batch(
+        stack.transpose(1, 2), True, backend=backend, threads=1
+    )
     assert isinstance(rows, torch.Tensor) and rows.dtype == torch.int64
     for b in range(50):
         c = stack[b].T.double().numpy()

@@ -78,8 +78,7 @@ def _tiny():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     a = {k: v.clone() for k, v in model.state_dict().items()}
-    b = {k: (v + torch.randn(v.shape)) if v.is_floating_point() else v + 5
-         for k, v in a.items()}
+    b = {k: (v + torch.randn(v.shape)) if v.is_floating_point() else v + 5 for k, v in a.items()}
     return model, a, b
 
 
@@ -94,8 +93,9 @@ def test_interpolate_state_direct_and_exact_endpoints():
             else:
                 assert torch.equal(th[k], a[k])
     assert all(torch.equal(interpolate_state(a, b, 0.0)[k], a[k]) for k in a)
-    assert all(torch.equal(interpolate_state(a, b, 1.0)[k], b[k]) for k in a
-               if a[k].is_floating_point())
+    assert all(
+        torch.equal(interpolate_state(a, b, 1.0)[k], b[k]) for k in a if a[k].is_floating_point()
+    )
     # mixed dtypes take the lerp path, in A's dtype
     b64 = {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
     mixed = interpolate_state(a, b64, 0.25)

@@ -28,8 +28,12 @@ def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if t.is_floating_point() and (name.endswith(("running_mean", "running_var"))
-                                          or t.ndim == 1 or "norm" in name or "bn" in name):
+            if t.is_floating_point() and (
+                name.endswith(("running_mean", "running_var"))
+                or t.ndim == 1
+                or "norm" in name
+                or "bn" in name
+            ):
                 noise = torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
                 if name.endswith("running_var"):
                     t.copy_(0.5 + noise)
@@ -37,8 +41,9 @@ def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
                     t.add_(noise - 0.5)
 
 
-def check_invariance(model: torch.nn.Module, x: torch.Tensor, spec, *, train: bool = False,
-                     seed: int = 0) -> None:
+def check_invariance(
+    model: torch.nn.Module, x: torch.Tensor, spec, *, train: bool = False, seed: int = 0
+) -> None:
     model = model.double()
     _perturb_norms(model, seed)
     if x.is_floating_point():
@@ -81,8 +86,10 @@ MODELS = {
     "mlp": (lambda: MLP(12, (8, 9, 10), 3), torch.randn(5, 12)),
     "mlp_gelu_nobias": (lambda: MLP(7, (6, 5), 4, act="gelu", bias=False), torch.randn(3, 7)),
     "cnn_bn_global": (lambda: CNN(3, (8, 12, 16), 5, "bn", image_size=10), IMG),
-    "cnn_bn_flatten": (lambda: CNN(3, (8, 12), 5, "bn", image_size=10, pool="flatten",
-                                   hidden=7), IMG),
+    "cnn_bn_flatten": (
+        lambda: CNN(3, (8, 12), 5, "bn", image_size=10, pool="flatten", hidden=7),
+        IMG,
+    ),
     "cnn_ln_flatten": (lambda: CNN(3, (8, 12), 5, "ln", image_size=10, pool="flatten"), IMG),
     "cnn_gn": (lambda: CNN(3, (8, 12), 5, "gn", image_size=10, hidden=6), IMG),
     "cnn_none": (lambda: CNN(3, (8, 12), 5, "none", image_size=10, pool="flatten"), IMG),
@@ -90,14 +97,22 @@ MODELS = {
     "resnet20_gn": (lambda: ResNet20(1, 10, norm="gn", blocks=(1, 1, 1)), IMG),
     "resnet20_ln": (lambda: ResNet20(1, 10, norm="ln", blocks=(1, 1, 1)), IMG),
     "resnet18": (lambda: ResNet18(10, width=8), torch.randn(2, 3, 16, 16)),
-    "vgg_bn": (lambda: VGG((8, "M", 12, 12, "M"), image_size=12, hidden=9),
-               torch.randn(3, 3, 12, 12)),
-    "vgg_gn": (lambda: VGG((8, "M", 12, "M"), norm="gn", image_size=12, hidden=9),
-               torch.randn(3, 3, 12, 12)),
-    "vgg_plain": (lambda: VGG((8, "M", 12, "M"), norm=None, image_size=12, hidden=9),
-                  torch.randn(3, 3, 12, 12)),
-    "tinygpt": (lambda: TinyGPT(vocab=20, d_model=16, n_heads=4, n_layers=2, max_len=10),
-                torch.randint(0, 20, (3, 7))),
+    "vgg_bn": (
+        lambda: VGG((8, "M", 12, 12, "M"), image_size=12, hidden=9),
+        torch.randn(3, 3, 12, 12),
+    ),
+    "vgg_gn": (
+        lambda: VGG((8, "M", 12, "M"), norm="gn", image_size=12, hidden=9),
+        torch.randn(3, 3, 12, 12),
+    ),
+    "vgg_plain": (
+        lambda: VGG((8, "M", 12, "M"), norm=None, image_size=12, hidden=9),
+        torch.randn(3, 3, 12, 12),
+    ),
+    "tinygpt": (
+        lambda: TinyGPT(vocab=20, d_model=16, n_heads=4, n_layers=2, max_len=10),
+        torch.randint(0, 20, (3, 7)),
+    ),
 }
 BN_MODELS = {"cnn_bn_global", "cnn_bn_flatten", "resnet20", "resnet18", "vgg_bn"}
 
@@ -108,8 +123,11 @@ def test_permuted_model_same_function(name: str, source: str) -> None:
     torch.manual_seed(0)
     make, x = MODELS[name]
     model = make().double()
-    spec = model.spec() if source == "builder" else _traced(model, x.double()
-                                                               if x.is_floating_point() else x)
+    spec = (
+        model.spec()
+        if source == "builder"
+        else _traced(model, x.double() if x.is_floating_point() else x)
+    )
     check_invariance(model, x, spec, train=False, seed=1)
     if name in BN_MODELS:
         check_invariance(make().double(), x, spec, train=True, seed=2)

@@ -220,12 +220,14 @@ def test_simd_env_override():
     code = "import pymerge._lap as l; print(l.__simd__)"
     for want in SIMD:
         env = {**os.environ, "PYMERGE_LAP_SIMD": want}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         assert out.stdout.strip() == want
     env = {**os.environ, "PYMERGE_LAP_SIMD": "bogus"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == SIMD[-1]  # unknown value: the best supported path
 
 

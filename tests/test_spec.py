@@ -39,23 +39,27 @@ def _mlp_state(widths=(4, 5, 3, 2), seed=0):
 
 # ----------------------------------------------------------------------------- data
 def test_constructor_accepts_tuples_and_derives_inverse() -> None:
-    spec = PermutationSpec({"b": [("x.weight", 0), ("y.weight", 1)], "a": [AxisRef("z", 0)]},
-                           free=["y.bias"])
+    spec = PermutationSpec(
+        {"b": [("x.weight", 0), ("y.weight", 1)], "a": [AxisRef("z", 0)]}, free=["y.bias"]
+    )
     assert spec.groups() == ["a", "b"]
     assert spec.axes_to_perm["y.weight"] == [(AxisRef("y.weight", 1), "b")]
     assert spec.perm_to_axes["b"][0] == AxisRef("x.weight", 0, 0, None, 1)
     assert spec.free == frozenset({"y.bias"})
 
 
-@pytest.mark.parametrize("bad, err", [
-    ({"g": []}, ValueError),
-    ({"g": [("w",)]}, TypeError),
-    ({"g": [("w", 0, -1)]}, ValueError),
-    ({"g": [("w", 0, 4, 2)]}, ValueError),
-    ({"g": [("w", 0, 0, None, 0)]}, ValueError),
-    ({"g": [("w", 1.0)]}, TypeError),
-    ({"": [("w", 0)]}, TypeError),
-])
+@pytest.mark.parametrize(
+    "bad, err",
+    [
+        ({"g": []}, ValueError),
+        ({"g": [("w",)]}, TypeError),
+        ({"g": [("w", 0, -1)]}, ValueError),
+        ({"g": [("w", 0, 4, 2)]}, ValueError),
+        ({"g": [("w", 0, 0, None, 0)]}, ValueError),
+        ({"g": [("w", 1.0)]}, TypeError),
+        ({"": [("w", 0)]}, TypeError),
+    ],
+)
 def test_constructor_rejects_bad_groups(bad, err) -> None:
     with pytest.raises(err):
         PermutationSpec(bad)
@@ -67,8 +71,10 @@ def test_constructor_rejects_inconsistent_metadata() -> None:
     with pytest.raises(ValueError, match="unknown group 'h'"):
         PermutationSpec({"g": [("w", 0)]}, heads={"s": HeadStructure(2, 2, ("h",))})
     with pytest.raises(ValueError, match="two head structures"):
-        PermutationSpec({"g": [("w", 0)]}, heads={"s": HeadStructure(2, 2, ("g",)),
-                                                  "t": HeadStructure(1, 4, ("g",))})
+        PermutationSpec(
+            {"g": [("w", 0)]},
+            heads={"s": HeadStructure(2, 2, ("g",)), "t": HeadStructure(1, 4, ("g",))},
+        )
     with pytest.raises(ValueError, match="unknown group 'h'"):
         PermutationSpec({"g": [("w", 0)]}, activation_points={"h": ("m", 1)})
 
@@ -100,8 +106,7 @@ def test_validate_names_the_problem() -> None:
         spec.validate({**sd, "extra": torch.zeros(2)})
     with pytest.raises(TypeError, match="'fc0.bias'"):
         spec.validate({**sd, "fc0.bias": [1.0] * 5})
-    wrong_axis = spec.with_groups({"fc0": [("fc0.weight", 2), ("fc0.bias", 0),
-                                           ("fc1.weight", 1)]})
+    wrong_axis = spec.with_groups({"fc0": [("fc0.weight", 2), ("fc0.bias", 0), ("fc1.weight", 1)]})
     with pytest.raises(ValueError, match="group 'fc0'.*axis 2 out of range"):
         wrong_axis.validate(sd)
     sizes = spec.with_groups({"fc0": [("fc0.weight", 0), ("fc0.bias", 0), ("fc1.weight", 0)]})
@@ -113,12 +118,12 @@ def test_validate_names_the_problem() -> None:
     inner = spec.with_groups({"fc0": [("fc0.weight", 0, 0, None, 2)]})
     with pytest.raises(ValueError, match="multiple of inner"):
         inner.validate(sd)
-    overlap = PermutationSpec({**spec.perm_to_axes, "x": [("fc1.weight", 0, 1, 2)]},
-                              free=spec.free)
+    overlap = PermutationSpec({**spec.perm_to_axes, "x": [("fc1.weight", 0, 1, 2)]}, free=spec.free)
     with pytest.raises(ValueError, match="overlap"):
         overlap.validate(sd)
-    heads = PermutationSpec(spec.perm_to_axes, free=spec.free,
-                            heads={"h": HeadStructure(2, 2, ("fc0",))})
+    heads = PermutationSpec(
+        spec.perm_to_axes, free=spec.free, heads={"h": HeadStructure(2, 2, ("fc0",))}
+    )
     with pytest.raises(ValueError, match="head structure 'h'.*size 5"):
         heads.validate(sd)
     with pytest.raises(ValueError, match="'nope' is declared free"):
@@ -127,17 +132,22 @@ def test_validate_names_the_problem() -> None:
 
 def test_negative_axes_are_resolved() -> None:
     sd = _mlp_state()
-    spec = PermutationSpec({"fc0": [("fc0.weight", -2), ("fc0.bias", -1), ("fc1.weight", -1)],
-                            "fc1": [("fc1.weight", 0), ("fc1.bias", 0), ("out.weight", 1)]},
-                           free=["out.bias"])
+    spec = PermutationSpec(
+        {
+            "fc0": [("fc0.weight", -2), ("fc0.bias", -1), ("fc1.weight", -1)],
+            "fc1": [("fc1.weight", 0), ("fc1.bias", 0), ("out.weight", 1)],
+        },
+        free=["out.bias"],
+    )
     perm = random_permutation(spec, sd, 3)
     ref = apply_permutation(mlp_spec(2), perm, sd)
     got = apply_permutation(spec, perm, sd)
     for k in sd:
         assert torch.equal(ref[k], got[k])
     norm = spec.normalized(sd)
-    assert all(r.axis >= 0 and r.stop is not None for refs in norm.perm_to_axes.values()
-               for r in refs)
+    assert all(
+        r.axis >= 0 and r.stop is not None for refs in norm.perm_to_axes.values() for r in refs
+    )
 
 
 # ----------------------------------------------------------------------------- permutations
@@ -162,8 +172,10 @@ def test_bad_permutations_name_the_group() -> None:
 
 
 def test_head_structure_enforced() -> None:
-    spec = PermutationSpec({"qk": [("q", 0), ("k", 0)], "vo": [("v", 0)]},
-                           heads={"attn": HeadStructure(2, 3, ("qk", "vo"))})
+    spec = PermutationSpec(
+        {"qk": [("q", 0), ("k", 0)], "vo": [("v", 0)]},
+        heads={"attn": HeadStructure(2, 3, ("qk", "vo"))},
+    )
     sd = {"q": torch.randn(6, 2), "k": torch.randn(6, 2), "v": torch.randn(6, 2)}
     for seed in range(5):
         p = random_permutation(spec, sd, seed)
@@ -226,10 +238,13 @@ def test_invert_and_compose() -> None:
         compose_permutations(spec, p, {})
 
 
-@pytest.mark.parametrize("make", [
-    lambda: TinyGPT(13, 8, 2, 2, 5),
-    lambda: CNN(3, (4, 6), 3, "bn", image_size=5, pool="flatten", hidden=5),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TinyGPT(13, 8, 2, 2, 5),
+        lambda: CNN(3, (4, 6), 3, "bn", image_size=5, pool="flatten", hidden=5),
+    ],
+)
 def test_index_map_and_permute_param_match_apply(make) -> None:
     model = make()
     sd = model.state_dict()
@@ -292,8 +307,12 @@ def test_activation_point_type() -> None:
 
 # ----------------------------------------------------------------------------- property
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(1, 7), min_size=1, max_size=4), st.integers(1, 6),
-       st.integers(1, 5), st.integers(0, 2**31 - 1))
+@given(
+    st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    st.integers(1, 6),
+    st.integers(1, 5),
+    st.integers(0, 2**31 - 1),
+)
 def test_random_mlp_widths_invariance(hidden, din, dout, seed) -> None:
     torch.manual_seed(seed % 1000)
     model = MLP(din, hidden, dout).double()
@@ -307,8 +326,10 @@ def test_random_mlp_widths_invariance(hidden, din, dout, seed) -> None:
     torch.testing.assert_close(model(x), other(x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CPU twin: "
-                    "test_index_map_and_permute_param_match_apply)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device (CPU twin: test_index_map_and_permute_param_match_apply)",
+)
 def test_apply_on_cuda_state_with_cpu_permutation() -> None:
     model = TinyGPT(13, 8, 2, 1, 5)
     sd = model.state_dict()

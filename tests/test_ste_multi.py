@@ -191,8 +191,10 @@ def test_ste_with_batchnorm_does_not_touch_inputs():
     model = CNN(3, (4, 6), num_classes=3, norm="bn", image_size=6)
     a = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(1)
-    b = {k: v.clone() for k, v in CNN(3, (4, 6), num_classes=3, norm="bn",
-                                      image_size=6).state_dict().items()}
+    b = {
+        k: v.clone()
+        for k, v in CNN(3, (4, 6), num_classes=3, norm="bn", image_size=6).state_dict().items()
+    }
     a0 = {k: v.clone() for k, v in a.items()}
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
     model.train()
@@ -209,8 +211,9 @@ def test_weight_matching_on_cuda_matches_cpu():
     spec, a = random_state(7)
     _, b = random_state(8)
     cpu = weight_matching(spec, a, b, seed=0)
-    gpu = weight_matching(spec, {k: v.cuda() for k, v in a.items()},
-                          {k: v.cuda() for k, v in b.items()}, seed=0)
+    gpu = weight_matching(
+        spec, {k: v.cuda() for k, v in a.items()}, {k: v.cuda() for k, v in b.items()}, seed=0
+    )
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-5)
     for g in cpu.perm:
         assert torch.equal(gpu.perm[g].cpu(), cpu.perm[g])

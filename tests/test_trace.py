@@ -22,8 +22,13 @@ from pymerge.spec import (
 )
 
 
-def _same_function(model: nn.Module, spec: PermutationSpec, *inputs: torch.Tensor,
-                   train: bool = False, seed: int = 0) -> dict:
+def _same_function(
+    model: nn.Module,
+    spec: PermutationSpec,
+    *inputs: torch.Tensor,
+    train: bool = False,
+    seed: int = 0,
+) -> dict:
     model = model.double().train(train)
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -39,8 +44,10 @@ def _same_function(model: nn.Module, spec: PermutationSpec, *inputs: torch.Tenso
 def _canon(spec: PermutationSpec) -> set:
     """Groups as sets of axis refs (names ignored) plus head structures."""
     groups = {g: frozenset(spec.perm_to_axes[g]) for g in spec.groups()}
-    heads = {(h.num_heads, h.head_dim, frozenset(groups[g] for g in h.groups))
-             for h in spec.heads.values()}
+    heads = {
+        (h.num_heads, h.head_dim, frozenset(groups[g] for g in h.groups))
+        for h in spec.heads.values()
+    }
     return set(groups.values()), heads
 
 
@@ -48,8 +55,9 @@ def _canon(spec: PermutationSpec) -> set:
 class TVBasicBlock(nn.Module):
     """A verbatim-structure torchvision BasicBlock: one ReLU module used twice."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -86,10 +94,13 @@ class TVResNet18(nn.Module):
     def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes))
-        layers = [TVBasicBlock(self.inplanes, planes, stride, downsample),
-                  TVBasicBlock(planes, planes)]
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers = [
+            TVBasicBlock(self.inplanes, planes, stride, downsample),
+            TVBasicBlock(planes, planes),
+        ]
         self.inplanes = planes
         return nn.Sequential(*layers)
 
@@ -115,8 +126,10 @@ def test_torchvision_style_resnet18_traced() -> None:
     _same_function(model, spec, x, seed=1)
     _same_function(copy.deepcopy(model), spec, x, train=True, seed=2)
     # the reused ReLU module is never an activation point (it fires twice per forward)
-    assert all(ap.module.split(".")[-1] != "relu" or ap.module == "relu"
-               for ap in spec.activation_points.values())
+    assert all(
+        ap.module.split(".")[-1] != "relu" or ap.module == "relu"
+        for ap in spec.activation_points.values()
+    )
 
 
 # --------------------------------------------------------------- activation points
@@ -127,8 +140,11 @@ def _check_activation_points(model: nn.Module, spec: PermutationSpec, x: torch.T
     handles = []
     for ap in spec.activation_points.values():
         assert ap.module in mods, ap.module
-        handles.append(mods[ap.module].register_forward_hook(
-            lambda m, i, o, name=ap.module: seen.setdefault(name, []).append(o.shape)))
+        handles.append(
+            mods[ap.module].register_forward_hook(
+                lambda m, i, o, name=ap.module: seen.setdefault(name, []).append(o.shape)
+            )
+        )
     with torch.no_grad():
         model.eval()(x)
     for h in handles:
@@ -141,8 +157,10 @@ def _check_activation_points(model: nn.Module, spec: PermutationSpec, x: torch.T
 
 REFERENCE = {
     "mlp": (lambda: MLP(12, (8, 9), 3), torch.randn(2, 12)),
-    "cnn": (lambda: CNN(3, (8, 12), 5, "gn", image_size=8, pool="flatten", hidden=6),
-            torch.randn(2, 3, 8, 8)),
+    "cnn": (
+        lambda: CNN(3, (8, 12), 5, "gn", image_size=8, pool="flatten", hidden=6),
+        torch.randn(2, 3, 8, 8),
+    ),
     "resnet20": (lambda: ResNet20(1, 10, blocks=(1, 1, 1)), torch.randn(2, 3, 8, 8)),
     "resnet18": (lambda: ResNet18(5, width=8), torch.randn(2, 3, 16, 16)),
     "tv_resnet18": (lambda: TVResNet18(), torch.randn(2, 3, 16, 16)),
@@ -182,8 +200,13 @@ def test_tinygpt_traced_heads_and_segments() -> None:
     assert segs == [(0, 16), (16, 32)]
     # the residual stream includes embeddings, positional parameter, every LN and the head
     res = {(r.param, r.axis) for r in spec.perm_to_axes["tok_emb"]}
-    assert {("tok_emb.weight", 1), ("pos_emb", 1), ("ln_f.weight", 0), ("head.weight", 1),
-            ("blocks.1.ln2.bias", 0)} <= res
+    assert {
+        ("tok_emb.weight", 1),
+        ("pos_emb", 1),
+        ("ln_f.weight", 0),
+        ("head.weight", 1),
+        ("blocks.1.ln2.bias", 0),
+    } <= res
     perm = random_permutation(spec, model.state_dict(), 0)
     for h in spec.heads.values():  # whole heads move together, same head perm for qk and vo
         hp = [perm[g].view(4, 4) // 4 for g in h.groups]
@@ -258,8 +281,14 @@ def test_permute_transpose_custom_norm() -> None:
         warnings.simplefilter("error")
         spec = spec_from_model(model, x)
     stem = {(r.param, r.axis) for r in spec.perm_to_axes["stem"]}
-    assert {("dw.weight", 0), ("ln.weight", 0), ("fc1.weight", 1), ("fc2.weight", 0),
-            ("gamma", 0), ("cls.weight", 1)} <= stem
+    assert {
+        ("dw.weight", 0),
+        ("ln.weight", 0),
+        ("fc1.weight", 1),
+        ("fc2.weight", 0),
+        ("gamma", 0),
+        ("cls.weight", 1),
+    } <= stem
     assert "fc1" in spec.perm_to_axes
     _same_function(model, spec, x, seed=5)
 
@@ -514,9 +543,13 @@ def test_elementwise_ops_keep_groups() -> None:
 
 
 @settings(max_examples=6, deadline=None)
-@given(st.lists(st.integers(2, 6), min_size=1, max_size=3),
-       st.sampled_from(["bn", "ln", "gn", "none"]), st.sampled_from(["global", "flatten"]),
-       st.one_of(st.none(), st.integers(2, 5)), st.integers(0, 1000))
+@given(
+    st.lists(st.integers(2, 6), min_size=1, max_size=3),
+    st.sampled_from(["bn", "ln", "gn", "none"]),
+    st.sampled_from(["global", "flatten"]),
+    st.one_of(st.none(), st.integers(2, 5)),
+    st.integers(0, 1000),
+)
 def test_random_cnn_traced_equals_builder(widths, norm, pool, hidden, seed) -> None:
     widths = [2 * w for w in widths]  # even widths: GroupNorm(2) fits
     torch.manual_seed(seed)
@@ -537,8 +570,9 @@ class NanoAttention(nn.Module):
         self.c_attn = nn.Linear(d, 3 * d)
         self.c_proj = nn.Linear(d, d)
         self.n_heads, self.d, self.sdpa = n_heads, d, sdpa
-        self.register_buffer("tril", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16),
-                             persistent=False)
+        self.register_buffer(
+            "tril", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.size()
@@ -598,17 +632,27 @@ def test_handwritten_attention_heads_and_swiglu(sdpa: bool) -> None:
     assert (h.num_heads, h.head_dim) == (4, 4)
     qk, vo = h.groups
     qk_refs = {(r.param, r.axis, r.start, r.stop) for r in spec.perm_to_axes[qk]}
-    assert {("attn.c_attn.weight", 0, 0, 16), ("attn.c_attn.weight", 0, 16, 32),
-            ("attn.c_attn.bias", 0, 0, 16)} <= qk_refs
+    assert {
+        ("attn.c_attn.weight", 0, 0, 16),
+        ("attn.c_attn.weight", 0, 16, 32),
+        ("attn.c_attn.bias", 0, 0, 16),
+    } <= qk_refs
     vo_refs = {(r.param, r.axis, r.start, r.stop) for r in spec.perm_to_axes[vo]}
     assert {("attn.c_attn.weight", 0, 32, 48), ("attn.c_proj.weight", 1, 0, None)} <= vo_refs
     # SwiGLU halves share one permutation (a * silu(g) is elementwise)
     glu = {(r.param, r.axis, r.start, r.stop) for r in spec.perm_to_axes["mlp.w12[0]"]}
-    assert {("mlp.w12.weight", 0, 0, 48), ("mlp.w12.weight", 0, 48, 96),
-            ("mlp.w3.weight", 1, 0, None)} <= glu
+    assert {
+        ("mlp.w12.weight", 0, 0, 48),
+        ("mlp.w12.weight", 0, 48, 96),
+        ("mlp.w3.weight", 1, 0, None),
+    } <= glu
     res = {(r.param, r.axis) for r in spec.perm_to_axes["wte"]}
-    assert {("wpe.weight", 1), ("attn.c_attn.weight", 1), ("attn.c_proj.weight", 0),
-            ("lm_head.weight", 1)} <= res
+    assert {
+        ("wpe.weight", 1),
+        ("attn.c_attn.weight", 1),
+        ("attn.c_proj.weight", 0),
+        ("lm_head.weight", 1),
+    } <= res
     perm = _same_function(model, spec, idx, seed=12)
     hp = [perm[g].view(4, 4) // 4 for g in h.groups]
     assert torch.equal(hp[0], hp[1]) and bool((hp[0] == hp[0][:, :1]).all())
@@ -660,7 +704,9 @@ def test_functional_linear_with_parameters() -> None:
         spec = spec_from_model(model, x)
     groups = {g: {(r.param, r.axis) for r in refs} for g, refs in spec.perm_to_axes.items()}
     assert sorted(groups.values(), key=len) == [
-        {("w2", 1), ("w3", 1)}, {("w1", 0), ("b1", 0), ("w2", 0)}]
+        {("w2", 1), ("w3", 1)},
+        {("w1", 0), ("b1", 0), ("w2", 0)},
+    ]
     _same_function(model, spec, x, seed=13)
 
 
@@ -698,10 +744,15 @@ def test_module_zoo() -> None:
         warnings.simplefilter("error")
         spec = spec_from_model(model, x)
     c1 = {(r.param, r.axis) for r in spec.perm_to_axes["c1"]}
-    assert {("c1.weight", 0), ("bn1.running_var", 0), ("act1.weight", 0),
-            ("ct.weight", 0)} <= c1
+    assert {("c1.weight", 0), ("bn1.running_var", 0), ("act1.weight", 0), ("ct.weight", 0)} <= c1
     ct = {(r.param, r.axis) for r in spec.perm_to_axes["ct"]}
-    assert {("ct.weight", 1), ("ct.bias", 0), ("inorm.weight", 0), ("dw.weight", 0),
-            ("dw.bias", 0), ("fc.weight", 1)} <= ct
+    assert {
+        ("ct.weight", 1),
+        ("ct.bias", 0),
+        ("inorm.weight", 0),
+        ("dw.weight", 0),
+        ("dw.bias", 0),
+        ("fc.weight", 1),
+    } <= ct
     _same_function(model, spec, x, seed=14)
     _same_function(copy.deepcopy(model), spec, x, train=True, seed=15)

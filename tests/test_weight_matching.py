@@ -442,12 +442,14 @@ def reference_weight_matching(spec, state_a, state_b, max_iter=100, seed=0, gree
         if it == 0 and greedy:
             known, left = set(), list(names)
             for _ in names:
+
                 def weight(p, known=known):
                     return sum(
                         a[ref.param].size
                         for ref in spec.perm_to_axes[p]
                         if ref.param not in spec.no_cost and other_groups(ref) <= known
                     )
+
                 best = max(left, key=lambda p: (weight(p), -names.index(p)))
                 left.remove(best)
                 n = sizes[best]
@@ -474,9 +476,7 @@ def reference_weight_matching(spec, state_a, state_b, max_iter=100, seed=0, gree
             perm[p] = ci
         if not progress:
             break
-    objective = sum(
-        float((a[k] * permuted(k)).sum()) for k in a if k not in spec.no_cost
-    )
+    objective = sum(float((a[k] * permuted(k)).sum()) for k in a if k not in spec.no_cost)
     return perm, objective
 
 

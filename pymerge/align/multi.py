@@ -189,8 +189,14 @@ def merge_many(
     keys = _cost_keys(spec, states[0])
     perms: list[Permutation] = [{g: torch.arange(n) for g, n in sizes.items()} for _ in states]
     warm: list[WeightMatchingResult | None] = [None] * k  # first match: greedy start
-    aligned = [{key: s[key].detach().to(torch.float64) for key in states[0]
-                if torch.is_floating_point(s[key])} for s in states]
+    aligned = [
+        {
+            key: s[key].detach().to(torch.float64)
+            for key in states[0]
+            if torch.is_floating_point(s[key])
+        }
+        for s in states
+    ]
     for i, s in enumerate(states):
         for key, v in s.items():
             if not torch.is_floating_point(v):
@@ -212,12 +218,15 @@ def merge_many(
             wm_its = 0
             for i in torch.randperm(k, generator=gen).tolist():
                 others = {key: (total[key] - aligned[i][key]) / (k - 1) for key in keys}
-                target = {
-                    key: others.get(key, aligned[i][key]) for key in aligned[i]
-                }
+                target = {key: others.get(key, aligned[i][key]) for key in aligned[i]}
                 res = weight_matching(
-                    spec, target, states[i], max_iter=wm_max_iter, init=warm[i],
-                    seed=seed + 1000003 * (sweep + 1) + i, backend=backend,
+                    spec,
+                    target,
+                    states[i],
+                    max_iter=wm_max_iter,
+                    init=warm[i],
+                    seed=seed + 1000003 * (sweep + 1) + i,
+                    backend=backend,
                 )
                 wm_its += res.history.iterations
                 warm[i] = res

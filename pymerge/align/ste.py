@@ -149,7 +149,12 @@ def ste_matching(
                 current = dict(a_detached)
                 current.update({k: v.detach() for k, v in free.items()})
                 wm = weight_matching(
-                    spec, current, state_b, max_iter=wm_max_iter, init=prev, seed=seed,
+                    spec,
+                    current,
+                    state_b,
+                    max_iter=wm_max_iter,
+                    init=prev,
+                    seed=seed,
                     backend=backend,
                 )
                 prev = wm

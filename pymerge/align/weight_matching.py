@@ -358,9 +358,7 @@ class _Plan:
         if not terms:
             return None
         n = self.sizes[group]
-        cur = [
-            {ax: self.axis_index(t.ref.param, ax, perm) for ax in t.other_axes} for t in terms
-        ]
+        cur = [{ax: self.axis_index(t.ref.param, ax, perm) for ax in t.other_axes} for t in terms]
         cached = self._cost.get(group)
         if cached is not None and cached[2] < _REFRESH_EVERY:
             total, used, updates = cached
@@ -383,7 +381,7 @@ class _Plan:
                     continue
                 work.append((i, changed))
                 if len(changed) == 1:
-                    (ax, pos), = changed.items()
+                    ((ax, pos),) = changed.items()
                     delta_flops += flops * pos.numel() / self.b[term.ref.param].shape[ax]
                 else:
                     delta_flops += flops
@@ -418,7 +416,7 @@ class _Plan:
         ref = term.ref
         if term.a_t is not None:
             assert term.b_t is not None
-            (ax, pos), = changed.items()
+            ((ax, pos),) = changed.items()
             old_idx = pos if old[ax] is None else old[ax][pos]
             new_idx = pos if new[ax] is None else new[ax][pos]
             diff = term.b_t.index_select(0, new_idx)
@@ -430,7 +428,7 @@ class _Plan:
             total.addmm_(term.a_t.index_select(0, rows).T, diff.view(-1, n))
             return
         if len(changed) == 1:
-            (ax, pos), = changed.items()
+            ((ax, pos),) = changed.items()
             d = _moved_dim(ax, ref)
             b_base = _moved(self.b[ref.param], ref)
             for a2, idx in new.items():
@@ -585,9 +583,7 @@ def _validate(
     return dict(sizes)
 
 
-def _check_perm(
-    init: Mapping[str, Tensor], plan: _Plan
-) -> Permutation:
+def _check_perm(init: Mapping[str, Tensor], plan: _Plan) -> Permutation:
     perm: Permutation = {}
     for g in init:
         if g not in plan.sizes:

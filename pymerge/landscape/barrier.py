@@ -103,8 +103,7 @@ def interpolate_state(
             for k, a in state_a.items()
         }
     same = all(
-        a.dtype == state_b[k].dtype and a.device == state_b[k].device
-        for k, a in state_a.items()
+        a.dtype == state_b[k].dtype and a.device == state_b[k].device for k, a in state_a.items()
     )
     if same:  # the fused weighted sum (Triton on GPU, torch otherwise)
         from pymerge.ops.interpolate import interpolate

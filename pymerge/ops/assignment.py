@@ -127,8 +127,9 @@ def _to_numpy(cost: Array, what: str = "cost matrix") -> tuple[np.ndarray, torch
 def _prepare(arr: np.ndarray, ndim: int, what: str) -> np.ndarray:
     if arr.ndim != ndim:
         kind = "matrix (2-D array)" if ndim == 2 else "stack of matrices (3-D array [B, n, m])"
-        raise ValueError(f"expected a {kind} for the {what}, got a {arr.ndim}-D array of shape "
-                         f"{arr.shape}")
+        raise ValueError(
+            f"expected a {kind} for the {what}, got a {arr.ndim}-D array of shape {arr.shape}"
+        )
     kind = arr.dtype.kind
     if kind == "f":
         if arr.dtype == np.float16:
@@ -189,9 +190,7 @@ def _warm_start(
             v = np.asarray(init.col_duals, dtype=np.float64)
             inner_cols = n if transposed else m
             if v.shape != (inner_cols,):
-                raise ValueError(
-                    f"init: col_duals must have shape ({inner_cols},), got {v.shape}"
-                )
+                raise ValueError(f"init: col_duals must have shape ({inner_cols},), got {v.shape}")
             if not np.isfinite(v).all():
                 raise ValueError("init: col_duals must be finite")
             v = np.ascontiguousarray(v)

@@ -617,4 +617,3 @@ def correlation(
     )
     acc.update(x_a, x_b, feature_dim=feature_dim)
     return acc.correlation()
-

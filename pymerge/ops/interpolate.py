@@ -643,4 +643,3 @@ def permuted_interpolate(
         for row in outs
     ]
     return result if many else result[0]
-

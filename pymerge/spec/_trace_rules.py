@@ -66,66 +66,252 @@ class _Val:
 
 
 _ACT_MODULES = (
-    nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.ReLU6, nn.Softplus, nn.CELU, nn.SELU, nn.Hardtanh,
-    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Softshrink, nn.Hardshrink,
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.ReLU6,
+    nn.Softplus,
+    nn.CELU,
+    nn.SELU,
+    nn.Hardtanh,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Softshrink,
+    nn.Hardshrink,
 )
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                 nn.AlphaDropout, *_ACT_MODULES)
+_PASS_MODULES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    *_ACT_MODULES,
+)
 _POOL_MODULES = {
-    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
-    nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
-    nn.LPPool1d: 1, nn.LPPool2d: 2,
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+    nn.LPPool1d: 1,
+    nn.LPPool2d: 2,
 }
-_NORM_CH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
-            nn.InstanceNorm2d, nn.InstanceNorm3d)
+_NORM_CH = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 #: modules the tracer treats as leaves (it has a rule for each)
 DEFAULT_LEAF_MODULES: tuple[type, ...] = (
-    nn.Linear, *_CONVS, *_CONVT, *_NORM_CH, nn.LayerNorm, nn.GroupNorm, nn.Embedding,
-    nn.MultiheadAttention, nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax, nn.PReLU,
-    nn.Upsample, *_PASS_MODULES, *_POOL_MODULES,
+    nn.Linear,
+    *_CONVS,
+    *_CONVT,
+    *_NORM_CH,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Embedding,
+    nn.MultiheadAttention,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.PReLU,
+    nn.Upsample,
+    *_PASS_MODULES,
+    *_POOL_MODULES,
 )
 
 _UNARY_FUNCS = {
-    torch.relu, F.relu, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu, F.elu,
-    F.mish, F.hardswish, F.softplus, F.relu6, F.dropout, torch.exp, torch.log, torch.sqrt,
-    torch.rsqrt, torch.abs, torch.neg, operator.neg, torch.square, torch.sin, torch.cos,
-    F.sigmoid, F.tanh, torch.clamp, torch.nn.functional.hardtanh, torch.erf,
-    torch.nn.functional.selu, torch.nn.functional.celu, F.logsigmoid,
+    torch.relu,
+    F.relu,
+    F.gelu,
+    F.silu,
+    torch.sigmoid,
+    torch.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.hardswish,
+    F.softplus,
+    F.relu6,
+    F.dropout,
+    torch.exp,
+    torch.log,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.abs,
+    torch.neg,
+    operator.neg,
+    torch.square,
+    torch.sin,
+    torch.cos,
+    F.sigmoid,
+    F.tanh,
+    torch.clamp,
+    torch.nn.functional.hardtanh,
+    torch.erf,
+    torch.nn.functional.selu,
+    torch.nn.functional.celu,
+    F.logsigmoid,
 }
 _BINARY_FUNCS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.iadd,
-    operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul,
-    torch.div, torch.pow, torch.where, torch.maximum, torch.minimum, torch.lerp,
-    torch.addcmul, torch.masked_fill, operator.gt, operator.lt, operator.ge, operator.le,
-    operator.eq, operator.ne, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne,
-    operator.and_, operator.or_, torch.logical_and, torch.logical_or,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.pow,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.pow,
+    torch.where,
+    torch.maximum,
+    torch.minimum,
+    torch.lerp,
+    torch.addcmul,
+    torch.masked_fill,
+    operator.gt,
+    operator.lt,
+    operator.ge,
+    operator.le,
+    operator.eq,
+    operator.ne,
+    torch.gt,
+    torch.lt,
+    torch.ge,
+    torch.le,
+    torch.eq,
+    torch.ne,
+    operator.and_,
+    operator.or_,
+    torch.logical_and,
+    torch.logical_or,
 }
 _ELEMENTWISE_METHODS = {
-    "add", "sub", "mul", "div", "pow", "add_", "sub_", "mul_", "div_", "relu", "relu_",
-    "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp", "clamp_",
-    "square", "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
-    "detach", "masked_fill", "masked_fill_", "where", "sin", "cos", "erf", "requires_grad_",
-    "maximum", "minimum", "lerp", "type", "cpu", "cuda", "sigmoid_", "tanh_", "exp_",
-    "gt", "lt", "ge", "le", "eq", "ne", "logical_not", "sign", "reciprocal", "pow_",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "pow",
+    "add_",
+    "sub_",
+    "mul_",
+    "div_",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "neg",
+    "clamp",
+    "clamp_",
+    "square",
+    "contiguous",
+    "clone",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+    "detach",
+    "masked_fill",
+    "masked_fill_",
+    "where",
+    "sin",
+    "cos",
+    "erf",
+    "requires_grad_",
+    "maximum",
+    "minimum",
+    "lerp",
+    "type",
+    "cpu",
+    "cuda",
+    "sigmoid_",
+    "tanh_",
+    "exp_",
+    "gt",
+    "lt",
+    "ge",
+    "le",
+    "eq",
+    "ne",
+    "logical_not",
+    "sign",
+    "reciprocal",
+    "pow_",
 }
-_REDUCE_FUNCS = {torch.sum, torch.mean, torch.amax, torch.amin, torch.var, torch.std,
-                 torch.logsumexp, torch.prod, torch.norm}
+_REDUCE_FUNCS = {
+    torch.sum,
+    torch.mean,
+    torch.amax,
+    torch.amin,
+    torch.var,
+    torch.std,
+    torch.logsumexp,
+    torch.prod,
+    torch.norm,
+}
 _REDUCE_METHODS = {"sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "norm"}
 # equivariant along any dim (softmax over features, p-normalisation of features)
 _SOFTMAX_FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize}
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
-                    "view_as", "reshape_as"}
-_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
-                  torch.unflatten}
-_POOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1,
-               F.avg_pool2d: 2, F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1,
-               F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
-               F.adaptive_max_pool2d: 2, F.interpolate: -1}
+_RESHAPE_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+}
+_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_POOL_FUNCS = {
+    F.max_pool1d: 1,
+    F.max_pool2d: 2,
+    F.max_pool3d: 3,
+    F.avg_pool1d: 1,
+    F.avg_pool2d: 2,
+    F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.interpolate: -1,
+}
 
 
 class _State:
@@ -180,8 +366,7 @@ class _State:
             if p.role != "full":
                 self.freeze(p.elem, f"head-split features used by {key!r}")
                 continue
-            self.refs[p.elem].append(AxisRef(key, axis, p.start, p.start + p.n * p.inner,
-                                             p.inner))
+            self.refs[p.elem].append(AxisRef(key, axis, p.start, p.start + p.n * p.inner, p.inner))
 
     def link_heads(self, a: int, b: int, num_heads: int, head_dim: int, name: str) -> None:
         """Elements ``a`` and ``b`` must move their heads together."""
@@ -224,8 +409,15 @@ class _State:
             offs = [sum(sizes[:i]) for i in range(len(sizes))]
             for r in self.refs[m]:
                 for x, off, k in zip(new, offs, sizes, strict=True):
-                    self.refs[x].append(AxisRef(r.param, r.axis, r.start + off * r.inner,
-                                                r.start + (off + k) * r.inner, r.inner))
+                    self.refs[x].append(
+                        AxisRef(
+                            r.param,
+                            r.axis,
+                            r.start + off * r.inner,
+                            r.start + (off + k) * r.inner,
+                            r.inner,
+                        )
+                    )
             self.refs[m] = []
             self.refined[m] = list(zip(new, offs, sizes, strict=True))
             chunks[m] = new
@@ -243,8 +435,14 @@ class _State:
         while stack:
             p = stack.pop()
             if p.elem in self.refined and p.role == "full":
-                stack.extend(reversed([_Piece(x, p.start + off * p.inner, k, p.inner)
-                                       for x, off, k in self.refined[p.elem]]))
+                stack.extend(
+                    reversed(
+                        [
+                            _Piece(x, p.start + off * p.inner, k, p.inner)
+                            for x, off, k in self.refined[p.elem]
+                        ]
+                    )
+                )
             elif p.elem in self.refined:  # a split of a head-split element: cannot happen
                 self.freeze(p.elem, "split after head split")
                 out.append(p)
@@ -353,8 +551,11 @@ def _unsupported(node: fx.Node, info: Mapping[fx.Node, Any], st: _State, why: st
 
 
 def _report(node: fx.Node, st: _State, why: str) -> None:
-    target = node.target if isinstance(node.target, str) else getattr(
-        node.target, "__name__", str(node.target))
+    target = (
+        node.target
+        if isinstance(node.target, str)
+        else getattr(node.target, "__name__", str(node.target))
+    )
     st.report.append(f"unsupported op {node.name} ({node.op} {target}): {why}")
 
 
@@ -396,7 +597,7 @@ def _broadcast(node: fx.Node, vals: list[Any], st: _State, shape: Any) -> _Val |
             else:
                 plain = True
         if plain and not tagged:  # params mixed with an unpermuted tensor on this dim: the
-            mixed.add(d)          # result may not be permuted along it later
+            mixed.add(d)  # result may not be permuted along it later
         if tagged:
             any_tag = True
             pieces = _unify(tagged, st, node)
@@ -411,8 +612,9 @@ def _broadcast(node: fx.Node, vals: list[Any], st: _State, shape: Any) -> _Val |
         for v in tensors:
             off = nd - v.ndim
             for key, mp in v.params:
-                out.params.append((key, {d + off: (None if d + off in mixed else ax)
-                                         for d, ax in mp.items()}))
+                out.params.append(
+                    (key, {d + off: (None if d + off in mixed else ax) for d, ax in mp.items()})
+                )
     return out
 
 
@@ -421,7 +623,8 @@ def _unify(tagged: list[Pieces], st: _State, node: fx.Node) -> Pieces:
     for other in tagged[1:]:
         same = len(other) == len(first) and all(
             (a.start, a.n, a.inner, a.role, a.hd) == (b.start, b.n, b.inner, b.role, b.hd)
-            for a, b in zip(first, other, strict=True))
+            for a, b in zip(first, other, strict=True)
+        )
         if same:
             for a, b in zip(first, other, strict=True):
                 if a.role == "head":  # same head permutation, own units
@@ -440,8 +643,9 @@ def _passthrough(v: Any, shape: Any) -> _Val | None:
     return _Val(v.shape, dict(v.tags), list(v.params))
 
 
-def _keep_dims(node: fx.Node, v: _Val, st: _State, shape: tuple[int, ...],
-               mixed: Iterable[int]) -> _Val:
+def _keep_dims(
+    node: fx.Node, v: _Val, st: _State, shape: tuple[int, ...], mixed: Iterable[int]
+) -> _Val:
     """Output with the same dims as ``v`` where ``mixed`` dims are transformed (spatial)."""
     out = _Val(shape)
     mixed = set(mixed)
@@ -469,7 +673,8 @@ def _module_rule(node: fx.Node, mod: nn.Module, info: dict, st: _State, shape: A
             _unsupported(node, info, st, f"unexpected inputs to {type(mod).__name__}")
         return _out_val(shape)
     if len(node.args) + len(node.kwargs) > 1 and any(
-            v.active() for v in _iter_vals(_flat_node_vals((node.args[1:], node.kwargs), info))):
+        v.active() for v in _iter_vals(_flat_node_vals((node.args[1:], node.kwargs), info))
+    ):
         _unsupported(node, info, st, f"extra inputs to {type(mod).__name__}")
         return _out_val(shape)
     if x.params:
@@ -487,14 +692,25 @@ def _module_rule(node: fx.Node, mod: nn.Module, info: dict, st: _State, shape: A
         out.tags[len(shape) - 1] = (_Piece(e, 0, mod.out_features),)
         return out
     if isinstance(mod, (*_CONVS, *_CONVT)):
-        nsp = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1,
-               nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}[type(mod)]
+        nsp = {
+            nn.Conv1d: 1,
+            nn.Conv2d: 2,
+            nn.Conv3d: 3,
+            nn.ConvTranspose1d: 1,
+            nn.ConvTranspose2d: 2,
+            nn.ConvTranspose3d: 3,
+        }[type(mod)]
         ch = x.ndim - nsp - 1
         transposed = isinstance(mod, _CONVT)
         in_ax, out_ax = (0, 1) if transposed else (1, 0)
-        out = _keep_dims(node, _Val(x.shape, {d: p for d, p in x.tags.items() if d != ch}),
-                         st, shape, range(ch + 1, x.ndim))
-        depthwise = (not transposed and mod.groups == mod.in_channels == mod.out_channels)
+        out = _keep_dims(
+            node,
+            _Val(x.shape, {d: p for d, p in x.tags.items() if d != ch}),
+            st,
+            shape,
+            range(ch + 1, x.ndim),
+        )
+        depthwise = not transposed and mod.groups == mod.in_channels == mod.out_channels
         if mod.groups != 1 and not depthwise:
             if ch in x.tags:
                 st.freeze_val(_Val(x.shape, {ch: x.tags[ch]}), f"grouped conv {name}")
@@ -518,8 +734,12 @@ def _module_rule(node: fx.Node, mod: nn.Module, info: dict, st: _State, shape: A
     if isinstance(mod, _NORM_CH):
         ch = 1 if x.ndim > 1 else 0
         if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
-            ch = 0 if x.ndim == {nn.InstanceNorm1d: 2, nn.InstanceNorm2d: 3,
-                                 nn.InstanceNorm3d: 4}[type(mod)] else 1
+            ch = (
+                0
+                if x.ndim
+                == {nn.InstanceNorm1d: 2, nn.InstanceNorm2d: 3, nn.InstanceNorm3d: 4}[type(mod)]
+                else 1
+            )
         for p in ("running_mean", "running_var", "num_batches_tracked"):
             if getattr(mod, p, None) is not None:
                 st.no_cost.add(key(p))
@@ -549,8 +769,9 @@ def _module_rule(node: fx.Node, mod: nn.Module, info: dict, st: _State, shape: A
                 if len(pieces) == 1 and pieces[0].inner == 1 and pieces[0].n == c:
                     st.heads.append((g, c // g, [pieces[0].elem], f"{name}"))
                 else:
-                    st.freeze_val(_Val(x.shape, {ch: pieces}), f"GroupNorm {name} on a "
-                                                               "segmented feature axis")
+                    st.freeze_val(
+                        _Val(x.shape, {ch: pieces}), f"GroupNorm {name} on a segmented feature axis"
+                    )
             if mod.affine:
                 st.join(pieces, key("weight"), 0)
                 st.join(pieces, key("bias"), 0)
@@ -580,8 +801,7 @@ def _module_rule(node: fx.Node, mod: nn.Module, info: dict, st: _State, shape: A
     return _out_val(shape)
 
 
-def _mha_rule(node: fx.Node, mod: nn.MultiheadAttention, info: dict, st: _State,
-              shape: Any) -> Any:
+def _mha_rule(node: fx.Node, mod: nn.MultiheadAttention, info: dict, st: _State, shape: Any) -> Any:
     name = node.target
     sig = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask"]
     args = dict(zip(sig, node.args, strict=False))
@@ -620,15 +840,19 @@ def _mha_rule(node: fx.Node, mod: nn.MultiheadAttention, info: dict, st: _State,
     qk = st.new(E, f"{name}.qk")
     vo = st.new(E, f"{name}.vo")
     if mod._qkv_same_embed_dim:
-        st.refs[qk] += [AxisRef(key("in_proj_weight"), 0, 0, E),
-                        AxisRef(key("in_proj_weight"), 0, E, 2 * E)]
+        st.refs[qk] += [
+            AxisRef(key("in_proj_weight"), 0, 0, E),
+            AxisRef(key("in_proj_weight"), 0, E, 2 * E),
+        ]
         st.refs[vo].append(AxisRef(key("in_proj_weight"), 0, 2 * E, 3 * E))
     else:
         st.refs[qk] += [AxisRef(key("q_proj_weight"), 0), AxisRef(key("k_proj_weight"), 0)]
         st.refs[vo].append(AxisRef(key("v_proj_weight"), 0))
     if mod.in_proj_bias is not None:
-        st.refs[qk] += [AxisRef(key("in_proj_bias"), 0, 0, E),
-                        AxisRef(key("in_proj_bias"), 0, E, 2 * E)]
+        st.refs[qk] += [
+            AxisRef(key("in_proj_bias"), 0, 0, E),
+            AxisRef(key("in_proj_bias"), 0, E, 2 * E),
+        ]
         st.refs[vo].append(AxisRef(key("in_proj_bias"), 0, 2 * E, 3 * E))
     if mod.bias_k is not None:
         st.refs[qk].append(AxisRef(key("bias_k"), 2))
@@ -668,8 +892,7 @@ def _function_rule(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         return _getitem(node, x, node.args[1], st, shape)
     if not isinstance(x, _Val) and not (t in (torch.cat, torch.stack, torch.concat) and args):
         # ops not on a tensor (shape arithmetic, ...) or constant-only expressions
-        if any(v.active() for v in _iter_vals(_flat_node_vals((node.args, node.kwargs),
-                                                               info))):
+        if any(v.active() for v in _iter_vals(_flat_node_vals((node.args, node.kwargs), info))):
             if (not is_m and t in _BINARY_FUNCS) or (is_m and t in _ELEMENTWISE_METHODS):
                 return _broadcast(node, [_arg_val(a, info) for a in args], st, shape)
             _unsupported(node, info, st, "unknown op on permuted features")
@@ -677,8 +900,9 @@ def _function_rule(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
     if is_m and t in ("size", "dim", "numel", "__len__") or t in (getattr, len):
         return None
     extra = [v for v in _iter_vals(_flat_node_vals((node.args[1:], node.kwargs), info))]
-    if ((not is_m and t in _UNARY_FUNCS) or (is_m and t in _ELEMENTWISE_METHODS and
-                                              len(args) == 1)) and not extra:
+    if (
+        (not is_m and t in _UNARY_FUNCS) or (is_m and t in _ELEMENTWISE_METHODS and len(args) == 1)
+    ) and not extra:
         return _passthrough(x, shape) if _same(x, shape) else _broadcast(node, [x], st, shape)
     if not is_m and t in _UNARY_FUNCS:  # e.g. clamp(x, min=tensor): elementwise in all args
         return _broadcast(node, [x, *extra], st, shape)
@@ -691,8 +915,11 @@ def _function_rule(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         return _reduce(node, x, st, shape)
     if (not is_m and t in _RESHAPE_FUNCS) or (is_m and t in _RESHAPE_METHODS):
         return _reshape(node, x, st, shape)
-    if (is_m and t in ("permute", "transpose", "t")) or t in (torch.permute, torch.transpose,
-                                                              torch.t):
+    if (is_m and t in ("permute", "transpose", "t")) or t in (
+        torch.permute,
+        torch.transpose,
+        torch.t,
+    ):
         return _permute(node, x, st, shape)
     if t in (torch.cat, torch.concat, torch.stack):
         return _cat(node, info, st, shape)
@@ -732,8 +959,9 @@ def _expand(node: fx.Node, x: _Val, st: _State, shape: tuple[int, ...]) -> _Val:
         else:
             st.freeze_val(_Val(x.shape, {d: p}), f"repeated in {node.name}")
     for key, mp in x.params:
-        out.params.append((key, {d + off: (ax if shape[d + off] == x.shape[d] else None)
-                                 for d, ax in mp.items()}))
+        out.params.append(
+            (key, {d + off: (ax if shape[d + off] == x.shape[d] else None) for d, ax in mp.items()})
+        )
     return out
 
 
@@ -801,8 +1029,9 @@ def _getitem(node: fx.Node, x: Any, idx: Any, st: _State, shape: Any) -> Any:
             mapping[d_in] = d_out
             d_in += 1
             d_out += 1
-        elif isinstance(i, (int, fx.Node)) and not (isinstance(i, fx.Node) and
-                                                   isinstance(_meta_shape(i), tuple)):
+        elif isinstance(i, (int, fx.Node)) and not (
+            isinstance(i, fx.Node) and isinstance(_meta_shape(i), tuple)
+        ):
             mapping[d_in] = None
             sliced.add(d_in)
             d_in += 1
@@ -839,13 +1068,14 @@ def _reshape(node: fx.Node, x: Any, st: _State, shape: Any) -> Any:
         p_in = _prod(ins[:d])
         if any(p.role != "full" for p in pieces):
             if not _merge_heads(x, d, pieces, shape, prefix_out, p_in, out, st):
-                st.freeze_val(_Val(ins, {d: pieces}), f"head-split features reshaped in "
-                                                      f"{node.name}")
+                st.freeze_val(
+                    _Val(ins, {d: pieces}), f"head-split features reshaped in {node.name}"
+                )
                 _report(node, st, "reshape of attention heads")
             done.add(d + 1)
             continue
         s_k = ins[d]
-        rest = _prod(ins[d + 1:])
+        rest = _prod(ins[d + 1 :])
         cands = [j for j in range(len(shape)) if prefix_out[j] == p_in and shape[j] != 1]
         ok = False
         for j in cands:
@@ -880,8 +1110,7 @@ def _reshape(node: fx.Node, x: Any, st: _State, shape: Any) -> Any:
     return out
 
 
-def _batch_dims(node: fx.Node, xs: list[_Val], out_nd: int, st: _State,
-                out: _Val) -> None:
+def _batch_dims(node: fx.Node, xs: list[_Val], out_nd: int, st: _State, out: _Val) -> None:
     """Unify the leading (batch) dims of ``xs`` (all but their last two) into ``out``."""
     for d in range(out_nd - 2):
         tagged, plain = [], False
@@ -917,8 +1146,15 @@ def _matmul(node: fx.Node, a: Any, b: Any, st: _State, shape: Any) -> Any:
     if w is not None and isinstance(a, _Val) and not a.params and isinstance(shape, tuple):
         key, (ax_in, ax_out) = w  # x @ W with a parameter W [k, n]: a Linear layer
         return _param_linear(node, a, key, ax_in, ax_out, None, st, shape)
-    if not isinstance(shape, tuple) or not isinstance(a, _Val) or not isinstance(b, _Val) \
-            or a.ndim < 2 or b.ndim < 2 or a.params or b.params:
+    if (
+        not isinstance(shape, tuple)
+        or not isinstance(a, _Val)
+        or not isinstance(b, _Val)
+        or a.ndim < 2
+        or b.ndim < 2
+        or a.params
+        or b.params
+    ):
         if any(isinstance(v, _Val) and v.active() for v in (a, b)):
             _report(node, st, "matmul on features")
         for v in (a, b):
@@ -947,8 +1183,16 @@ def _weight_view(v: Any) -> tuple[str, tuple[int, int]] | None:
     return key, (mp[0], mp[1])
 
 
-def _param_linear(node: fx.Node, x: _Val, key: str, ax_in: int, ax_out: int,
-                  bias: tuple[str, int] | None, st: _State, shape: tuple[int, ...]) -> _Val:
+def _param_linear(
+    node: fx.Node,
+    x: _Val,
+    key: str,
+    ax_in: int,
+    ax_out: int,
+    bias: tuple[str, int] | None,
+    st: _State,
+    shape: tuple[int, ...],
+) -> _Val:
     """``y = x W (+ b)`` with parameters: x's last dim joins W's ``ax_in``; the output's last
     dim is a new group on W's ``ax_out`` (and the bias)."""
     last = x.ndim - 1
@@ -994,8 +1238,9 @@ def _sdpa(node: fx.Node, info: Mapping[fx.Node, Any], st: _State, shape: Any) ->
     mask = _arg_val(args.get("attn_mask"), info)
     if isinstance(mask, _Val) and mask.active():
         st.freeze_val(mask, f"attention mask in {node.name}")
-    if not all(isinstance(x, _Val) and x.ndim >= 2 and not x.params for x in (q, k, v)) or \
-            not isinstance(shape, tuple):
+    if not all(
+        isinstance(x, _Val) and x.ndim >= 2 and not x.params for x in (q, k, v)
+    ) or not isinstance(shape, tuple):
         _unsupported(node, info, st, "attention on unexpected inputs")
         return _out_val(shape)
     out = _Val(shape)
@@ -1035,8 +1280,13 @@ def _split(node: fx.Node, x: _Val, st: _State, shape: Any) -> Any:
         return outs
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
     p0 = pieces[0]
-    if len(pieces) == 1 and p0.role == "full" and p0.start == 0 and p0.inner == 1 and \
-            p0.n == x.shape[dim]:
+    if (
+        len(pieces) == 1
+        and p0.role == "full"
+        and p0.start == 0
+        and p0.inner == 1
+        and p0.n == x.shape[dim]
+    ):
         chunks = st.refine(p0.elem, sizes, node.name)
         if chunks is not None:
             for o, c, k in zip(outs, chunks, sizes, strict=True):
@@ -1054,8 +1304,15 @@ def _split(node: fx.Node, x: _Val, st: _State, shape: Any) -> Any:
     return outs
 
 
-def _split_heads(pieces: Pieces, s_k: int, shape: tuple[int, ...], prefix_out: list[int],
-                 p_in: int, out: _Val, st: _State) -> bool:
+def _split_heads(
+    pieces: Pieces,
+    s_k: int,
+    shape: tuple[int, ...],
+    prefix_out: list[int],
+    p_in: int,
+    out: _Val,
+    st: _State,
+) -> bool:
     """``[..., E] -> [..., H, D]`` on one whole element: a head piece and a unit piece."""
     if len(pieces) != 1 or pieces[0].start or pieces[0].inner != 1 or pieces[0].n != s_k:
         return False
@@ -1072,8 +1329,16 @@ def _split_heads(pieces: Pieces, s_k: int, shape: tuple[int, ...], prefix_out: l
     return False
 
 
-def _merge_heads(x: _Val, d: int, pieces: Pieces, shape: tuple[int, ...],
-                 prefix_out: list[int], p_in: int, out: _Val, st: _State) -> bool:
+def _merge_heads(
+    x: _Val,
+    d: int,
+    pieces: Pieces,
+    shape: tuple[int, ...],
+    prefix_out: list[int],
+    p_in: int,
+    out: _Val,
+    st: _State,
+) -> bool:
     """``[..., H, D] -> [..., E]``: a head piece followed by a unit piece of a linked element."""
     nxt = x.tags.get(d + 1)
     if len(pieces) != 1 or nxt is None or len(nxt) != 1:
@@ -1148,8 +1413,9 @@ def _cat(node: fx.Node, info: dict, st: _State, shape: Any) -> Any:
         for v in vals:
             if dim in v.tags:
                 if any(p.role != "full" for p in v.tags[dim]):
-                    st.freeze_val(_Val(v.shape, {dim: v.tags[dim]}), f"heads concatenated in "
-                                                                    f"{node.name}")
+                    st.freeze_val(
+                        _Val(v.shape, {dim: v.tags[dim]}), f"heads concatenated in {node.name}"
+                    )
                 else:
                     cat_pieces.extend(p.shifted(off) for p in v.tags[dim])
             off += v.shape[dim]

@@ -52,8 +52,9 @@ def check_permutation(
             raise ValueError(f"permutation of group {g!r} must be integer, got {p.dtype}")
         n = sizes[g]
         if p.ndim != 1 or p.shape[0] != n:
-            raise ValueError(f"permutation of group {g!r} has shape {tuple(p.shape)}, expected "
-                             f"({n},)")
+            raise ValueError(
+                f"permutation of group {g!r} has shape {tuple(p.shape)}, expected ({n},)"
+            )
         p = p.detach().to("cpu", torch.long)
         if not _is_perm(p, n):
             raise ValueError(f"permutation of group {g!r} is not a permutation of range({n})")
@@ -71,8 +72,10 @@ def check_permutation(
             if head_perm is None:
                 head_perm = hp
             elif not torch.equal(hp, head_perm):
-                raise ValueError(f"permutation of group {g!r} moves heads differently from "
-                                 f"{h.groups[0]!r} (head structure {name!r})")
+                raise ValueError(
+                    f"permutation of group {g!r} moves heads differently from "
+                    f"{h.groups[0]!r} (head structure {name!r})"
+                )
     return out
 
 
@@ -87,12 +90,15 @@ def _axis_index(
             seg = p + s
         else:
             seg = (p[:, None] * r.inner + torch.arange(r.inner)).reshape(-1) + s
-        idx[s:s + seg.numel()] = seg
+        idx[s : s + seg.numel()] = seg
     return idx if device is None else idx.to(device)
 
 
 def _param_indices(
-    spec: PermutationSpec, perm: Mapping[str, torch.Tensor], name: str, t: torch.Tensor,
+    spec: PermutationSpec,
+    perm: Mapping[str, torch.Tensor],
+    name: str,
+    t: torch.Tensor,
     skip_groups: Iterable[str] = (),
 ) -> list[tuple[int, torch.Tensor]]:
     skip = set(skip_groups)
@@ -136,8 +142,12 @@ def apply_permutation(
 
 
 def permute_param(
-    spec: PermutationSpec, perm: Mapping[str, torch.Tensor], name: str, tensor: torch.Tensor,
-    *, skip_groups: Iterable[str] = (),
+    spec: PermutationSpec,
+    perm: Mapping[str, torch.Tensor],
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    skip_groups: Iterable[str] = (),
 ) -> torch.Tensor:
     """Permute one tensor along all its axes, except those of groups in ``skip_groups``.
 
@@ -165,9 +175,7 @@ def permutation_index_map(
     return out
 
 
-def identity_permutation(
-    spec: PermutationSpec, state: Mapping[str, torch.Tensor]
-) -> Permutation:
+def identity_permutation(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> Permutation:
     """``{group: arange(n)}`` for every group."""
     return {g: torch.arange(n) for g, n in spec.validate(state).items()}
 
@@ -187,8 +195,9 @@ def random_permutation(
         h = spec.heads[name]
         hp = torch.randperm(h.num_heads, generator=gen)
         for g in h.groups:
-            within = torch.stack([torch.randperm(h.head_dim, generator=gen)
-                                  for _ in range(h.num_heads)])
+            within = torch.stack(
+                [torch.randperm(h.head_dim, generator=gen) for _ in range(h.num_heads)]
+            )
             out[g] = (hp[:, None] * h.head_dim + within).reshape(-1)
     for g in spec.groups():
         if g not in out:
@@ -221,7 +230,9 @@ def compose_permutations(
         a = torch.as_tensor(first[g]).to(torch.long)
         b = torch.as_tensor(second[g]).to(torch.long)
         if a.shape != b.shape or a.ndim != 1:
-            raise ValueError(f"group {g!r}: permutations of shapes {tuple(a.shape)} and "
-                             f"{tuple(b.shape)} cannot be composed")
+            raise ValueError(
+                f"group {g!r}: permutations of shapes {tuple(a.shape)} and "
+                f"{tuple(b.shape)} cannot be composed"
+            )
         out[g] = a[b.to(a.device)]
     return out

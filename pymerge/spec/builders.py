@@ -30,8 +30,15 @@ class _Builder:
     def k(self, name: str) -> str:
         return self.prefix + name
 
-    def add(self, group: str, name: str, axis: int, start: int = 0, stop: int | None = None,
-            inner: int = 1) -> None:
+    def add(
+        self,
+        group: str,
+        name: str,
+        axis: int,
+        start: int = 0,
+        stop: int | None = None,
+        inner: int = 1,
+    ) -> None:
         self.p2a.setdefault(group, []).append(AxisRef(self.k(name), axis, start, stop, inner))
 
     def norm(self, group: str, mod: str, norm: str | None, width: int, gn_groups: int) -> None:
@@ -41,8 +48,13 @@ class _Builder:
         if norm == "bn":
             for p in _BN:
                 self.add(group, f"{mod}.{p}", 0)
-            self.no_cost.update({self.k(f"{mod}.running_mean"), self.k(f"{mod}.running_var"),
-                                 self.k(f"{mod}.num_batches_tracked")})
+            self.no_cost.update(
+                {
+                    self.k(f"{mod}.running_mean"),
+                    self.k(f"{mod}.running_var"),
+                    self.k(f"{mod}.num_batches_tracked"),
+                }
+            )
             self.free.add(self.k(f"{mod}.num_batches_tracked"))
         elif norm in ("ln", "gn"):
             self.add(group, f"{mod}.weight", 0)
@@ -58,8 +70,13 @@ class _Builder:
         self.aps[group] = ActivationPoint(self.k(module), dim)
 
     def build(self) -> PermutationSpec:
-        return PermutationSpec(self.p2a, free=self.free, no_cost=self.no_cost, heads=self.heads,
-                               activation_points=self.aps)
+        return PermutationSpec(
+            self.p2a,
+            free=self.free,
+            no_cost=self.no_cost,
+            heads=self.heads,
+            activation_points=self.aps,
+        )
 
 
 def mlp_spec(num_hidden: int, *, bias: bool = True, prefix: str = "") -> PermutationSpec:
@@ -85,8 +102,15 @@ def mlp_spec(num_hidden: int, *, bias: bool = True, prefix: str = "") -> Permuta
 
 
 def cnn_spec(
-    widths: Sequence[int], *, norm: str = "bn", pool: str = "global", spatial: int = 1,
-    hidden: int | None = None, gn_groups: int = 4, conv_bias: bool = True, prefix: str = "",
+    widths: Sequence[int],
+    *,
+    norm: str = "bn",
+    pool: str = "global",
+    spatial: int = 1,
+    hidden: int | None = None,
+    gn_groups: int = 4,
+    conv_bias: bool = True,
+    prefix: str = "",
 ) -> PermutationSpec:
     """Spec of :class:`pymerge.models.CNN`: ``conv{i} -> norm{i} -> act{i}``, then either global
     pooling or a flatten (``spatial`` = H*W of the last feature map, the ``inner`` block size),
@@ -117,9 +141,16 @@ def cnn_spec(
 
 
 def resnet_spec(
-    widths: Sequence[int], blocks: Sequence[int], *, stem_width: int | None = None,
-    norm: str = "bn", gn_groups: int = 4, conv_bias: bool | None = None,
-    downsample: Sequence[bool] | None = None, fc: str = "fc", prefix: str = "",
+    widths: Sequence[int],
+    blocks: Sequence[int],
+    *,
+    stem_width: int | None = None,
+    norm: str = "bn",
+    gn_groups: int = 4,
+    conv_bias: bool | None = None,
+    downsample: Sequence[bool] | None = None,
+    fc: str = "fc",
+    prefix: str = "",
 ) -> PermutationSpec:
     """Spec of a BasicBlock ResNet with torchvision names (``conv1``, ``bn1``,
     ``layer{s}.{b}.conv1/bn1/conv2/bn2/downsample.0/.1``, ``fc``): ResNet-20 and ResNet-18 of
@@ -177,8 +208,13 @@ def resnet_spec(
 
 
 def vgg_spec(
-    cfg: Sequence[int | str], *, norm: str | None = "bn", spatial: int = 1, hidden: int = 64,
-    gn_groups: int = 4, prefix: str = "",
+    cfg: Sequence[int | str],
+    *,
+    norm: str | None = "bn",
+    spatial: int = 1,
+    hidden: int = 64,
+    gn_groups: int = 4,
+    prefix: str = "",
 ) -> PermutationSpec:
     """Spec of :class:`pymerge.models.VGG`: ``features`` is a Sequential of conv[, norm], ReLU
     and ``"M"`` max-pools; then flatten (``spatial`` = final H*W) and
@@ -213,8 +249,14 @@ def vgg_spec(
 
 
 def transformer_spec(
-    n_layers: int, d_model: int, n_heads: int, *, head_bias: bool = False,
-    pos_emb: str | None = "pos_emb", tok_emb: str = "tok_emb", prefix: str = "",
+    n_layers: int,
+    d_model: int,
+    n_heads: int,
+    *,
+    head_bias: bool = False,
+    pos_emb: str | None = "pos_emb",
+    tok_emb: str = "tok_emb",
+    prefix: str = "",
 ) -> PermutationSpec:
     """Spec of :class:`pymerge.models.TinyGPT` (pre-LN GPT with nn.MultiheadAttention).
 

@@ -87,8 +87,9 @@ class HeadStructure:
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.head_dim < 1:
-            raise ValueError(f"HeadStructure needs positive sizes, got {self.num_heads}x"
-                             f"{self.head_dim}")
+            raise ValueError(
+                f"HeadStructure needs positive sizes, got {self.num_heads}x{self.head_dim}"
+            )
         object.__setattr__(self, "groups", tuple(self.groups))
         if not self.groups:
             raise ValueError("HeadStructure.groups must not be empty")
@@ -168,8 +169,9 @@ class PermutationSpec:
         for name, h in hs.items():
             for g in h.groups:
                 if g in seen:
-                    raise ValueError(f"group {g!r} is in two head structures: "
-                                     f"{seen[g]!r} and {name!r}")
+                    raise ValueError(
+                        f"group {g!r} is in two head structures: {seen[g]!r} and {name!r}"
+                    )
                 seen[g] = name
         self.heads: dict[str, HeadStructure] = hs
         aps: dict[str, ActivationPoint] = {}
@@ -200,8 +202,10 @@ class PermutationSpec:
         return None
 
     def __repr__(self) -> str:
-        return (f"PermutationSpec({len(self.perm_to_axes)} groups, {len(self.axes_to_perm)} "
-                f"permuted keys, {len(self.free)} free, {len(self.heads)} head structures)")
+        return (
+            f"PermutationSpec({len(self.perm_to_axes)} groups, {len(self.axes_to_perm)} "
+            f"permuted keys, {len(self.free)} free, {len(self.heads)} head structures)"
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PermutationSpec):
@@ -236,7 +240,8 @@ class PermutationSpec:
                     first = self.perm_to_axes[g][0]
                     raise ValueError(
                         f"group {g!r} has inconsistent sizes: {sizes[g]} on "
-                        f"{first.param!r} axis {first.axis} but {n} on {r.param!r} axis {r.axis}")
+                        f"{first.param!r} axis {first.axis} but {n} on {r.param!r} axis {r.axis}"
+                    )
                 sizes[g] = n
         for key, lst in self.axes_to_perm.items():
             t = state[key]
@@ -251,7 +256,8 @@ class PermutationSpec:
                     if s1 < e0:
                         raise ValueError(
                             f"{key!r} axis {ax}: segments [{s0},{e0}) of group {g0!r} and "
-                            f"[{s1},{e1}) of group {g1!r} overlap")
+                            f"[{s1},{e1}) of group {g1!r} overlap"
+                        )
         for key, val in state.items():
             if not isinstance(val, torch.Tensor):
                 raise TypeError(f"state[{key!r}] is {type(val).__name__}, not a Tensor")
@@ -265,7 +271,8 @@ class PermutationSpec:
                 if sizes[g] != h.num_heads * h.head_dim:
                     raise ValueError(
                         f"head structure {name!r}: group {g!r} has size {sizes[g]}, expected "
-                        f"num_heads*head_dim = {h.num_heads}*{h.head_dim}")
+                        f"num_heads*head_dim = {h.num_heads}*{h.head_dim}"
+                    )
         return sizes
 
     def normalized(self, state: Mapping[str, torch.Tensor]) -> PermutationSpec:
@@ -284,8 +291,13 @@ class PermutationSpec:
     # ------------------------------------------------------------------ editing
     def _replace(self, **kw: Any) -> PermutationSpec:
         args: dict[str, Any] = dict(
-            perm_to_axes=self.perm_to_axes, free=self.free, no_cost=self.no_cost,
-            heads=self.heads, activation_points=self.activation_points, report=self.report)
+            perm_to_axes=self.perm_to_axes,
+            free=self.free,
+            no_cost=self.no_cost,
+            heads=self.heads,
+            activation_points=self.activation_points,
+            report=self.report,
+        )
         args.update(kw)
         p2a = args.pop("perm_to_axes")
         return PermutationSpec(p2a, **args)
@@ -312,8 +324,9 @@ class PermutationSpec:
         newly_free = {k for k in self.axes_to_perm if k not in still}
         heads = {n: h for n, h in self.heads.items() if not set(h.groups) & drop}
         aps = {g: a for g, a in self.activation_points.items() if g not in drop}
-        return self._replace(perm_to_axes=p2a, free=self.free | newly_free, heads=heads,
-                             activation_points=aps)
+        return self._replace(
+            perm_to_axes=p2a, free=self.free | newly_free, heads=heads, activation_points=aps
+        )
 
     def with_free(self, keys: Iterable[str] | str) -> PermutationSpec:
         """Declare ``keys`` unpermuted: every group acting on one of them is frozen."""
@@ -371,8 +384,9 @@ class PermutationSpec:
             spec = spec.with_free(overrides["__free__"])
         for gs in overrides.get("__merge__", ()):
             spec = spec.merge_groups(gs)
-        unknown = [k for k in overrides if k.startswith("__") and k not in ("__free__",
-                                                                            "__merge__")]
+        unknown = [
+            k for k in overrides if k.startswith("__") and k not in ("__free__", "__merge__")
+        ]
         if unknown:
             raise ValueError(f"unknown override key {unknown[0]!r}")
         return spec
@@ -382,14 +396,17 @@ class PermutationSpec:
         """Plain JSON-able data (lists, dicts, str, int, None)."""
         d: dict[str, Any] = {
             "version": 1,
-            "perm_to_axes": {g: [r.to_list() for r in self.perm_to_axes[g]]
-                             for g in self.groups()},
+            "perm_to_axes": {g: [r.to_list() for r in self.perm_to_axes[g]] for g in self.groups()},
             "free": sorted(self.free),
             "no_cost": sorted(self.no_cost),
-            "heads": {n: {"num_heads": h.num_heads, "head_dim": h.head_dim,
-                          "groups": list(h.groups)} for n, h in sorted(self.heads.items())},
-            "activation_points": {g: {"module": a.module, "dim": a.dim}
-                                  for g, a in sorted(self.activation_points.items())},
+            "heads": {
+                n: {"num_heads": h.num_heads, "head_dim": h.head_dim, "groups": list(h.groups)}
+                for n, h in sorted(self.heads.items())
+            },
+            "activation_points": {
+                g: {"module": a.module, "dim": a.dim}
+                for g, a in sorted(self.activation_points.items())
+            },
         }
         if include_report:
             d["report"] = list(self.report)
@@ -402,11 +419,16 @@ class PermutationSpec:
             raise ValueError(f"unsupported spec version {d.get('version')!r}")
         return cls(
             {g: [AxisRef(*r) for r in refs] for g, refs in d["perm_to_axes"].items()},
-            free=d.get("free", ()), no_cost=d.get("no_cost", ()),
-            heads={n: HeadStructure(h["num_heads"], h["head_dim"], tuple(h["groups"]))
-                   for n, h in d.get("heads", {}).items()},
-            activation_points={g: ActivationPoint(a["module"], a["dim"])
-                               for g, a in d.get("activation_points", {}).items()},
+            free=d.get("free", ()),
+            no_cost=d.get("no_cost", ()),
+            heads={
+                n: HeadStructure(h["num_heads"], h["head_dim"], tuple(h["groups"]))
+                for n, h in d.get("heads", {}).items()
+            },
+            activation_points={
+                g: ActivationPoint(a["module"], a["dim"])
+                for g, a in d.get("activation_points", {}).items()
+            },
             report=d.get("report", ()),
         )
 
@@ -429,11 +451,15 @@ def _ref_size(r: AxisRef, state: Mapping[str, torch.Tensor], group: str) -> int:
     length = t.shape[ax]
     s, e = r.segment(length)
     if e > length:
-        raise ValueError(f"group {group!r}: segment [{s}, {e}) of {r.param!r} axis {ax} exceeds "
-                         f"its length {length}")
+        raise ValueError(
+            f"group {group!r}: segment [{s}, {e}) of {r.param!r} axis {ax} exceeds "
+            f"its length {length}"
+        )
     if (e - s) % r.inner:
-        raise ValueError(f"group {group!r}: segment length {e - s} of {r.param!r} axis {ax} is "
-                         f"not a multiple of inner={r.inner}")
+        raise ValueError(
+            f"group {group!r}: segment length {e - s} of {r.param!r} axis {ax} is "
+            f"not a multiple of inner={r.inner}"
+        )
     n = (e - s) // r.inner
     if n == 0:
         raise ValueError(f"group {group!r}: empty segment on {r.param!r} axis {ax}")

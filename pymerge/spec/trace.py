@@ -93,12 +93,13 @@ def spec_from_model(
     # shapes only: propagate meta tensors (no compute), fall back to a real copy
     try:
         m = copy.deepcopy(model).to("meta").eval()
-        inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x
-                       for x in example_inputs)
+        inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
         gm = _trace_and_propagate(m, inputs, leaf_modules, type(model).__name__)
     except _TraceError as e:
-        raise ValueError(f"{e} (submodules torch.fx cannot trace can be passed as "
-                         "leaf_modules=(Type, ...): they are then treated as opaque)") from e
+        raise ValueError(
+            f"{e} (submodules torch.fx cannot trace can be passed as "
+            "leaf_modules=(Type, ...): they are then treated as opaque)"
+        ) from e
     except Exception:  # noqa: BLE001 - some ops lack meta kernels
         m = copy.deepcopy(model).eval()
         gm = _trace_and_propagate(m, example_inputs, leaf_modules, type(model).__name__)
@@ -115,8 +116,10 @@ def spec_from_model(
     if overrides is not None:
         spec = overrides(spec) if callable(overrides) else spec.override(overrides)
     if warn and any(r.startswith("unsupported") for r in spec.report):
-        warnings.warn("spec_from_model: " + "; ".join(
-            r for r in spec.report if r.startswith("unsupported")), stacklevel=2)
+        warnings.warn(
+            "spec_from_model: " + "; ".join(r for r in spec.report if r.startswith("unsupported")),
+            stacklevel=2,
+        )
     return spec
 
 
@@ -124,8 +127,9 @@ class _TraceError(ValueError):
     pass
 
 
-def _trace_and_propagate(m: nn.Module, inputs: tuple, leaf_modules: Sequence[type],
-                         model_name: str) -> fx.GraphModule:
+def _trace_and_propagate(
+    m: nn.Module, inputs: tuple, leaf_modules: Sequence[type], model_name: str
+) -> fx.GraphModule:
     tracer = _Tracer(DEFAULT_LEAF_MODULES + tuple(leaf_modules))
     try:
         graph = tracer.trace(m)
@@ -136,21 +140,24 @@ def _trace_and_propagate(m: nn.Module, inputs: tuple, leaf_modules: Sequence[typ
         try:
             ShapeProp(gm).propagate(*inputs)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"shape propagation of {model_name} on the example inputs "
-                             f"failed: {e}") from e
+            raise ValueError(
+                f"shape propagation of {model_name} on the example inputs failed: {e}"
+            ) from e
     return gm
 
 
 # ---------------------------------------------------------------------------- assembly
-def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules: dict,
-                calls: dict[str, int]) -> PermutationSpec:
+def _build_spec(
+    gm: fx.GraphModule, info: dict, st: _State, state: dict, modules: dict, calls: dict[str, int]
+) -> PermutationSpec:
     n_el = len(st.parent)
     canon: dict[str, str] = {}  # tied entries (one tensor under several keys) -> first key
     first_key: dict[tuple, str] = {}
     for k, t in state.items():
         if t.numel():
             canon[k] = first_key.setdefault(
-                (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), k)
+                (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), k
+            )
     # the same (param, axis) referenced from several elements: identical segments share one
     # permutation (shared modules); different or overlapping segments freeze both.
     seen: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {}
@@ -166,7 +173,7 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
     for (param, ax), lst in seen.items():
         lst.sort()
         for i, (s0, e0, i0, el0) in enumerate(lst):
-            for s1, e1, i1, el1 in lst[i + 1:]:
+            for s1, e1, i1, el1 in lst[i + 1 :]:
                 if s1 >= e0:
                     break
                 if (s0, e0, i0) == (s1, e1, i1):
@@ -194,8 +201,9 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
                 if rs & rs2:
                     if (h, d) != (h2, d2):
                         for r in rs | rs2:
-                            frozen_roots.setdefault(r, f"conflicting head structures {nm!r} "
-                                                       f"and {nm2!r}")
+                            frozen_roots.setdefault(
+                                r, f"conflicting head structures {nm!r} and {nm2!r}"
+                            )
                     merged[i] = (h2, d2, rs | rs2, nm2 or nm)
                     changed = True
                     break
@@ -232,8 +240,13 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
         src = [k for k in keys if k in covered]
         if src and len(keys) > 1:
             for refs in p2a.values():
-                extra = [AxisRef(k, r.axis, r.start, r.stop, r.inner) for r in refs
-                         if r.param == src[0] for k in keys if k not in covered]
+                extra = [
+                    AxisRef(k, r.axis, r.start, r.stop, r.inner)
+                    for r in refs
+                    if r.param == src[0]
+                    for k in keys
+                    if k not in covered
+                ]
                 refs.extend(extra)
     heads = {}
     for h, d, rs, nm in structs:
@@ -249,13 +262,20 @@ def _build_spec(gm: fx.GraphModule, info: dict, st: _State, state: dict, modules
             report.append(f"frozen group {names[r]!r}: {why}")
     aps = _activation_points(gm, info, st, modules, calls, names, frozen_roots)
     no_cost = {k for k in st.no_cost if k in state}
-    return PermutationSpec(p2a, free=free, no_cost=no_cost, heads=heads,
-                           activation_points=aps, report=report)
+    return PermutationSpec(
+        p2a, free=free, no_cost=no_cost, heads=heads, activation_points=aps, report=report
+    )
 
 
-def _activation_points(gm: fx.GraphModule, info: dict, st: _State, modules: dict,
-                       calls: dict[str, int], names: dict[int, str],
-                       frozen: dict[int, str]) -> dict[str, ActivationPoint]:
+def _activation_points(
+    gm: fx.GraphModule,
+    info: dict,
+    st: _State,
+    modules: dict,
+    calls: dict[str, int],
+    names: dict[int, str],
+    frozen: dict[int, str],
+) -> dict[str, ActivationPoint]:
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     # output node of each non-leaf module called once (a contiguous run of its nodes)
@@ -278,9 +298,14 @@ def _activation_points(gm: fx.GraphModule, info: dict, st: _State, modules: dict
         v = info.get(n)
         if not isinstance(v, _Val) or len(v.tags) != 1:
             continue
-        (d, pieces), = v.tags.items()
-        if len(pieces) != 1 or pieces[0].inner != 1 or pieces[0].start != 0 or \
-                pieces[0].n != v.shape[d] or pieces[0].role != "full":
+        ((d, pieces),) = v.tags.items()
+        if (
+            len(pieces) != 1
+            or pieces[0].inner != 1
+            or pieces[0].start != 0
+            or pieces[0].n != v.shape[d]
+            or pieces[0].role != "full"
+        ):
             continue
         r = st.find(pieces[0].elem)
         if r in frozen:
@@ -289,8 +314,13 @@ def _activation_points(gm: fx.GraphModule, info: dict, st: _State, modules: dict
         cands = []
         if n.op == "call_module" and calls.get(n.target, 0) == 1:
             mod = modules[n.target]
-            prio = 0 if isinstance(mod, _ACT_MODULES) else 2 if isinstance(
-                mod, (*_NORM_CH, nn.LayerNorm, nn.GroupNorm)) else 3
+            prio = (
+                0
+                if isinstance(mod, _ACT_MODULES)
+                else 2
+                if isinstance(mod, (*_NORM_CH, nn.LayerNorm, nn.GroupNorm))
+                else 3
+            )
             cands.append((prio, n.target))
         if i in block_out:
             cands.append((1, block_out[i]))
