@@ -7,6 +7,7 @@ Outputs of the Triton path are allocated NaN-filled (poisoned) before the kernel
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 
@@ -15,7 +16,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pymerge.ops
 from pymerge._backend import triton_error, triton_interpret
 from pymerge.ops import interpolate, permuted_interpolate
 
@@ -595,12 +595,19 @@ def test_permuted_errors():
     _assert_unchanged([a, b], _snapshot([_state(90), _state(91)]))
 
 
-def test_ops_name_stays_callable_after_submodule_import(monkeypatch):
-    """A first `import pymerge.ops.interpolate` binds the package attribute to the submodule."""
-    monkeypatch.setattr(pymerge.ops, "interpolate", front)  # what that import leaves behind
-    s = _state(3)
-    out = pymerge.ops.interpolate([s], [2.0], backend="torch")
-    assert torch.equal(out["lin.weight"], 2.0 * s["lin.weight"])
+def test_ops_names_stay_functions_after_submodule_import():
+    """Importing the submodules must not rebind `pymerge.ops.interpolate`/`.correlation`."""
+    code = (
+        "import pymerge.ops.interpolate, pymerge.ops.correlation, pymerge.align\n"
+        "import pymerge, pymerge.ops as ops, types\n"
+        "assert not isinstance(ops.interpolate, types.ModuleType)\n"
+        "assert not isinstance(ops.correlation, types.ModuleType)\n"
+        "assert pymerge.interpolate is ops.interpolate\n"
+        "import torch\n"
+        "s = {'w': torch.ones(3)}\n"
+        "assert torch.equal(ops.interpolate([s], [2.0], backend='torch')['w'], 2 * s['w'])\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ----------------------------------------------------------------------------- properties
