@@ -22,6 +22,10 @@ import pymerge.ops as ops
 from pymerge._backend import triton_error
 from pymerge.ops.correlation import CorrelationAccumulator, correlation
 
+# subprocesses run from here so `python -c` imports the installed pymerge, not the
+# source tree of the checkout (which has no compiled _lap and no pymerge.kernels)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = triton_error() is None
 BACKENDS = [
@@ -483,7 +487,9 @@ def test_works_without_triton():
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYMERGE_BACKEND"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=_HERE
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
@@ -546,7 +552,7 @@ def test_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env
+        [sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, cwd=_HERE
     )
     assert res.returncode == 0, res.stderr[-3000:]
     bf16, fp32 = res.stdout.strip().splitlines()[-1].split(";")

@@ -7,6 +7,7 @@ Outputs of the Triton path are allocated NaN-filled (poisoned) before the kernel
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -18,6 +19,10 @@ from hypothesis import strategies as st
 
 from pymerge._backend import triton_error, triton_interpret
 from pymerge.ops import interpolate, permuted_interpolate
+
+# subprocesses run from here so `python -c` imports the installed pymerge, not the
+# source tree of the checkout (which has no compiled _lap and no pymerge.kernels)
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 front = sys.modules["pymerge.ops.interpolate"]
 
@@ -607,7 +612,7 @@ def test_ops_names_stay_functions_after_submodule_import():
         "s = {'w': torch.ones(3)}\n"
         "assert torch.equal(ops.interpolate([s], [2.0], backend='torch')['w'], 2 * s['w'])\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=_HERE)
 
 
 # ----------------------------------------------------------------------------- properties
@@ -690,6 +695,7 @@ def test_kernels_compile_to_128bit_accesses(dt, vec):
     proc = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT, dt, str(vec)],
         env=env,
+        cwd=_HERE,
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,10 +8,17 @@ warm starts, errors, the batch API, thread counts and every SIMD kernel set.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
+
+# subprocesses run from here so `python -c` imports the installed pymerge, not the
+# source tree of the checkout (which has no compiled _lap and no pymerge.kernels)
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 lap = pytest.importorskip("pymerge._lap", reason="native extension not built")
 scipy_opt = pytest.importorskip("scipy.optimize")
@@ -213,20 +220,26 @@ def test_simd_paths_identical():
 
 
 def test_simd_env_override():
-    import os
-    import subprocess
-    import sys
-
     code = "import pymerge._lap as l; print(l.__simd__)"
     for want in SIMD:
         env = {**os.environ, "PYMERGE_LAP_SIMD": want}
         out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=_HERE,
         )
         assert out.stdout.strip() == want
     env = {**os.environ, "PYMERGE_LAP_SIMD": "bogus"}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=_HERE,
     )
     assert out.stdout.strip() == SIMD[-1]  # unknown value: the best supported path
 
