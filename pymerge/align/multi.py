@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pymerge._checks import check_state_pair
 from pymerge.align.weight_matching import WeightMatchingResult, weight_matching
 from pymerge.spec import PermutationSpec, apply_permutation
 
@@ -38,19 +39,8 @@ def _check_states(states: Sequence[Mapping[str, Tensor]], minimum: int) -> None:
         raise TypeError(f"states must be a sequence of state dicts, got {type(states).__name__}")
     if len(states) < minimum:
         raise ValueError(f"need at least {minimum} state dicts, got {len(states)}")
-    ref = states[0]
     for i, s in enumerate(states[1:], start=1):
-        for k in ref:
-            if k not in s:
-                raise ValueError(f"key {k!r} is in states[0] but not in states[{i}]")
-        for k in s:
-            if k not in ref:
-                raise ValueError(f"key {k!r} is in states[{i}] but not in states[0]")
-            if s[k].shape != ref[k].shape:
-                raise ValueError(
-                    f"key {k!r} has shape {tuple(s[k].shape)} in states[{i}] but "
-                    f"{tuple(ref[k].shape)} in states[0]"
-                )
+        check_state_pair(states[0], s, "states[0]", f"states[{i}]")
 
 
 def align_to_anchor(

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pymerge._checks import check_state_pair
 from pymerge.spec import PermutationSpec
 
 Permutation = dict[str, Tensor]
@@ -564,20 +565,7 @@ def _validate(
         for k, v in state.items():
             if not isinstance(v, Tensor):
                 raise TypeError(f"{name}[{k!r}] is a {type(v).__name__}, not a torch.Tensor")
-    missing_b = [k for k in state_a if k not in state_b]
-    if missing_b:
-        raise ValueError(f"key {missing_b[0]!r} is in state_a but not in state_b")
-    missing_a = [k for k in state_b if k not in state_a]
-    if missing_a:
-        raise ValueError(f"key {missing_a[0]!r} is in state_b but not in state_a")
-    for k, va in state_a.items():
-        vb = state_b[k]
-        if va.shape != vb.shape:
-            raise ValueError(
-                f"key {k!r} has shape {tuple(va.shape)} in state_a but {tuple(vb.shape)} in state_b"
-            )
-        if va.device != vb.device:
-            raise ValueError(f"key {k!r} is on {va.device} in state_a but {vb.device} in state_b")
+    check_state_pair(state_a, state_b, "state_a", "state_b", same_device=True)
     sizes = spec.validate(state_a)
     spec.validate(state_b)
     return dict(sizes)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pymerge._checks import check_state_pair
+
 __all__ = [
     "Curve",
     "BarrierKind",
@@ -83,18 +85,7 @@ def interpolate_state(
     agree, else ``torch.lerp`` in A's dtype. Returns a new dict; the inputs are not
     modified. Keys and shapes must agree (ValueError naming the key).
     """
-    for k in state_a:
-        if k not in state_b:
-            raise ValueError(f"key {k!r} is in state_a but not in state_b")
-    for k in state_b:
-        if k not in state_a:
-            raise ValueError(f"key {k!r} is in state_b but not in state_a")
-    for k, a in state_a.items():
-        b = state_b[k]
-        if a.shape != b.shape:
-            raise ValueError(
-                f"key {k!r} has shape {tuple(a.shape)} in state_a but {tuple(b.shape)} in state_b"
-            )
+    check_state_pair(state_a, state_b, "state_a", "state_b")
     lam = float(lam)
     if lam in (0.0, 1.0):  # exact endpoints
         src = state_a if lam == 0.0 else state_b
