@@ -280,67 +280,52 @@ class CorrelationAccumulator:
         )
 
     def _workspace(self, key: str, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
-        """Reusable ``[n, d + 1]`` buffer (rows padded to 64 bytes) of the compute dtype.
+        """Reusable contiguous ``[n, d]`` buffer of the compute dtype.
 
-        Column ``d`` holds ones (set once per allocation; nothing else writes it), so a GEMM
-        with the buffer also yields column sums of the other operand. Fresh multi-MB CPU
-        allocations page-fault on first touch, which costs as much as the arithmetic; the
-        torch path therefore keeps its buffers between updates.
+        Fresh multi-MB CPU allocations page-fault on first touch, which costs as much as
+        the arithmetic; the torch path therefore keeps its buffers between updates.
         """
-        width = -(-(d + 1) // 16) * 16
-        key = f"{key}{d}"  # the ones column sits at d
         buf = self._ws.get(key)
         if (
             buf is None
-            or buf.shape[0] < n
-            or buf.shape[1] != width
+            or buf.numel() < n * d
             or buf.device != like.device
             or buf.dtype != self.dtype
         ):
-            buf = torch.empty((n, width), dtype=self.dtype, device=like.device)
-            buf[:, d] = 1.0
+            buf = torch.empty(n * d, dtype=self.dtype, device=like.device)
             self._ws[key] = buf
-        return buf[:n, : d + 1]
+        return buf[: n * d].view(n, d)
 
-    def _scratch(self, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-        buf = self._ws.get("gemm")
-        if buf is None or buf.shape != (rows, cols) or buf.device != like.device:
-            buf = torch.empty((rows, cols), dtype=self.dtype, device=like.device)
-            self._ws["gemm"] = buf
-        return buf
+    @staticmethod
+    def _centred_sums(c: torch.Tensor, n_b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum(c), sum(c^2))`` over rows of a contiguous ``[n, d]`` buffer in one call.
+
+        ``batch_norm_update_stats`` gives the per-column mean and (two-pass) biased variance
+        with one vectorised kernel; ``sum(c^2) = n var + sum(c)^2 / n``.
+        """
+        mean, var = torch.batch_norm_update_stats(c, None, None, 0.0)
+        s = mean * n_b
+        return s, var * n_b + s * mean
 
     def _update_torch(self, xa, xb, x_a, x_b) -> None:
-        # GEMM-dominated. Each operand is centred in one pass into a reused buffer whose
-        # extra column of ones makes the GEMM [ca 1]^T [cb 1] also produce the column sums
-        # s_a, s_b (and, in self mode, the sums of squares on its diagonal), so the only
-        # other memory-bound work is squaring the buffers in place for q_a, q_b (cross
-        # mode) and adding the [d_a, d_b] block into the state.
+        # GEMM-dominated. The memory-bound work around the GEMM: one centring pass per
+        # operand into a reused contiguous buffer, one fused column-statistics kernel per
+        # buffer (column sums and sums of squares), one addmm into the state.
         n_b = xa.shape[0]
-        d_a = xa.shape[1]
         ka = self._mean_a if self._n else self._first_shift(xa, n_b)
-        ea = self._workspace("a", n_b, d_a, xa)
-        ca = torch.sub(xa, ka, out=ea[:, :d_a])
-        if xb is None:
-            kb, eb, cb, d_b = ka, ea, ca, d_a
-        else:
-            d_b = xb.shape[1]
-            kb = self._mean_b if self._n else self._first_shift(xb, n_b)
-            eb = self._workspace("b", n_b, d_b, xb)
-            cb = torch.sub(xb, kb, out=eb[:, :d_b])
-        prod = torch.mm(ea.T, eb, out=self._scratch(d_a + 1, d_b + 1, xa))
-        sa = prod[:d_a, d_b].clone()
+        ca = torch.sub(xa, ka, out=self._workspace("a", n_b, xa.shape[1], xa))
+        sa, qa = self._centred_sums(ca, n_b)
         if self.check_finite:
             _check_finite(sa, xa, "x_a/x_b" if self.joint else "x_a", tuple(x_a.shape))
         if xb is None:
-            sb = sa
-            qa = qb = prod.diagonal()[:d_a].clone()
+            kb, cb, sb, qb = ka, ca, sa, qa
         else:
-            sb = prod[d_a, :d_b].clone()
+            kb = self._mean_b if self._n else self._first_shift(xb, n_b)
+            cb = torch.sub(xb, kb, out=self._workspace("b", n_b, xb.shape[1], xb))
+            sb, qb = self._centred_sums(cb, n_b)
             if self.check_finite:
                 _check_finite(sb, xb, "x_b", tuple(x_b.shape))
-            qa = ca.mul_(ca).sum(0)
-            qb = cb.mul_(cb).sum(0)
-        self._m2.add_(prod[:d_a, :d_b])
+        self._m2.addmm_(ca.T, cb)
         self._merge(n_b, ka, kb, sa, qa, sb, qb, shift_b_in_cross=False)
         self._eps = max(self._eps, torch.finfo(self.dtype).eps)
 
