@@ -560,3 +560,23 @@ def test_kernel_compiles_for_sm90():
     assert "spills" not in bf16 and "spills" not in fp32
     assert fp32.startswith("fp32 wgmma=")  # tf32 also runs on the tensor cores
     assert not fp32.startswith("fp32 wgmma=0 ")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_sums_when_torch_lacks_batch_norm_update_stats(monkeypatch, dtype):
+    """The torch path's fused column statistics have a plain fallback; both agree."""
+    g = torch.Generator().manual_seed(7)
+    xa = torch.randn(300, 37, generator=g) * 3 + 50
+    xb = torch.randn(300, 21, generator=g) - 4
+    fast = CorrelationAccumulator(37, 21, dtype=dtype, backend="torch")
+    for i in range(0, 300, 70):
+        fast.update(xa[i : i + 70], xb[i : i + 70])
+    monkeypatch.delattr(torch, "batch_norm_update_stats")
+    plain = CorrelationAccumulator(37, 21, dtype=dtype, backend="torch")
+    for i in range(0, 300, 70):
+        plain.update(xa[i : i + 70], xb[i : i + 70])
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(plain.correlation(), fast.correlation(), atol=tol, rtol=tol)
+    torch.testing.assert_close(plain.std_a(), fast.std_a(), atol=tol, rtol=tol)
+    ref = torch.corrcoef(torch.cat([xa, xb], 1).double().T)[:37, 37:]
+    assert (plain.correlation().double() - ref).abs().max() < 10 * tol
