@@ -39,6 +39,8 @@ import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from itertools import compress, repeat
+from operator import attrgetter, eq, is_
 from typing import Any
 
 import torch
@@ -58,15 +60,34 @@ __all__ = ["interpolate", "permuted_interpolate"]
 # ----------------------------------------------------------------------------- validation
 
 
+_DTYPE = attrgetter("dtype")
+_SHAPE = attrgetter("shape")
+_GET_DEVICE = torch.Tensor.get_device  # device index (-1: CPU); much cheaper than .device
+_PLAIN_DICTS = (dict, OrderedDict)  # .values() gives what [] gives (no custom __getitem__)
+
+
+def _values(s: StateDict, keys: list[str]) -> list:
+    """``[s[k] for k in keys]``, via ``values()`` when a plain dict has the same key order."""
+    if type(s) in _PLAIN_DICTS and list(s) == keys:
+        return list(s.values())
+    return [s[k] for k in keys]
+
+
+def _all_tensors(values: list) -> bool:
+    return all(issubclass(tp, torch.Tensor) for tp in set(map(type, values)))
+
+
 def _check_states(
     states: Sequence[StateDict], names: Sequence[str]
-) -> tuple[list[str], list[list[torch.Tensor]], list[tuple]]:
+) -> tuple[list[str], list[list[torch.Tensor]], list[torch.dtype], list[int] | None]:
     """Same keys, shapes, dtypes and devices in every state dict.
 
     Returns the keys (order of ``states[0]``), per state its tensors in that order, and the
-    ``(shape, dtype, device index)`` signature of each key.
-    The common (valid) case is checked with whole-list comparisons; the slow per-key
-    diagnosis only runs to name the offending key.
+    dtype and device index (``get_device()``, -1 for CPU) of each key; the device indices
+    are ``None`` when no accelerator is available (every tensor then has index -1).
+    The common (valid) case is checked with C-level passes over whole lists (one per
+    property and state, no per-key Python code); the slow per-key diagnosis only runs to
+    name the offending key.
     """
     if len(states) == 0:
         raise ValueError("states is empty: need at least one state dict")
@@ -74,26 +95,35 @@ def _check_states(
         if not isinstance(s, Mapping):
             raise TypeError(f"{name} must be a mapping of str -> Tensor, got {type(s).__name__}")
     ref = states[0]
-    keys = list(ref.keys())
-    lists = [[ref[k] for k in keys]]
-    if not all(isinstance(t, torch.Tensor) for t in lists[0]):
+    keys = list(ref)
+    first = _values(ref, keys)
+    if not _all_tensors(first):
         _diagnose(states, names, keys)
-    # (shape, dtype, device index): get_device() is much cheaper than .device
-    sig0 = [(t.shape, t.dtype, t.get_device()) for t in lists[0]]
-    if any(d.is_complex for d in {d for _, d, _ in sig0}):
+    dtypes = list(map(_DTYPE, first))
+    if any(d.is_complex for d in set(dtypes)):
         _diagnose(states, names, keys)
+    # without an accelerator every tensor is on the CPU (or the meta device, which has no
+    # index either): comparing device indices would compare lists of -1
+    devices = list(map(_GET_DEVICE, first)) if torch.accelerator.is_available() else None
+    shapes = list(map(_SHAPE, first))
+    lists = [first]
     for s in states[1:]:
         if len(s) != len(keys):
             _diagnose(states, names, keys)
         try:
-            lst = [s[k] for k in keys]
-            sig = [(t.shape, t.dtype, t.get_device()) for t in lst]
+            lst = _values(s, keys)
+            # a non-tensor fails here (no such attribute, or a dtype that is not torch's)
+            same = (
+                list(map(_DTYPE, lst)) == dtypes
+                and list(map(_SHAPE, lst)) == shapes
+                and (devices is None or list(map(_GET_DEVICE, lst)) == devices)
+            )
         except (KeyError, AttributeError, TypeError):
-            _diagnose(states, names, keys)
-        if sig != sig0:
+            same = False
+        if not same:
             _diagnose(states, names, keys)
         lists.append(lst)
-    return keys, lists, sig0
+    return keys, lists, dtypes, devices
 
 
 def _diagnose(states: Sequence[StateDict], names: Sequence[str], keys: list[str]) -> None:
@@ -259,15 +289,47 @@ def _flat_layout(numels: Sequence[int], dtype: torch.dtype) -> tuple[list[int], 
     return offsets, -(-total // 16) * 16  # row stride of [M, total] divisible by 16
 
 
+Mask = list[bool]
+
+
 def _group(
-    sig: Sequence[tuple], tensors: Sequence[torch.Tensor], out_dtype
-) -> dict[tuple, list[int]]:
-    """Indices of floating tensors grouped by (device, dtype, output dtype)."""
-    by_index: dict[tuple, list[int]] = {}
-    for i, (_, dt, dev) in enumerate(sig):
+    dtypes: Sequence[torch.dtype],
+    devices: Sequence[int] | None,
+    tensors: Sequence[torch.Tensor],
+    out_dtype,
+) -> tuple[list[tuple[tuple, Mask | None]], list[Mask]]:
+    """Floating tensors grouped by (device, dtype, output dtype), each group as a mask over
+    the keys (``None`` when it holds every tensor: the common case of one dtype on one
+    device), and masks of the non-floating tensors. ``devices=None``: all on one device."""
+    dtype_set, device_set = set(dtypes), {-1} if devices is None else set(devices)
+    if len(dtype_set) == 1 and len(device_set) == 1:
+        (dt,) = dtype_set
         if dt.is_floating_point:
-            by_index.setdefault((dev, dt), []).append(i)
-    return {(tensors[idx[0]].device, dt, out_dtype or dt): idx for (_, dt), idx in by_index.items()}
+            return [((tensors[0].device, dt, out_dtype or dt), None)], []
+        return [], [[True] * len(tensors)]
+    if len(device_set) == 1:  # one device: group by dtype alone (identity: dtypes are unique)
+        masks = {dt: list(map(is_, dtypes, repeat(dt))) for dt in dict.fromkeys(dtypes)}
+    else:
+        pairs = list(zip(devices, dtypes, strict=True))
+        masks = {p: list(map(eq, pairs, repeat(p))) for p in dict.fromkeys(pairs)}
+    groups, others = [], []
+    for key, mask in masks.items():
+        dt = key if isinstance(key, torch.dtype) else key[1]
+        if dt.is_floating_point:
+            device = tensors[mask.index(True)].device
+            groups.append(((device, dt, out_dtype or dt), mask))
+        else:
+            others.append(mask)
+    return groups, others
+
+
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Clones of non-floating tensors: ``maximum(t, t)`` is an exact copy, and one foreach
+    call is cheaper than a ``clone`` per tensor; ``clone`` where torch has no maximum."""
+    try:
+        return list(torch._foreach_maximum(tensors, tensors))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return [t.clone() for t in tensors]
 
 
 # ----------------------------------------------------------------------------- interpolate
@@ -283,9 +345,26 @@ def _factor(w: float, tensors: Sequence[torch.Tensor]) -> float | torch.Tensor:
         return w
     if like.dtype in (torch.float32, torch.float64):
         return torch.tensor(w, dtype=like.dtype)
-    if like.dtype in (torch.float16, torch.bfloat16) and all(t.dim() for t in tensors):
+    if like.dtype in (torch.float16, torch.bfloat16) and all(map(torch.Tensor.dim, tensors)):
         return torch.tensor(w, dtype=torch.float32)
     return w
+
+
+# |w| below this stays below 0.5 once rounded to fp32 (the branch test of torch.lerp)
+_LERP_SMALL = 0.5 - 2.0**-20
+
+
+def _scaled(lst: list[torch.Tensor], w: float) -> list[torch.Tensor]:
+    """New tensors ``w * lst[i]``, each computed in fp32 (opmath) and rounded once.
+
+    fp16/bf16 on CPU with ``|w| < 0.5``: ``lerp(0, x, w)`` (0-d zero start), which torch
+    evaluates as ``0 + w * (x - 0)`` in fp32, the same value as the fp32 product, and is
+    cheaper than a multiply by an fp32 factor (a mixed-dtype op per tensor)."""
+    like = lst[0]
+    if like.dtype in (torch.float16, torch.bfloat16) and like.is_cpu and abs(w) < _LERP_SMALL:
+        zero = torch.zeros((), dtype=like.dtype)
+        return list(torch._foreach_lerp([zero] * len(lst), lst, w))
+    return list(torch._foreach_mul(lst, _factor(w, lst)))
 
 
 def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) -> list[torch.Tensor]:
@@ -295,18 +374,28 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
         lists = [[t.to(cdt) for t in lst] for lst in lists]
     K = len(lists)
     if K == 1:
-        res = torch._foreach_mul(lists[0], _factor(w[0], lists[0]))
+        res = _scaled(lists[0], w[0])
     elif K == 2 and w[0] == 1.0 - w[1]:  # interpolation: one op, one rounding
         res = torch._foreach_lerp(lists[0], lists[1], w[1])
     else:
-        if w[0] == 1.0:  # task arithmetic (base + sum of scaled vectors): no multiply
-            res = torch._foreach_add(lists[0], lists[1], alpha=w[1])
-            rest = zip(lists[2:], w[2:], strict=True)
+        # the first term: a plain state when some weight is 1 (task arithmetic: base + sum of
+        # scaled vectors, no multiply), else one that _scaled computes cheaply; then add the
+        # other terms in order (any order gives the documented K roundings at most)
+        order = list(range(K))
+        ones = [k for k in order if w[k] == 1.0]
+        if ones:
+            j = ones[0]
         else:
-            res = torch._foreach_mul(lists[0], _factor(w[0], lists[0]))
-            rest = zip(lists[1:], w[1:], strict=True)
-        for lst, wk in rest:
-            torch._foreach_add_(res, lst, alpha=wk)
+            small = [k for k in order if abs(w[k]) < _LERP_SMALL]
+            j = small[0] if small else 0
+        order.remove(j)
+        if ones:
+            m = order.pop(0)
+            res = torch._foreach_add(lists[j], lists[m], alpha=w[m])
+        else:
+            res = _scaled(lists[j], w[j])
+        for k in order:
+            torch._foreach_add_(res, lists[k], alpha=w[k])
     if out_dtype != cdt:
         res = [t.to(out_dtype) for t in res]
     return list(res)
@@ -356,14 +445,22 @@ def interpolate(
         raise TypeError("states must be a sequence of state dicts, not a single state dict")
     states = list(states)
     names = [f"states[{i}]" for i in range(len(states))]
-    keys, lists_all, sig = _check_states(states, names)
+    keys, lists_all, dtypes, devices = _check_states(states, names)
     w = _as_floats(weights, "weights")
     if len(w) != len(states):
         raise ValueError(f"got {len(w)} weights for {len(states)} state dicts")
     _check_out_dtype(out_dtype)
-    out: list[torch.Tensor | None] = [None] * len(keys)
-    for (device, in_dtype, od), idx in _group(sig, lists_all[0], out_dtype).items():
-        lists = lists_all if len(idx) == len(keys) else [[lst[i] for i in idx] for lst in lists_all]
+    first = lists_all[0]
+    groups, others = _group(dtypes, devices, first, out_dtype)
+    out = dict.fromkeys(keys)  # key order of states[0]; every value is replaced below
+    for mask in others:
+        out.update(zip(compress(keys, mask), _copies(list(compress(first, mask))), strict=True))
+    for (device, in_dtype, od), mask in groups:
+        if mask is None:
+            lists, group_keys = lists_all, keys
+        else:
+            lists = [list(compress(lst, mask)) for lst in lists_all]
+            group_keys = compress(keys, mask)
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
             use = choose_kernels(backend, *lists[0])
@@ -371,13 +468,8 @@ def interpolate(
             res = _interp_triton(lists, w, od, device)
         else:
             res = _interp_torch(lists, w, od)
-        for i, r in zip(idx, res, strict=True):
-            out[i] = r
-    first = lists_all[0]
-    return {
-        k: first[i].clone() if o is None else o
-        for i, (k, o) in enumerate(zip(keys, out, strict=True))
-    }
+        out.update(zip(group_keys, res, strict=True))
+    return out
 
 
 # ----------------------------------------------------------------------------- permuted
@@ -607,7 +699,7 @@ def permuted_interpolate(
 
         spec_axes = permutation_index_map(spec_axes, perm, state_b)
         perm = None
-    keys, (la, lb), sig = _check_states([state_a, state_b], ["state_a", "state_b"])
+    keys, (la, lb), dtypes, devices = _check_states([state_a, state_b], ["state_a", "state_b"])
     many = not isinstance(alpha, (int, float)) and not (
         isinstance(alpha, torch.Tensor) and alpha.dim() == 0
     )
@@ -621,7 +713,9 @@ def permuted_interpolate(
     axes = _normalise_axes(spec_axes, perm, state_a)
     M = len(alphas)
     outs: list[list[torch.Tensor | None]] = [[None] * len(keys) for _ in range(M)]
-    for (device, in_dtype, od), idx in _group(sig, la, out_dtype).items():
+    groups, _ = _group(dtypes, devices, la, out_dtype)
+    for (device, in_dtype, od), mask in groups:
+        idx = range(len(keys)) if mask is None else list(compress(range(len(keys)), mask))
         a_list = [la[i] for i in idx]
         b_list = [lb[i] for i in idx]
         axes_list = [axes.get(keys[i], ()) for i in idx]
