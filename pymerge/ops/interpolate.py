@@ -352,16 +352,24 @@ def _factor(w: float, tensors: Sequence[torch.Tensor]) -> float | torch.Tensor:
 
 # |w| below this stays below 0.5 once rounded to fp32 (the branch test of torch.lerp)
 _LERP_SMALL = 0.5 - 2.0**-20
+# lerp-from-zero saves ~0.7 us per tensor and costs ~0.03 ns per element (AVX-512 CPU)
+_LERP_MAX_MEAN_NUMEL = 16384
 
 
 def _scaled(lst: list[torch.Tensor], w: float) -> list[torch.Tensor]:
     """New tensors ``w * lst[i]``, each computed in fp32 (opmath) and rounded once.
 
     fp16/bf16 on CPU with ``|w| < 0.5``: ``lerp(0, x, w)`` (0-d zero start), which torch
-    evaluates as ``0 + w * (x - 0)`` in fp32, the same value as the fp32 product, and is
-    cheaper than a multiply by an fp32 factor (a mixed-dtype op per tensor)."""
+    evaluates as ``0 + w * (x - 0)`` in fp32, the same value as the fp32 product, with less
+    fixed cost per tensor than a multiply by an fp32 factor (a mixed-dtype op) but more
+    per element: used for small tensors (on average)."""
     like = lst[0]
-    if like.dtype in (torch.float16, torch.bfloat16) and like.is_cpu and abs(w) < _LERP_SMALL:
+    if (
+        like.dtype in (torch.float16, torch.bfloat16)
+        and like.is_cpu
+        and abs(w) < _LERP_SMALL
+        and sum(map(torch.Tensor.numel, lst)) <= _LERP_MAX_MEAN_NUMEL * len(lst)
+    ):
         zero = torch.zeros((), dtype=like.dtype)
         return list(torch._foreach_lerp([zero] * len(lst), lst, w))
     return list(torch._foreach_mul(lst, _factor(w, lst)))
