@@ -225,16 +225,9 @@ struct KAvx2 {
             }
         }
         double best = avx2_hmin(_mm256_min_pd(b0, b1));
-        for (; j < m; ++j) {
-            double r = (widen<MAX>(c[j]) - v[j]) - h;
-            if (INIT) {
-                d[j] = r;
-                pred[j] = row;
-            } else if (r < d[j]) {
-                d[j] = r;
-                pred[j] = row;
-            }
-            best = d[j] < best ? d[j] : best;
+        if (j < m) {  // the last m % 8 columns: the scalar scan
+            double tail = KScalar::scan<T, MAX, INIT>(c + j, v + j, d + j, pred + j, m - j, h, row);
+            best = tail < best ? tail : best;
         }
         return best;
     }
