@@ -28,6 +28,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -43,6 +44,9 @@ except ImportError:  # pragma: no cover - optional peer
     _scipy_lsa = None
 
 from pymerge import _lap as native
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms  # noqa: E402
 
 DEFAULT_SIZES = (256, 1024, 2048, 4096)
 QUICK_SIZES = (256, 1024)
@@ -122,17 +126,6 @@ def interleaved_ms(
             fn()
             times[k].append(time.perf_counter() - t)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 # ---------------------------------------------------------------------------- table

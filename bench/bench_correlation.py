@@ -23,13 +23,15 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from pymerge.ops import CorrelationAccumulator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import median_ms  # noqa: E402
 
 SHAPES = ((8192, 512, 512), (8192, 1024, 1024), (8192, 512, None))  # d_b None: self (Gram)
 QUICK_SHAPES = ((8192, 512, 512),)
@@ -114,16 +116,6 @@ def test_correlation_update(benchmark, shape, peer):
 
 
 # ----------------------------------------------------------------------------- table
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def _cell(t: dict[str, float], k: str) -> str:
