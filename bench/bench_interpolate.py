@@ -1,5 +1,7 @@
-"""CPU benchmarks: state-dict interpolation (torch fallback) against peers.
+"""CPU benchmarks: state-dict interpolation against peers.
 
+``pymerge`` is the automatic choice (the C++ multi-tensor loops for ``interpolate`` on CPU
+tensors, torch for ``permuted_interpolate``); ``pymerge-torch`` forces the torch fallback.
 Peers: a ``torch._foreach_*`` implementation (``_foreach_mul`` + ``_foreach_add_``), a naive
 per-key loop, and for permuted interpolation gather-then-lerp (``index_select`` per permuted
 axis, then ``torch.lerp`` per key and alpha).
@@ -7,6 +9,7 @@ axis, then ``torch.lerp`` per key and alpha).
     pytest bench/bench_interpolate.py --benchmark-only      # pytest-benchmark
     python bench/bench_interpolate.py                       # table of medians and ratios
     python bench/bench_interpolate.py --threads=1 resnet    # one thread, cases matching 'resnet'
+    python bench/bench_interpolate.py --threads=1 --cold    # one call per turn (cold caches)
 """
 
 from __future__ import annotations
@@ -131,7 +134,8 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
                 ("task-arith K=3", s, [1.0, 0.5, 0.5]),
             ):
                 out[f"interp {mname} {dn} {wname}"] = {
-                    "pymerge": lambda st=states, w=w: interpolate(st, w, backend="torch"),
+                    "pymerge": lambda st=states, w=w: interpolate(st, w),
+                    "pymerge-torch": lambda st=states, w=w: interpolate(st, w, backend="torch"),
                     "foreach": lambda st=states, w=w: foreach_weighted_sum(st, w),
                     "naive": lambda st=states, w=w: naive_weighted_sum(st, w),
                 }
@@ -160,24 +164,36 @@ def test_bench_interpolate(benchmark, case, impl):
 
 
 def _interleaved(
-    impls: dict[str, Callable[[], object]], budget_s: float = 1.5, max_reps: int = 101
+    impls: dict[str, Callable[[], object]],
+    budget_s: float = 1.5,
+    max_rounds: int = 101,
+    block: int = 5,
 ):
-    """Per-implementation (median, min) in microseconds, timed round-robin (shuffled each
-    round) so that load changes on a shared machine hit every implementation alike."""
+    """Per-implementation (median, min) per-call time in microseconds.
+
+    Round-robin over the implementations (shuffled each round) so that load changes on a
+    shared machine hit every implementation alike. ``block`` > 1: each turn makes one
+    untimed call and then ``block`` timed ones (steady state: caches and allocator warm
+    for the implementation being timed); ``block=1``: one timed call per turn, right after
+    another implementation ran (cold caches: every call pays for what the previous
+    implementation evicted)."""
     for fn in impls.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in impls}
     start = time.perf_counter()
-    reps = 0
+    rounds = 0
     order = list(impls.items())
     rng = random.Random(0)
-    while reps < max_reps and (time.perf_counter() - start < budget_s or reps < 5):
+    while rounds < max_rounds and (time.perf_counter() - start < budget_s or rounds < 5):
         rng.shuffle(order)  # no implementation always runs right after the same other one
         for name, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        reps += 1
+            if block > 1:
+                fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        rounds += 1
     return {n: (statistics.median(t) * 1e6, min(t) * 1e6) for n, t in times.items()}
 
 
@@ -187,13 +203,15 @@ def main() -> None:
         # on a shared, oversubscribed machine OpenMP barriers wait for descheduled threads;
         # --threads=1 gives steadier figures
         torch.set_num_threads(int(args.pop(0).split("=", 1)[1]))
-    only = args  # optional substrings selecting cases
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    cold = "--cold" in args
+    only = [a for a in args if a != "--cold"]  # optional substrings selecting cases
+    mode = "cold (one call per turn)" if cold else "steady state (blocks of 5 calls)"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {mode}")
     print(f"{'case':44s} {'impl':17s} {'median us':>10s} {'min us':>9s} {'peer/pymerge':>13s}")
     for case, impls in _CASES.items():
         if only and not any(o in case for o in only):
             continue
-        res = _interleaved(impls)
+        res = _interleaved(impls, block=1) if cold else _interleaved(impls)
         base = res["pymerge"][0]
         for impl, (med, mn) in res.items():
             ratio = "" if impl == "pymerge" else f"{med / base:13.2f}"

@@ -4,13 +4,16 @@ Two families of fast paths exist:
 
 * ``assignment``: the C++ solver ``pymerge._lap`` ("native") or the pure
   NumPy/torch fallback ("torch").
-* ``kernels``: Triton kernels in ``pymerge.kernels`` ("triton") or plain torch
-  ("torch"). Triton is used automatically only for CUDA tensors; under
-  ``TRITON_INTERPRET=1`` it can be forced on CPU tensors (the test suite does).
+* ``kernels``: Triton kernels in ``pymerge.kernels`` ("triton"), C++ loops over CPU
+  buffers in ``pymerge._multi_tensor`` ("native", for the ops that have one:
+  ``interpolate``) or plain torch ("torch"). Triton is used automatically only for
+  CUDA tensors (under ``TRITON_INTERPRET=1`` it can be forced on CPU tensors: the
+  test suite does), native for CPU tensors when built, torch otherwise.
 
 The environment variable ``PYMERGE_BACKEND`` (``auto`` | ``torch`` | ``native``
 | ``triton``) or a ``backend=`` argument forces a choice. ``torch`` forces every
-fallback; ``native`` forces the C++ solver; ``triton`` forces the Triton kernels.
+fallback; ``native`` forces the C++ code (the solver, and the CPU loops of the ops
+that have them; other ops use torch); ``triton`` forces the Triton kernels.
 Forcing a backend that is not available raises ``RuntimeError``.
 """
 
@@ -27,7 +30,7 @@ BACKEND_ENV = "PYMERGE_BACKEND"
 _VALID = ("auto", "torch", "native", "triton")
 
 AssignmentBackend = Literal["native", "torch"]
-KernelBackend = Literal["triton", "torch"]
+KernelBackend = Literal["triton", "native", "torch"]
 
 
 def _requested(backend: str | None) -> str:
@@ -44,6 +47,15 @@ def native_lap():
     """The compiled assignment module, or ``None`` when it is not built."""
     try:
         return importlib.import_module("pymerge._lap")
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def native_multi_tensor():
+    """The compiled multi-tensor CPU loops, or ``None`` when they are not built."""
+    try:
+        return importlib.import_module("pymerge._multi_tensor")
     except ImportError:
         return None
 
@@ -79,18 +91,41 @@ def choose_assignment(backend: str | None = None) -> AssignmentBackend:
     return "native"
 
 
-def choose_kernels(backend: str | None = None, *tensors: torch.Tensor) -> KernelBackend:
+def choose_kernels(
+    backend: str | None = None, *tensors: torch.Tensor, native: bool = False
+) -> KernelBackend:
     """Pick the kernel backend for ``tensors``.
 
-    ``auto`` gives Triton when every tensor is on a CUDA device and Triton imports,
-    and torch otherwise. ``triton`` forces it (CPU tensors need ``TRITON_INTERPRET=1``).
+    ``auto`` gives Triton when every tensor is on a CUDA device and Triton imports; for
+    CPU tensors the C++ loops when the op has them (``native=True``) and they are built;
+    torch otherwise. ``triton`` forces Triton (CPU tensors need ``TRITON_INTERPRET=1``);
+    ``native`` forces the C++ loops of an op that has them (CPU tensors only) and means
+    torch for an op that has none.
     """
     req = _requested(backend)
-    if req in ("torch", "native"):
+    if req == "torch":
         return "torch"
+    if req == "native":
+        if not native:
+            return "torch"
+        if native_multi_tensor() is None:
+            raise RuntimeError(
+                "backend 'native' was requested but pymerge._multi_tensor is not built; "
+                "reinstall pymerge with a C++17 compiler available"
+            )
+        if not all(t.is_cpu for t in tensors):
+            raise RuntimeError(
+                "backend 'native' runs on CPU tensors only; use 'triton' or 'torch' for "
+                "tensors on other devices"
+            )
+        return "native"
     on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     if req == "auto":
-        return "triton" if on_cuda and triton_error() is None else "torch"
+        if on_cuda:
+            return "triton" if triton_error() is None else "torch"
+        if native and native_multi_tensor() is not None and all(t.is_cpu for t in tensors):
+            return "native"
+        return "torch"
     # forced triton
     if triton_error() is not None:
         raise RuntimeError(
@@ -108,8 +143,10 @@ def choose_kernels(backend: str | None = None, *tensors: torch.Tensor) -> Kernel
 def backends() -> dict[str, str]:
     """What this installation can run and what ``auto`` picks.
 
-    Returns a dict with ``assignment`` (``native``/``torch``), ``kernels`` for CUDA
-    tensors (``triton``/``torch``), ``cuda`` (device name or ``none``), ``triton``
+    Returns a dict with ``assignment`` (``native``/``torch``), ``assignment_native``,
+    ``kernels`` for CUDA tensors (``triton``/``torch``), ``kernels_cpu`` for CPU tensors
+    of the ops with C++ loops (``native``/``torch``), ``multi_tensor_native``
+    (``built (simd)``/``missing``), ``cuda`` (device name or ``none``), ``triton``
     (version or the import error) and ``forced`` (the value of ``$PYMERGE_BACKEND``).
     """
     err = triton_error()
@@ -122,6 +159,7 @@ def backends() -> dict[str, str]:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     req = _requested(None)
     lap = native_lap()
+    mt = native_multi_tensor()
     return {
         "assignment": choose_assignment(),
         "assignment_native": "built" + (f" ({lap.__simd__})" if hasattr(lap, "__simd__") else "")
@@ -130,6 +168,8 @@ def backends() -> dict[str, str]:
         "kernels": "torch"
         if req in ("torch", "native")
         else ("triton" if err is None and torch.cuda.is_available() else "torch"),
+        "kernels_cpu": "native" if mt is not None and req in ("auto", "native") else "torch",
+        "multi_tensor_native": f"built ({mt.__simd__})" if mt is not None else "missing",
         "cuda": cuda,
         "triton": triton_desc,
         "forced": req,

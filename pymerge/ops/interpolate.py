@@ -7,12 +7,16 @@ while reading (``pi(theta_B)`` is never materialised by the Triton path), for on
 many at once (one read of A and B per tile, every alpha written).
 
 Backends (``pymerge._backend.choose_kernels``): Triton for CUDA tensors (one launch per
-dtype group, however many tensors), torch otherwise (``torch._foreach_*`` ops).
+dtype group, however many tensors); for CPU tensors ``interpolate`` runs the C++ loops of
+``pymerge._multi_tensor`` ("native": one call per dtype group, each element read once per
+state and written once) and ``permuted_interpolate`` torch; torch (``torch._foreach_*``
+ops) is the fallback everywhere.
 
 Rules shared by both functions:
 
 * **Floating entries** (fp16/bf16/fp32; fp64 and other floating dtypes always take the torch
-  path) are combined. Triton computes in fp32 and rounds once to the output dtype. The torch
+  path) are combined. Triton and native compute in fp32 (``acc = 0; acc += w_k * x_k`` in
+  k order) and round once to the output dtype. The torch
   path computes each op in fp32 (torch's "opmath") and rounds after each op: once for K=1,
   for K=2 with ``w_0 + w_1 == 1`` (``torch.lerp``) and for ``permuted_interpolate``; for
   general weights up to K roundings of the storage dtype (fp32 tensors: fp32 throughout;
@@ -39,13 +43,13 @@ import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from itertools import compress, repeat
+from itertools import accumulate, compress, repeat
 from operator import attrgetter, eq, is_
 from typing import Any
 
 import torch
 
-from pymerge._backend import choose_kernels
+from pymerge._backend import _requested, choose_kernels, native_multi_tensor
 
 StateDict = Mapping[str, torch.Tensor]
 IndexLike = torch.Tensor | Sequence[int]
@@ -61,6 +65,11 @@ __all__ = ["interpolate", "permuted_interpolate"]
 
 
 _DTYPE = attrgetter("dtype")
+_NUMEL = torch.Tensor.numel
+_DIM = torch.Tensor.dim
+_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _SHAPE = attrgetter("shape")
 _GET_DEVICE = torch.Tensor.get_device  # device index (-1: CPU); much cheaper than .device
 _PLAIN_DICTS = (dict, OrderedDict)  # .values() gives what [] gives (no custom __getitem__)
@@ -409,6 +418,47 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
     return list(res)
 
 
+def _native_is_fast(in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether the C++ loops beat torch for these dtypes: not for float16 without the
+    AVX2/F16C loops (the portable binary16 conversion is integer code, ~20x slower)."""
+    if torch.float16 not in (in_dtype, out_dtype):
+        return True
+    return native_multi_tensor().__simd__ != "scalar"
+
+
+def _interp_native(
+    lists: list[list[torch.Tensor]], w: list[float], out_dtype: torch.dtype
+) -> list[torch.Tensor] | None:
+    """C++ weighted sum of CPU tensors into one flat buffer (outputs are views of it);
+    ``None`` when a tensor has no plain storage to read (e.g. a tensor subclass)."""
+    first = lists[0]
+    lists = [
+        lst if all(map(_IS_CONTIGUOUS, lst)) else [t.contiguous() for t in lst] for lst in lists
+    ]
+    try:
+        ptrs = [list(map(_PTR, lst)) for lst in lists]
+    except RuntimeError:  # "tensor doesn't have storage" (functorch / fake tensors)
+        return None
+    numels = list(map(_NUMEL, lists[0]))
+    offsets = list(accumulate(numels, initial=0))
+    out = _empty((offsets[-1],), out_dtype, torch.device("cpu"))
+    base, esize = out.data_ptr(), out.element_size()
+    native_multi_tensor().weighted_sum(
+        ptrs,
+        [base + o * esize for o in offsets[:-1]],
+        numels,
+        w,
+        _DTYPE_NAMES[lists[0][0].dtype],
+        _DTYPE_NAMES[out_dtype],
+        torch.get_num_threads(),
+    )
+    # view_as(t) parses no size argument: ~3x cheaper than view(t.shape)
+    return [
+        part if nd == 1 else part.view_as(t)
+        for part, nd, t in zip(out.split(numels), map(_DIM, first), first, strict=True)
+    ]
+
+
 def _interp_triton(
     lists: list[list[torch.Tensor]], w: list[float], out_dtype, device
 ) -> list[torch.Tensor]:
@@ -438,12 +488,13 @@ def interpolate(
     Args:
         states: K >= 1 state dicts with the same keys, shapes, dtypes and devices.
         weights: K floats (or a 1-D tensor); they need not sum to 1 (task arithmetic).
-        backend: ``None``/``"auto"``, ``"torch"`` or ``"triton"`` (see ``pymerge._backend``).
+        backend: ``None``/``"auto"``, ``"torch"``, ``"native"`` (CPU tensors) or
+            ``"triton"`` (see ``pymerge._backend``).
         out_dtype: dtype of the floating outputs (default: each tensor's own dtype).
     Returns:
         A new state dict (same key order as ``states[0]``). Floating entries have the same
-        shape as the inputs (the Triton path returns views of one flat buffer per dtype);
-        non-floating entries are clones of ``states[0]``'s.
+        shape as the inputs (the Triton and native paths return contiguous views of one
+        flat buffer per dtype); non-floating entries are clones of ``states[0]``'s.
     Raises:
         ValueError: empty ``states``, mismatched keys/shapes/dtypes/devices (naming the
             key), ``len(weights) != len(states)``.
@@ -471,10 +522,15 @@ def interpolate(
             group_keys = compress(keys, mask)
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
-            use = choose_kernels(backend, *lists[0])
+            use = choose_kernels(backend, *lists[0], native=True)
+            if use == "native" and _requested(backend) == "auto":
+                use = "native" if _native_is_fast(in_dtype, od) else "torch"
+        res = None
         if use == "triton":
             res = _interp_triton(lists, w, od, device)
-        else:
+        elif use == "native":
+            res = _interp_native(lists, w, od)
+        if res is None:
             res = _interp_torch(lists, w, od)
         out.update(zip(group_keys, res, strict=True))
     return out

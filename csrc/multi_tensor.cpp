@@ -1,0 +1,465 @@
+// pybind11 module pymerge._multi_tensor: one call for an elementwise op over many CPU
+// tensors (the CPU twin of kernels/interpolate.py's single multi-tensor launch).
+//
+//   weighted_sum(inputs, outputs, numels, weights, in_dtype, out_dtype, threads=1)
+//       out_t[i] = rnd( sum_k fp32(w_k) * fp32(x_{k,t}[i]) ),  t < T, i < numels[t]
+//     inputs : K lists of T buffer addresses (x_{k,t}: contiguous, numels[t] elements)
+//     outputs: T buffer addresses, numels: T element counts, weights: K floats
+//     in_dtype / out_dtype: "float32", "float16" or "bfloat16"
+//     The sum is accumulated in fp32 in k order starting from 0 (acc = 0; acc += w*x),
+//     exactly as the Triton kernel does, and rounded once to out_dtype (round to nearest
+//     even, NaN stays NaN). The GIL is released; `threads` > 1 splits the elements of all
+//     tensors together into contiguous ranges (at least ~64k elements per thread).
+//   __simd__ : the loop set picked at import ("avx2" or "scalar"; $PYMERGE_MT_SIMD=scalar
+//              forces the portable one). Both give bit-identical results: the loops use
+//              no FMA contraction (-ffp-contract=off) and IEEE conversions only.
+//   _set_simd(name) / _simd_available() : test hooks
+//
+// Why: on CPU, torch's foreach ops cost a dispatch per tensor and per term (K ops over
+// every tensor, each a full pass over memory). Here every element is read once per input
+// and written once, whatever K, with no per-tensor dispatch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PYMERGE_MT_X86 1
+#define PYMERGE_MT_AVX2 __attribute__((target("avx2,f16c")))
+#else
+#define PYMERGE_MT_X86 0
+#define PYMERGE_MT_AVX2
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PYMERGE_MT_INLINE inline __attribute__((always_inline))
+#else
+#define PYMERGE_MT_INLINE inline
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// ------------------------------------------------------------------ storage types
+// Each type converts one element to / from fp32 exactly as IEEE (and torch) do: widening
+// is exact, narrowing rounds to nearest even, NaN stays a (quiet) NaN.
+
+PYMERGE_MT_INLINE uint32_t bits_of(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+PYMERGE_MT_INLINE float float_of(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+struct F32 {
+    using S = float;
+    static PYMERGE_MT_INLINE float load(S v) { return v; }
+    static PYMERGE_MT_INLINE S store(float v) { return v; }
+};
+
+struct BF16 {
+    using S = uint16_t;
+    static PYMERGE_MT_INLINE float load(S v) { return float_of(static_cast<uint32_t>(v) << 16); }
+    // a NaN keeps its sign and top payload bits and is made quiet
+    static PYMERGE_MT_INLINE S store(float f) {
+        const uint32_t u = bits_of(f);
+        const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+        return static_cast<S>(nan ? ((u >> 16) | 0x40u) : rounded);
+    }
+};
+
+// IEEE binary16 in portable integer code (no _Float16, which the baseline x86-64 target
+// turns into a library call per element); the vector loops use F16C instead. Checked
+// against torch on every binary16 value by the tests.
+struct F16 {
+    using S = uint16_t;
+    static PYMERGE_MT_INLINE float load(S h) {
+        const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+        const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+        if (exp == 0x1F) return float_of(sign | 0x7F800000u | (man << 13));  // inf / nan
+        if (exp != 0) return float_of(sign | ((exp + 112u) << 23) | (man << 13));
+        return float_of(sign | bits_of(static_cast<float>(man) * 5.9604644775390625e-8f));
+    }
+    static PYMERGE_MT_INLINE S store(float f) {
+        const uint32_t u = bits_of(f);
+        const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+        const uint32_t a = u & 0x7FFFFFFFu;
+        if (a > 0x7F800000u) return static_cast<S>(sign | 0x7E00u | ((a >> 13) & 0x1FFu));
+        if (a >= 0x477FF000u) return static_cast<S>(sign | 0x7C00u);  // rounds to inf
+        if (a < 0x38800000u) {  // binary16 subnormal or zero: adding 0.5 rounds (RNE) to 2^-24
+            const float m = float_of(a) + 0.5f;
+            return static_cast<S>(sign | static_cast<uint16_t>(bits_of(m) - 0x3F000000u));
+        }
+        const uint32_t r = a + 0xC8000FFFu + ((a >> 13) & 1u);  // rebias (-112 << 23) + RNE
+        return static_cast<S>(sign | static_cast<uint16_t>(r >> 13));
+    }
+};
+
+enum class Dt : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+Dt parse_dtype(const std::string& s, const char* what) {
+    if (s == "float32") return Dt::kF32;
+    if (s == "float16") return Dt::kF16;
+    if (s == "bfloat16") return Dt::kBF16;
+    throw py::type_error(std::string(what) + " must be 'float32', 'float16' or 'bfloat16', got '" +
+                         s + "'");
+}
+
+// ------------------------------------------------------------------ the loops
+// out = ((0 + w0*x0) + w1*x1) + ... + w_{K-1}*x_{K-1}, in fp32 and in this order (the
+// Triton kernel's; note 0 + (-0) = +0), rounded once. The scalar and AVX2 loops evaluate
+// the same expression element by element, so they agree bit for bit.
+
+// A range of the concatenation of all tensors.
+struct Job {
+    const uintptr_t* in;   // [K * T] input addresses, k-major
+    const uintptr_t* out;  // [T]
+    const int64_t* numel;  // [T]
+    const float* w;        // [K]
+    int64_t T;
+    int K;
+};
+
+constexpr int kDirect = 4;        // up to this many inputs: one loop, no accumulator array
+constexpr int64_t kBlock = 1024;  // more inputs: fp32 accumulators kept in L1 (multiple of 8)
+
+template <class I, class O, int K>
+PYMERGE_MT_INLINE void direct_scalar(const typename I::S* const* x, const float* w,
+                                     typename O::S* out, int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+        float acc = 0.0f + w[0] * I::load(x[0][i]);
+        for (int k = 1; k < K; ++k) acc += w[k] * I::load(x[k][i]);
+        out[i] = O::store(acc);
+    }
+}
+
+// K > kDirect: acc[] = 0 + w0*x0, acc[] += w_k*x_k, out = rnd(acc[] + w_last*x_last)
+template <class I, class O>
+PYMERGE_MT_INLINE void blocked_scalar(const typename I::S* const* x, const float* w, int K,
+                                      typename O::S* out, int64_t lo, int64_t hi) {
+    float acc[kBlock];
+    for (int64_t s = lo; s < hi; s += kBlock) {
+        const int64_t m = std::min(kBlock, hi - s);
+        for (int64_t i = 0; i < m; ++i) acc[i] = 0.0f + w[0] * I::load(x[0][s + i]);
+        for (int k = 1; k + 1 < K; ++k)
+            for (int64_t i = 0; i < m; ++i) acc[i] += w[k] * I::load(x[k][s + i]);
+        for (int64_t i = 0; i < m; ++i)
+            out[s + i] = O::store(acc[i] + w[K - 1] * I::load(x[K - 1][s + i]));
+    }
+}
+
+struct Scalar {
+    template <class I, class O, int K>
+    static PYMERGE_MT_INLINE void direct(const typename I::S* const* x, const float* w,
+                                         typename O::S* out, int64_t lo, int64_t hi) {
+        direct_scalar<I, O, K>(x, w, out, lo, hi);
+    }
+    template <class I, class O>
+    static PYMERGE_MT_INLINE void blocked(const typename I::S* const* x, const float* w, int K,
+                                          typename O::S* out, int64_t lo, int64_t hi) {
+        blocked_scalar<I, O>(x, w, K, out, lo, hi);
+    }
+};
+
+#if PYMERGE_MT_X86
+// 8 lanes of fp32 per __m256; conversions as the scalar types do them (F16C for binary16)
+template <class T>
+struct Vec8;
+
+template <>
+struct Vec8<F32> {
+    static PYMERGE_MT_AVX2 inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+    static PYMERGE_MT_AVX2 inline void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+};
+
+template <>
+struct Vec8<BF16> {
+    static PYMERGE_MT_AVX2 inline __m256 load(const uint16_t* p) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    static PYMERGE_MT_AVX2 inline void store(uint16_t* p, __m256 v) {
+        const __m256i u = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        const __m256i rounded = _mm256_srli_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+        const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        const __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
+        // 32 -> 16 bits: packus works per 128-bit lane, then gather the two low quadwords
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    }
+};
+
+template <>
+struct Vec8<F16> {
+    static PYMERGE_MT_AVX2 inline __m256 load(const uint16_t* p) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+    static PYMERGE_MT_AVX2 inline void store(uint16_t* p, __m256 v) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                         _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+};
+
+struct Avx2 {
+    template <class I, class O, int K>
+    static PYMERGE_MT_AVX2 inline void direct(const typename I::S* const* x, const float* w,
+                                              typename O::S* out, int64_t lo, int64_t hi) {
+        __m256 wv[K];
+        for (int k = 0; k < K; ++k) wv[k] = _mm256_set1_ps(w[k]);
+        const __m256 zero = _mm256_setzero_ps();
+        int64_t i = lo;
+        for (; i + 8 <= hi; i += 8) {
+            __m256 acc = _mm256_add_ps(zero, _mm256_mul_ps(wv[0], Vec8<I>::load(x[0] + i)));
+            for (int k = 1; k < K; ++k)
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(wv[k], Vec8<I>::load(x[k] + i)));
+            Vec8<O>::store(out + i, acc);
+        }
+        direct_scalar<I, O, K>(x, w, out, i, hi);
+    }
+    template <class I, class O>
+    static PYMERGE_MT_AVX2 inline void blocked(const typename I::S* const* x, const float* w,
+                                               int K, typename O::S* out, int64_t lo,
+                                               int64_t hi) {
+        alignas(32) float acc[kBlock];
+        int64_t s = lo;
+        for (; s + kBlock <= hi; s += kBlock) {
+            const __m256 zero = _mm256_setzero_ps(), w0 = _mm256_set1_ps(w[0]);
+            for (int64_t i = 0; i < kBlock; i += 8)
+                _mm256_store_ps(acc + i, _mm256_add_ps(zero, _mm256_mul_ps(
+                                                                 w0, Vec8<I>::load(x[0] + s + i))));
+            for (int k = 1; k + 1 < K; ++k) {
+                const __m256 wk = _mm256_set1_ps(w[k]);
+                for (int64_t i = 0; i < kBlock; i += 8)
+                    _mm256_store_ps(acc + i,
+                                    _mm256_add_ps(_mm256_load_ps(acc + i),
+                                                  _mm256_mul_ps(wk, Vec8<I>::load(x[k] + s + i))));
+            }
+            const __m256 wl = _mm256_set1_ps(w[K - 1]);
+            for (int64_t i = 0; i < kBlock; i += 8)
+                Vec8<O>::store(out + s + i,
+                               _mm256_add_ps(_mm256_load_ps(acc + i),
+                                             _mm256_mul_ps(wl, Vec8<I>::load(x[K - 1] + s + i))));
+        }
+        blocked_scalar<I, O>(x, w, K, out, s, hi);  // the last partial block
+    }
+};
+#endif
+
+template <class Isa, class I, class O>
+PYMERGE_MT_INLINE void weighted_tensor(const Job& j, int64_t t, int64_t lo, int64_t hi) {
+    const typename I::S* x[64];
+    std::vector<const typename I::S*> many;
+    const typename I::S** xs = x;
+    if (j.K > 64) {
+        many.resize(static_cast<size_t>(j.K));
+        xs = many.data();
+    }
+    for (int k = 0; k < j.K; ++k)
+        xs[k] = reinterpret_cast<const typename I::S*>(j.in[k * j.T + t]);
+    auto* out = reinterpret_cast<typename O::S*>(j.out[t]);
+    switch (j.K) {
+        case 1:
+            return Isa::template direct<I, O, 1>(xs, j.w, out, lo, hi);
+        case 2:
+            return Isa::template direct<I, O, 2>(xs, j.w, out, lo, hi);
+        case 3:
+            return Isa::template direct<I, O, 3>(xs, j.w, out, lo, hi);
+        case kDirect:
+            return Isa::template direct<I, O, kDirect>(xs, j.w, out, lo, hi);
+        default:
+            return Isa::template blocked<I, O>(xs, j.w, j.K, out, lo, hi);
+    }
+}
+
+// Elements [start, stop) of the concatenation; `first` is the tensor holding `start`
+// and `offset` the concatenation index of its element 0.
+template <class Isa, class I, class O>
+void weighted_range(const Job& j, int64_t first, int64_t offset, int64_t start, int64_t stop) {
+    for (int64_t t = first; t < j.T && offset < stop; offset += j.numel[t], ++t) {
+        const int64_t lo = std::max<int64_t>(start - offset, 0);
+        const int64_t hi = std::min<int64_t>(stop - offset, j.numel[t]);
+        if (lo < hi) weighted_tensor<Isa, I, O>(j, t, lo, hi);
+    }
+}
+
+using RangeFn = void (*)(const Job&, int64_t, int64_t, int64_t, int64_t);
+
+template <class I, class O>
+RangeFn pick_isa(bool avx2) {
+#if PYMERGE_MT_X86
+    if (avx2) return &weighted_range<Avx2, I, O>;
+#endif
+    (void)avx2;
+    return &weighted_range<Scalar, I, O>;
+}
+
+template <class I>
+RangeFn pick_out(Dt out, bool avx2) {
+    switch (out) {
+        case Dt::kF32:
+            return pick_isa<I, F32>(avx2);
+        case Dt::kF16:
+            return pick_isa<I, F16>(avx2);
+        default:
+            return pick_isa<I, BF16>(avx2);
+    }
+}
+
+RangeFn pick(Dt in, Dt out, bool avx2) {
+    switch (in) {
+        case Dt::kF32:
+            return pick_out<F32>(out, avx2);
+        case Dt::kF16:
+            return pick_out<F16>(out, avx2);
+        default:
+            return pick_out<BF16>(out, avx2);
+    }
+}
+
+// ------------------------------------------------------------------ ISA choice
+
+bool avx2_supported() {
+#if PYMERGE_MT_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+bool initial_avx2() {
+    const char* env = std::getenv("PYMERGE_MT_SIMD");
+    if (env != nullptr && std::string(env) == "scalar") return false;
+    return avx2_supported();
+}
+
+std::atomic<bool> g_avx2{false};
+
+const char* simd_name() { return g_avx2.load() ? "avx2" : "scalar"; }
+
+// ------------------------------------------------------------------ binding
+
+constexpr int64_t kMinPerThread = 1 << 16;
+
+void weighted_sum(const std::vector<std::vector<uintptr_t>>& inputs,
+                  const std::vector<uintptr_t>& outputs, const std::vector<int64_t>& numels,
+                  const std::vector<double>& weights, const std::string& in_dtype,
+                  const std::string& out_dtype, int threads) {
+    const Dt din = parse_dtype(in_dtype, "in_dtype");
+    const Dt dout = parse_dtype(out_dtype, "out_dtype");
+    const int64_t K = static_cast<int64_t>(inputs.size());
+    const int64_t T = static_cast<int64_t>(outputs.size());
+    if (K == 0) throw py::value_error("inputs is empty: need at least one list of tensors");
+    if (static_cast<int64_t>(weights.size()) != K)
+        throw py::value_error("got " + std::to_string(weights.size()) + " weights for " +
+                              std::to_string(K) + " input lists");
+    if (static_cast<int64_t>(numels.size()) != T)
+        throw py::value_error("numels has " + std::to_string(numels.size()) +
+                              " entries for " + std::to_string(T) + " outputs");
+    if (threads < 1) throw py::value_error("threads must be >= 1");
+    std::vector<uintptr_t> in(static_cast<size_t>(K * T));
+    for (int64_t k = 0; k < K; ++k) {
+        if (static_cast<int64_t>(inputs[k].size()) != T)
+            throw py::value_error("inputs[" + std::to_string(k) + "] has " +
+                                  std::to_string(inputs[k].size()) + " addresses for " +
+                                  std::to_string(T) + " outputs");
+        std::copy(inputs[k].begin(), inputs[k].end(), in.begin() + k * T);
+    }
+    int64_t total = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        if (numels[t] < 0) throw py::value_error("numels[" + std::to_string(t) + "] < 0");
+        bool null = outputs[t] == 0;
+        for (int64_t k = 0; k < K; ++k) null = null || in[k * T + t] == 0;
+        if (null && numels[t] > 0)
+            throw py::value_error("null address for tensor " + std::to_string(t));
+        total += numels[t];
+    }
+    std::vector<float> w(weights.begin(), weights.end());  // applied as fp32 values
+    const Job job{in.data(), outputs.data(), numels.data(), w.data(), T, static_cast<int>(K)};
+    const RangeFn fn = pick(din, dout, g_avx2.load());
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, total / kMinPerThread));
+
+    py::gil_scoped_release nogil;
+    if (nt == 1) {
+        fn(job, 0, 0, 0, total);
+        return;
+    }
+    // contiguous element ranges; each thread finds the tensor its range starts in
+    std::vector<std::thread> pool;
+    pool.reserve(static_cast<size_t>(nt - 1));
+    int64_t t = 0, offset = 0;
+    for (int64_t p = 0; p < nt; ++p) {
+        const int64_t start = total * p / nt, stop = total * (p + 1) / nt;
+        while (t < T && offset + numels[t] <= start) offset += numels[t++];
+        if (p + 1 == nt)
+            fn(job, t, offset, start, stop);
+        else
+            pool.emplace_back(fn, std::cref(job), t, offset, start, stop);
+    }
+    for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_multi_tensor, m) {
+    m.doc() = "Multi-tensor elementwise ops on CPU buffers (one call for a whole state dict).";
+    g_avx2.store(initial_avx2());
+    m.def("weighted_sum", &weighted_sum, py::arg("inputs"), py::arg("outputs"),
+          py::arg("numels"), py::arg("weights"), py::arg("in_dtype"), py::arg("out_dtype"),
+          py::arg("threads") = 1,
+          R"doc(out_t = sum_k w_k * x_{k,t} for T contiguous CPU buffers, in one call.
+
+inputs: K lists of T addresses; outputs: T addresses; numels: T element counts;
+weights: K floats (applied as fp32); in_dtype/out_dtype: 'float32' | 'float16' |
+'bfloat16'. fp32 accumulation in k order from 0, one rounding to out_dtype.
+The caller keeps every buffer alive and sized; nothing is checked but counts and nulls.)doc");
+    m.attr("__simd__") = simd_name();
+    m.def(
+        "_f16_soft",
+        [](const std::vector<float>& values, const std::vector<uint16_t>& halves) {
+            std::vector<uint16_t> stored;
+            std::vector<float> loaded;
+            for (float v : values) stored.push_back(F16::store(v));
+            for (uint16_t h : halves) loaded.push_back(F16::load(h));
+            return py::make_tuple(stored, loaded);
+        },
+        "Test hook: the portable binary16 conversions (float -> bits, bits -> float).");
+    m.def("_simd_available", []() {
+        std::vector<std::string> out{"scalar"};
+        if (avx2_supported()) out.emplace_back("avx2");
+        return out;
+    });
+    m.def(
+        "_set_simd",
+        [m](const std::string& name) mutable {
+            if (name == "scalar")
+                g_avx2.store(false);
+            else if (name == "avx2" && avx2_supported())
+                g_avx2.store(true);
+            else
+                throw py::value_error("simd '" + name + "' is not available here");
+            m.attr("__simd__") = simd_name();
+        },
+        "Test hook: pick the loop set ('scalar' or 'avx2').");
+}
