@@ -1,10 +1,11 @@
 // pybind11 module pymerge._multi_tensor: one call for an elementwise op over many CPU
 // tensors (the CPU twin of kernels/interpolate.py's single multi-tensor launch).
 //
-//   weighted_sum(inputs, outputs, numels, weights, in_dtype, out_dtype, threads=1)
+//   weighted_sum(inputs, out, numels, weights, in_dtype, out_dtype, threads=1)
 //       out_t[i] = rnd( sum_k fp32(w_k) * fp32(x_{k,t}[i]) ),  t < T, i < numels[t]
 //     inputs : K lists of T buffer addresses (x_{k,t}: contiguous, numels[t] elements)
-//     outputs: T buffer addresses, numels: T element counts, weights: K floats
+//     out    : address of one flat buffer; out_t starts after out_0 .. out_{t-1} (packed)
+//     numels : T element counts, weights: K floats
 //     in_dtype / out_dtype: "float32", "float16" or "bfloat16"
 //     The sum is accumulated in fp32 in k order starting from 0 (acc = 0; acc += w*x),
 //     exactly as the Triton kernel does, and rounded once to out_dtype (round to nearest
@@ -131,7 +132,7 @@ Dt parse_dtype(const std::string& s, const char* what) {
 // A range of the concatenation of all tensors.
 struct Job {
     const uintptr_t* in;   // [K * T] input addresses, k-major
-    const uintptr_t* out;  // [T]
+    const uintptr_t* out;  // [T] output addresses
     const int64_t* numel;  // [T]
     const float* w;        // [K]
     int64_t T;
@@ -362,34 +363,34 @@ const char* simd_name() { return g_avx2.load() ? "avx2" : "scalar"; }
 
 constexpr int64_t kMinPerThread = 1 << 16;
 
-void weighted_sum(const std::vector<std::vector<uintptr_t>>& inputs,
-                  const std::vector<uintptr_t>& outputs, const std::vector<int64_t>& numels,
-                  const std::vector<double>& weights, const std::string& in_dtype,
-                  const std::string& out_dtype, int threads) {
+size_t element_size(Dt d) { return d == Dt::kF32 ? 4 : 2; }
+
+void weighted_sum(const std::vector<std::vector<uintptr_t>>& inputs, uintptr_t out,
+                  const std::vector<int64_t>& numels, const std::vector<double>& weights,
+                  const std::string& in_dtype, const std::string& out_dtype, int threads) {
     const Dt din = parse_dtype(in_dtype, "in_dtype");
     const Dt dout = parse_dtype(out_dtype, "out_dtype");
     const int64_t K = static_cast<int64_t>(inputs.size());
-    const int64_t T = static_cast<int64_t>(outputs.size());
+    const int64_t T = static_cast<int64_t>(numels.size());
     if (K == 0) throw py::value_error("inputs is empty: need at least one list of tensors");
     if (static_cast<int64_t>(weights.size()) != K)
         throw py::value_error("got " + std::to_string(weights.size()) + " weights for " +
                               std::to_string(K) + " input lists");
-    if (static_cast<int64_t>(numels.size()) != T)
-        throw py::value_error("numels has " + std::to_string(numels.size()) +
-                              " entries for " + std::to_string(T) + " outputs");
     if (threads < 1) throw py::value_error("threads must be >= 1");
     std::vector<uintptr_t> in(static_cast<size_t>(K * T));
     for (int64_t k = 0; k < K; ++k) {
         if (static_cast<int64_t>(inputs[k].size()) != T)
             throw py::value_error("inputs[" + std::to_string(k) + "] has " +
                                   std::to_string(inputs[k].size()) + " addresses for " +
-                                  std::to_string(T) + " outputs");
+                                  std::to_string(T) + " numels");
         std::copy(inputs[k].begin(), inputs[k].end(), in.begin() + k * T);
     }
+    std::vector<uintptr_t> outputs(static_cast<size_t>(T));
     int64_t total = 0;
     for (int64_t t = 0; t < T; ++t) {
         if (numels[t] < 0) throw py::value_error("numels[" + std::to_string(t) + "] < 0");
-        bool null = outputs[t] == 0;
+        outputs[t] = out + static_cast<uintptr_t>(total) * element_size(dout);
+        bool null = out == 0;
         for (int64_t k = 0; k < K; ++k) null = null || in[k * T + t] == 0;
         if (null && numels[t] > 0)
             throw py::value_error("null address for tensor " + std::to_string(t));
@@ -425,12 +426,13 @@ void weighted_sum(const std::vector<std::vector<uintptr_t>>& inputs,
 PYBIND11_MODULE(_multi_tensor, m) {
     m.doc() = "Multi-tensor elementwise ops on CPU buffers (one call for a whole state dict).";
     g_avx2.store(initial_avx2());
-    m.def("weighted_sum", &weighted_sum, py::arg("inputs"), py::arg("outputs"),
+    m.def("weighted_sum", &weighted_sum, py::arg("inputs"), py::arg("out"),
           py::arg("numels"), py::arg("weights"), py::arg("in_dtype"), py::arg("out_dtype"),
           py::arg("threads") = 1,
           R"doc(out_t = sum_k w_k * x_{k,t} for T contiguous CPU buffers, in one call.
 
-inputs: K lists of T addresses; outputs: T addresses; numels: T element counts;
+inputs: K lists of T addresses; out: the address of one flat buffer that receives
+the T results back to back; numels: T element counts;
 weights: K floats (applied as fp32); in_dtype/out_dtype: 'float32' | 'float16' |
 'bfloat16'. fp32 accumulation in k order from 0, one rounding to out_dtype.
 The caller keeps every buffer alive and sized; nothing is checked but counts and nulls.)doc");

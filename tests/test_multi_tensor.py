@@ -31,21 +31,21 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(na, nb) and torch.equal(a[~na], b[~nb])
 
 
-def _weighted(xs, w, out_dtype, threads=1, out=None):
-    """Run weighted_sum on K lists of tensors; returns the outputs (NaN-poisoned first)."""
-    T = len(xs[0])
-    outs = out or [torch.full_like(x, float("nan"), dtype=out_dtype) for x in xs[0]]
+def _weighted(xs, w, out_dtype, threads=1):
+    """Run weighted_sum on K lists of tensors into one NaN-poisoned flat buffer; returns
+    the per-tensor views of it."""
+    numels = [x.numel() for x in xs[0]]
+    flat = torch.full((sum(numels),), float("nan"), dtype=out_dtype)
     mt.weighted_sum(
         [[x.data_ptr() for x in row] for row in xs],
-        [o.data_ptr() for o in outs],
-        [x.numel() for x in xs[0]],
+        flat.data_ptr(),
+        numels,
         w,
         NAMES[xs[0][0].dtype],
         NAMES[out_dtype],
         threads,
     )
-    assert len(outs) == T
-    return outs
+    return list(flat.split(numels))
 
 
 @pytest.fixture
@@ -154,23 +154,25 @@ def test_errors_name_the_problem():
     x = torch.zeros(4)
     p = x.data_ptr()
     with pytest.raises(ValueError, match="2 weights for 1 input lists"):
-        mt.weighted_sum([[p]], [p], [4], [1.0, 2.0], "float32", "float32")
-    with pytest.raises(ValueError, match="numels has 2 entries for 1 outputs"):
-        mt.weighted_sum([[p]], [p], [4, 4], [1.0], "float32", "float32")
-    with pytest.raises(ValueError, match=r"inputs\[1\] has 2 addresses for 1 outputs"):
-        mt.weighted_sum([[p], [p, p]], [p], [4], [1.0, 1.0], "float32", "float32")
+        mt.weighted_sum([[p]], p, [4], [1.0, 2.0], "float32", "float32")
+    with pytest.raises(ValueError, match=r"inputs\[0\] has 1 addresses for 2 numels"):
+        mt.weighted_sum([[p]], p, [2, 2], [1.0], "float32", "float32")
+    with pytest.raises(ValueError, match=r"inputs\[1\] has 2 addresses for 1 numels"):
+        mt.weighted_sum([[p], [p, p]], p, [4], [1.0, 1.0], "float32", "float32")
     with pytest.raises(TypeError, match="in_dtype must be"):
-        mt.weighted_sum([[p]], [p], [4], [1.0], "float64", "float32")
+        mt.weighted_sum([[p]], p, [4], [1.0], "float64", "float32")
     with pytest.raises(ValueError, match="null address for tensor 0"):
-        mt.weighted_sum([[0]], [p], [4], [1.0], "float32", "float32")
+        mt.weighted_sum([[0]], p, [4], [1.0], "float32", "float32")
+    with pytest.raises(ValueError, match=r"numels\[0\] < 0"):
+        mt.weighted_sum([[p]], p, [-1], [1.0], "float32", "float32")
     with pytest.raises(ValueError, match="threads"):
-        mt.weighted_sum([[p]], [p], [4], [1.0], "float32", "float32", 0)
+        mt.weighted_sum([[p]], p, [4], [1.0], "float32", "float32", 0)
     with pytest.raises(ValueError, match="empty"):
-        mt.weighted_sum([], [p], [4], [], "float32", "float32")
+        mt.weighted_sum([], p, [4], [], "float32", "float32")
     with pytest.raises(ValueError, match="not available"):
         mt._set_simd("avx9000")
     # zero-length tensors may have null addresses
-    mt.weighted_sum([[0]], [0], [0], [1.0], "float32", "float32")
+    mt.weighted_sum([[0]], 0, [0], [1.0], "float32", "float32")
 
 
 def test_backend_choice_for_ops_with_and_without_native_loops(monkeypatch):

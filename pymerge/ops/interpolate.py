@@ -9,8 +9,9 @@ many at once (one read of A and B per tile, every alpha written).
 Backends (``pymerge._backend.choose_kernels``): Triton for CUDA tensors (one launch per
 dtype group, however many tensors); for CPU tensors ``interpolate`` runs the C++ loops of
 ``pymerge._multi_tensor`` ("native": one call per dtype group, each element read once per
-state and written once) and ``permuted_interpolate`` torch; torch (``torch._foreach_*``
-ops) is the fallback everywhere.
+state and written once) except where torch needs a single op per tensor anyway (K = 1,
+a two-state lerp), and ``permuted_interpolate`` runs torch; torch (``torch._foreach_*``
+ops) is the fallback everywhere, and ``backend=`` forces any of them.
 
 Rules shared by both functions:
 
@@ -43,7 +44,7 @@ import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from itertools import accumulate, compress, repeat
+from itertools import compress, repeat
 from operator import attrgetter, eq, is_
 from typing import Any
 
@@ -418,9 +419,16 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
     return list(res)
 
 
-def _native_is_fast(in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether the C++ loops beat torch for these dtypes: not for float16 without the
-    AVX2/F16C loops (the portable binary16 conversion is integer code, ~20x slower)."""
+def _native_wins(w: list[float], in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether the C++ loops beat the torch path (measured: ``bench/bench_interpolate.py``).
+
+    Not when torch needs one op per tensor (K = 1, or a two-state lerp, in the storage
+    dtype): then both make one pass, and the C++ path's fixed cost (pointers, one flat
+    output split into views) is not recovered. Not for float16 without the AVX2/F16C loops
+    (the portable binary16 conversion is integer code, ~20x slower)."""
+    one_op = len(w) == 1 or (len(w) == 2 and w[0] == 1.0 - w[1])
+    if one_op and in_dtype == out_dtype:
+        return False
     if torch.float16 not in (in_dtype, out_dtype):
         return True
     return native_multi_tensor().__simd__ != "scalar"
@@ -440,12 +448,10 @@ def _interp_native(
     except RuntimeError:  # "tensor doesn't have storage" (functorch / fake tensors)
         return None
     numels = list(map(_NUMEL, lists[0]))
-    offsets = list(accumulate(numels, initial=0))
-    out = _empty((offsets[-1],), out_dtype, torch.device("cpu"))
-    base, esize = out.data_ptr(), out.element_size()
+    out = _empty((sum(numels),), out_dtype, torch.device("cpu"))
     native_multi_tensor().weighted_sum(
         ptrs,
-        [base + o * esize for o in offsets[:-1]],
+        out.data_ptr(),
         numels,
         w,
         _DTYPE_NAMES[lists[0][0].dtype],
@@ -524,7 +530,7 @@ def interpolate(
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
             use = choose_kernels(backend, *lists[0], native=True)
             if use == "native" and _requested(backend) == "auto":
-                use = "native" if _native_is_fast(in_dtype, od) else "torch"
+                use = "native" if _native_wins(w, in_dtype, od) else "torch"
         res = None
         if use == "triton":
             res = _interp_triton(lists, w, od, device)
