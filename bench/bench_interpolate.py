@@ -10,6 +10,7 @@ axis, then ``torch.lerp`` per key and alpha).
     python bench/bench_interpolate.py                       # table of medians and ratios
     python bench/bench_interpolate.py --threads=1 resnet    # one thread, cases matching 'resnet'
     python bench/bench_interpolate.py --threads=1 --cold    # one call per turn (cold caches)
+    python bench/bench_interpolate.py --budget=4 interp     # 4 s per case: steadier medians
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def test_bench_interpolate(benchmark, case, impl):
 def _interleaved(
     impls: dict[str, Callable[[], object]],
     budget_s: float = 1.5,
-    max_rounds: int = 101,
+    max_rounds: int = 301,
     block: int = 5,
 ):
     """Per-implementation (median, min) per-call time in microseconds.
@@ -204,17 +205,23 @@ def main() -> None:
         # --threads=1 gives steadier figures
         torch.set_num_threads(int(args.pop(0).split("=", 1)[1]))
     cold = "--cold" in args
-    only = [a for a in args if a != "--cold"]  # optional substrings selecting cases
+    budget = 1.5
+    for a in [a for a in args if a.startswith("--budget=")]:
+        budget = float(a.split("=", 1)[1])  # seconds per case (more: steadier medians)
+    only = [a for a in args if not a.startswith("--")]  # optional substrings selecting cases
     mode = "cold (one call per turn)" if cold else "steady state (blocks of 5 calls)"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {mode}")
-    print(f"{'case':44s} {'impl':17s} {'median us':>10s} {'min us':>9s} {'peer/pymerge':>13s}")
+    print(
+        f"{'case':44s} {'impl':17s} {'median us':>10s} {'min us':>9s} {'peer/pymerge':>13s}"
+        f" {'(of mins)':>10s}"
+    )
     for case, impls in _CASES.items():
         if only and not any(o in case for o in only):
             continue
-        res = _interleaved(impls, block=1) if cold else _interleaved(impls)
-        base = res["pymerge"][0]
+        res = _interleaved(impls, budget, block=1) if cold else _interleaved(impls, budget)
+        base, base_min = res["pymerge"]
         for impl, (med, mn) in res.items():
-            ratio = "" if impl == "pymerge" else f"{med / base:13.2f}"
+            ratio = "" if impl == "pymerge" else f"{med / base:13.2f} {mn / base_min:10.2f}"
             print(f"{case:44s} {impl:17s} {med:10.0f} {mn:9.0f} {ratio}")
         sys.stdout.flush()
 
