@@ -140,8 +140,9 @@ def test_matches_float64_with_one_rounding(K):
 
 
 def test_threads_split_ranges_inside_tensors_identically():
-    # ~400k elements over uneven tensors: 3 threads cut ranges in the middle of tensors
-    lengths = [70001, 5, 130000, 1, 99999, 100003]
+    # uneven tensors, enough elements for 3 threads: ranges start and end inside tensors
+    lengths = [270001, 5, 330000, 1, 99999, 200003]
+    assert sum(lengths) >= 3 * mt._min_per_thread
     xs = _random_lists(3, lengths, F32, seed=5)
     w = [0.25, -1.5, 2.0]
     one = _weighted(xs, w, BF16, threads=1)
