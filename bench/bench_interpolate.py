@@ -1,7 +1,7 @@
 """CPU benchmarks: state-dict interpolation against peers.
 
-``pymerge`` is the automatic choice (the C++ multi-tensor loops for ``interpolate`` on CPU
-tensors, torch for ``permuted_interpolate``); ``pymerge-torch`` forces the torch fallback.
+``pymerge`` is the automatic choice (the C++ multi-tensor loops of ``pymerge._multi_tensor``
+for CPU tensors); ``pymerge-torch`` forces the torch fallback.
 Peers: a ``torch._foreach_*`` implementation (``_foreach_mul`` + ``_foreach_add_``), a naive
 per-key loop, and for permuted interpolation gather-then-lerp (``index_select`` per permuted
 axis, then ``torch.lerp`` per key and alpha).
@@ -145,6 +145,9 @@ def cases() -> dict[str, dict[str, Callable[[], object]]]:
             for alphas in ([0.5], [i / 24 for i in range(25)]):
                 out[f"permuted {mname} {dn} {len(alphas)} alpha"] = {
                     "pymerge": lambda a=a, b=b, al=alphas, sp=spec: permuted_interpolate(
+                        a, b, al, sp
+                    ),
+                    "pymerge-torch": lambda a=a, b=b, al=alphas, sp=spec: permuted_interpolate(
                         a, b, al, sp, backend="torch"
                     ),
                     "gather-then-lerp": lambda a=a, b=b, al=alphas, sp=spec: gather_then_lerp(

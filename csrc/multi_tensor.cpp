@@ -1,5 +1,6 @@
 // pybind11 module pymerge._multi_tensor: one call for an elementwise op over many CPU
-// tensors (the CPU twin of kernels/interpolate.py's single multi-tensor launch).
+// tensors (the CPU twins of the single multi-tensor launches of kernels/interpolate.py and
+// kernels/permuted_interpolate.py).
 //
 //   weighted_sum(inputs, out, numels, weights, in_dtype, out_dtype, threads=1)
 //       out_t[i] = rnd( sum_k fp32(w_k) * fp32(x_{k,t}[i]) ),  t < T, i < numels[t]
@@ -11,6 +12,10 @@
 //     exactly as the Triton kernel does, and rounded once to out_dtype (round to nearest
 //     even, NaN stays NaN). The GIL is released; `threads` > 1 splits the elements of all
 //     tensors together into contiguous ranges (at least 256k elements per thread).
+//   permuted_lerp(a, b, rows, cols, rowmaps, colmaps, colruns, ncolruns, out, alphas,
+//                 in_dtype, out_dtype, threads=1)
+//       out[m][t] = rnd((1 - al_m) * a_t + al_m * pi_t(b_t)) with pi_t a gather through a
+//       row map and a column map (pymerge/ops/_perm_maps.py); a and b read once for all M.
 //   __simd__ : the loop set picked at import ("avx2" or "scalar"; $PYMERGE_MT_SIMD=scalar
 //              forces the portable one). Both give bit-identical results: the loops use
 //              no FMA contraction (-ffp-contract=off) and IEEE conversions only.
@@ -178,6 +183,18 @@ struct Scalar {
                                           typename O::S* out, int64_t lo, int64_t hi) {
         blocked_scalar<I, O>(x, w, K, out, lo, hi);
     }
+    // dst[i] = fp32(src[i])
+    template <class I>
+    static PYMERGE_MT_INLINE void widen(const typename I::S* src, float* dst, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) dst[i] = I::load(src[i]);
+    }
+    // out[i] = rnd((1 - al) * a[i] + al * b[i])  (the Triton permuted kernel's expression)
+    template <class O>
+    static PYMERGE_MT_INLINE void lerp_store(typename O::S* out, const float* a, const float* b,
+                                             float al, int64_t n) {
+        const float om = 1.0f - al;
+        for (int64_t i = 0; i < n; ++i) out[i] = O::store(om * a[i] + al * b[i]);
+    }
 };
 
 #if PYMERGE_MT_X86
@@ -264,6 +281,22 @@ struct Avx2 {
         }
         blocked_scalar<I, O>(x, w, K, out, s, hi);  // the last partial block
     }
+    template <class I>
+    static PYMERGE_MT_AVX2 inline void widen(const typename I::S* src, float* dst, int64_t n) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, Vec8<I>::load(src + i));
+        Scalar::widen<I>(src + i, dst + i, n - i);
+    }
+    template <class O>
+    static PYMERGE_MT_AVX2 inline void lerp_store(typename O::S* out, const float* a,
+                                                  const float* b, float al, int64_t n) {
+        const __m256 om = _mm256_set1_ps(1.0f - al), av = _mm256_set1_ps(al);
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            Vec8<O>::store(out + i, _mm256_add_ps(_mm256_mul_ps(om, _mm256_loadu_ps(a + i)),
+                                                  _mm256_mul_ps(av, _mm256_loadu_ps(b + i))));
+        Scalar::lerp_store<O>(out + i, a + i, b + i, al, n - i);
+    }
 };
 #endif
 
@@ -295,47 +328,185 @@ PYMERGE_MT_INLINE void weighted_tensor(const Job& j, int64_t t, int64_t lo, int6
 
 // Elements [start, stop) of the concatenation; `first` is the tensor holding `start`
 // and `offset` the concatenation index of its element 0.
+struct WeightedSum {
+    using JobT = Job;
+    template <class Isa, class I, class O>
+    static void range(const Job& j, int64_t first, int64_t offset, int64_t start, int64_t stop) {
+        for (int64_t t = first; t < j.T && offset < stop; offset += j.numel[t], ++t) {
+            const int64_t lo = std::max<int64_t>(start - offset, 0);
+            const int64_t hi = std::min<int64_t>(stop - offset, j.numel[t]);
+            if (lo < hi) weighted_tensor<Isa, I, O>(j, t, lo, hi);
+        }
+    }
+};
+
+// ------------------------------------------------------------------ permuted lerp
+// out_m[t][r, c] = rnd((1 - al_m) * a_t[r, c] + al_m * b_t[rowmap_t[r] + colmap_t[c]]) for
+// every tensor t viewed as [R, C] (see pymerge/ops/_perm_maps.py) and every alpha m: a and
+// b are read once (b gathered while reading) and all M outputs written.
+
+struct PermJob {
+    const uintptr_t* a;     // [T]
+    const uintptr_t* b;     // [T]
+    const int64_t* numel;   // [T] R * C
+    const int64_t* cols;    // [T] C
+    const uintptr_t* rmap;  // [T] int64 [R] (source row * C) or 0: identity
+    const uintptr_t* cmap;  // [T] int64 [C] (source column) or 0: identity
+    const uintptr_t* runs;  // [T] int64 [n, 3] (first column, its source, length) or 0
+    const int64_t* nruns;   // [T] runs of the column map (when given)
+    const int64_t* off;     // [T] element offset of tensor t in each output row
+    uintptr_t out;          // [M, out_stride] outputs
+    int64_t out_stride;     // elements
+    size_t out_size;        // bytes per output element
+    const float* alpha;     // [M]
+    int64_t M;
+    int64_t T;
+};
+
+constexpr int64_t kSeg = 512;  // elements of one row staged in fp32 at a time
+
+// Index of the run holding column c: runs are sorted by first column and cover [0, C).
+PYMERGE_MT_INLINE int64_t find_run(const int64_t* runs, int64_t n, int64_t c) {
+    int64_t lo = 0, hi = n;  // runs[3 * lo] <= c < runs[3 * hi] (hi = n: past the end)
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (runs[3 * mid] <= c)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 template <class Isa, class I, class O>
-void weighted_range(const Job& j, int64_t first, int64_t offset, int64_t start, int64_t stop) {
-    for (int64_t t = first; t < j.T && offset < stop; offset += j.numel[t], ++t) {
-        const int64_t lo = std::max<int64_t>(start - offset, 0);
-        const int64_t hi = std::min<int64_t>(stop - offset, j.numel[t]);
-        if (lo < hi) weighted_tensor<Isa, I, O>(j, t, lo, hi);
+void permuted_tensor(const PermJob& j, int64_t t, int64_t lo, int64_t hi) {
+    using SI = typename I::S;
+    using SO = typename O::S;
+    alignas(32) float fa[kSeg];
+    alignas(32) float fb[kSeg];
+    const SI* a = reinterpret_cast<const SI*>(j.a[t]);
+    const SI* b = reinterpret_cast<const SI*>(j.b[t]);
+    const int64_t* rmap = reinterpret_cast<const int64_t*>(j.rmap[t]);
+    const int64_t* cmap = reinterpret_cast<const int64_t*>(j.cmap[t]);
+    const int64_t* runs = reinterpret_cast<const int64_t*>(j.runs[t]);
+    const int64_t nruns = j.nruns[t];
+    const int64_t C = j.cols[t];
+    auto emit = [&](int64_t e, int64_t n) {
+        for (int64_t m = 0; m < j.M; ++m) {
+            SO* o = reinterpret_cast<SO*>(j.out + (static_cast<uintptr_t>(m * j.out_stride) +
+                                                   static_cast<uintptr_t>(j.off[t] + e)) *
+                                                      j.out_size);
+            Isa::template lerp_store<O>(o, fa, fb, j.alpha[m], n);
+        }
+    };
+    if (rmap == nullptr && cmap == nullptr) {  // no gather: segments across rows
+        for (int64_t e = lo; e < hi; e += kSeg) {
+            const int64_t n = std::min(kSeg, hi - e);
+            Isa::template widen<I>(a + e, fa, n);
+            Isa::template widen<I>(b + e, fb, n);
+            emit(e, n);
+        }
+        return;
+    }
+    for (int64_t e = lo; e < hi;) {
+        const int64_t r = e / C, c = e - r * C;
+        const int64_t n = std::min({C - c, hi - e, kSeg});
+        const SI* brow = b + (rmap != nullptr ? rmap[r] : r * C);
+        Isa::template widen<I>(a + e, fa, n);
+        if (cmap == nullptr) {
+            Isa::template widen<I>(brow + c, fb, n);
+        } else if (runs != nullptr) {  // column map made of contiguous runs (conv kernels)
+            for (int64_t k = find_run(runs, nruns, c), pos = c; pos < c + n; ++k) {
+                const int64_t first = runs[3 * k], len = runs[3 * k + 2];
+                const int64_t take = std::min(first + len, c + n) - pos;
+                Isa::template widen<I>(brow + runs[3 * k + 1] + (pos - first), fb + (pos - c),
+                                       take);
+                pos += take;
+            }
+        } else {
+            for (int64_t i = 0; i < n; ++i) fb[i] = I::load(brow[cmap[c + i]]);
+        }
+        emit(e, n);
+        e += n;
     }
 }
 
-using RangeFn = void (*)(const Job&, int64_t, int64_t, int64_t, int64_t);
+struct PermutedLerp {
+    using JobT = PermJob;
+    template <class Isa, class I, class O>
+    static void range(const PermJob& j, int64_t first, int64_t offset, int64_t start,
+                      int64_t stop) {
+        for (int64_t t = first; t < j.T && offset < stop; offset += j.numel[t], ++t) {
+            const int64_t lo = std::max<int64_t>(start - offset, 0);
+            const int64_t hi = std::min<int64_t>(stop - offset, j.numel[t]);
+            if (lo < hi) permuted_tensor<Isa, I, O>(j, t, lo, hi);
+        }
+    }
+};
 
-template <class I, class O>
-RangeFn pick_isa(bool avx2) {
+// ------------------------------------------------------------------ dispatch
+
+template <class Op>
+using RangeFn = void (*)(const typename Op::JobT&, int64_t, int64_t, int64_t, int64_t);
+
+template <class Op, class I, class O>
+RangeFn<Op> pick_isa(bool avx2) {
 #if PYMERGE_MT_X86
-    if (avx2) return &weighted_range<Avx2, I, O>;
+    if (avx2) return &Op::template range<Avx2, I, O>;
 #endif
     (void)avx2;
-    return &weighted_range<Scalar, I, O>;
+    return &Op::template range<Scalar, I, O>;
 }
 
-template <class I>
-RangeFn pick_out(Dt out, bool avx2) {
+template <class Op, class I>
+RangeFn<Op> pick_out(Dt out, bool avx2) {
     switch (out) {
         case Dt::kF32:
-            return pick_isa<I, F32>(avx2);
+            return pick_isa<Op, I, F32>(avx2);
         case Dt::kF16:
-            return pick_isa<I, F16>(avx2);
+            return pick_isa<Op, I, F16>(avx2);
         default:
-            return pick_isa<I, BF16>(avx2);
+            return pick_isa<Op, I, BF16>(avx2);
     }
 }
 
-RangeFn pick(Dt in, Dt out, bool avx2) {
+template <class Op>
+RangeFn<Op> pick(Dt in, Dt out, bool avx2) {
     switch (in) {
         case Dt::kF32:
-            return pick_out<F32>(out, avx2);
+            return pick_out<Op, F32>(out, avx2);
         case Dt::kF16:
-            return pick_out<F16>(out, avx2);
+            return pick_out<Op, F16>(out, avx2);
         default:
-            return pick_out<BF16>(out, avx2);
+            return pick_out<Op, BF16>(out, avx2);
     }
+}
+
+constexpr int64_t kMinPerThread = 1 << 18;  // a thread start (~30 us) pays off from here
+
+// Split the concatenation of T tensors (numels[t] elements each) into contiguous ranges,
+// one per thread (at most `threads`, at least kMinPerThread elements each); GIL released.
+template <class Op>
+void run_ranges(RangeFn<Op> fn, const typename Op::JobT& job, const int64_t* numels, int64_t T,
+                int64_t total, int threads) {
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, total / kMinPerThread));
+    py::gil_scoped_release nogil;
+    if (nt == 1) {
+        fn(job, 0, 0, 0, total);
+        return;
+    }
+    std::vector<std::thread> pool;
+    pool.reserve(static_cast<size_t>(nt - 1));
+    int64_t t = 0, offset = 0;
+    for (int64_t p = 0; p < nt; ++p) {
+        const int64_t start = total * p / nt, stop = total * (p + 1) / nt;
+        while (t < T && offset + numels[t] <= start) offset += numels[t++];
+        if (p + 1 == nt)
+            fn(job, t, offset, start, stop);
+        else
+            pool.emplace_back(fn, std::cref(job), t, offset, start, stop);
+    }
+    for (auto& th : pool) th.join();
 }
 
 // ------------------------------------------------------------------ ISA choice
@@ -360,8 +531,6 @@ std::atomic<bool> g_avx2{false};
 const char* simd_name() { return g_avx2.load() ? "avx2" : "scalar"; }
 
 // ------------------------------------------------------------------ binding
-
-constexpr int64_t kMinPerThread = 1 << 18;  // a thread start (~30 us) pays off from here
 
 size_t element_size(Dt d) { return d == Dt::kF32 ? 4 : 2; }
 
@@ -398,27 +567,63 @@ void weighted_sum(const std::vector<std::vector<uintptr_t>>& inputs, uintptr_t o
     }
     std::vector<float> w(weights.begin(), weights.end());  // applied as fp32 values
     const Job job{in.data(), outputs.data(), numels.data(), w.data(), T, static_cast<int>(K)};
-    const RangeFn fn = pick(din, dout, g_avx2.load());
-    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, total / kMinPerThread));
+    run_ranges<WeightedSum>(pick<WeightedSum>(din, dout, g_avx2.load()), job, numels.data(), T,
+                            total, threads);
+}
 
-    py::gil_scoped_release nogil;
-    if (nt == 1) {
-        fn(job, 0, 0, 0, total);
-        return;
+void permuted_lerp(const std::vector<uintptr_t>& a, const std::vector<uintptr_t>& b,
+                   const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                   const std::vector<uintptr_t>& rowmaps, const std::vector<uintptr_t>& colmaps,
+                   const std::vector<uintptr_t>& colruns, const std::vector<int64_t>& ncolruns,
+                   uintptr_t out, const std::vector<double>& alphas, const std::string& in_dtype,
+                   const std::string& out_dtype, int threads) {
+    const Dt din = parse_dtype(in_dtype, "in_dtype");
+    const Dt dout = parse_dtype(out_dtype, "out_dtype");
+    const int64_t T = static_cast<int64_t>(a.size());
+    auto same = [T](size_t n, const char* what) {
+        if (static_cast<int64_t>(n) != T)
+            throw py::value_error(std::string(what) + " has " + std::to_string(n) +
+                                  " entries for " + std::to_string(T) + " tensors");
+    };
+    same(b.size(), "b");
+    same(rows.size(), "rows");
+    same(cols.size(), "cols");
+    same(rowmaps.size(), "rowmaps");
+    same(colmaps.size(), "colmaps");
+    same(colruns.size(), "colruns");
+    same(ncolruns.size(), "ncolruns");
+    if (alphas.empty()) throw py::value_error("alphas is empty");
+    if (threads < 1) throw py::value_error("threads must be >= 1");
+    std::vector<int64_t> numel(static_cast<size_t>(T)), off(static_cast<size_t>(T));
+    int64_t total = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        if (rows[t] < 0 || cols[t] < 0)
+            throw py::value_error("negative shape for tensor " + std::to_string(t));
+        numel[t] = rows[t] * cols[t];
+        off[t] = total;
+        if (numel[t] > 0 && (a[t] == 0 || b[t] == 0 || out == 0))
+            throw py::value_error("null address for tensor " + std::to_string(t));
+        total += numel[t];
     }
-    // contiguous element ranges; each thread finds the tensor its range starts in
-    std::vector<std::thread> pool;
-    pool.reserve(static_cast<size_t>(nt - 1));
-    int64_t t = 0, offset = 0;
-    for (int64_t p = 0; p < nt; ++p) {
-        const int64_t start = total * p / nt, stop = total * (p + 1) / nt;
-        while (t < T && offset + numels[t] <= start) offset += numels[t++];
-        if (p + 1 == nt)
-            fn(job, t, offset, start, stop);
-        else
-            pool.emplace_back(fn, std::cref(job), t, offset, start, stop);
-    }
-    for (auto& th : pool) th.join();
+    std::vector<float> al(alphas.begin(), alphas.end());  // applied as fp32 values
+    PermJob job{};
+    job.a = a.data();
+    job.b = b.data();
+    job.numel = numel.data();
+    job.cols = cols.data();
+    job.rmap = rowmaps.data();
+    job.cmap = colmaps.data();
+    job.runs = colruns.data();
+    job.nruns = ncolruns.data();
+    job.off = off.data();
+    job.out = out;
+    job.out_stride = total;
+    job.out_size = element_size(dout);
+    job.alpha = al.data();
+    job.M = static_cast<int64_t>(al.size());
+    job.T = T;
+    run_ranges<PermutedLerp>(pick<PermutedLerp>(din, dout, g_avx2.load()), job, numel.data(), T,
+                             total, threads);
 }
 
 }  // namespace
@@ -436,6 +641,21 @@ the T results back to back; numels: T element counts;
 weights: K floats (applied as fp32); in_dtype/out_dtype: 'float32' | 'float16' |
 'bfloat16'. fp32 accumulation in k order from 0, one rounding to out_dtype.
 The caller keeps every buffer alive and sized; nothing is checked but counts and nulls.)doc");
+    m.def("permuted_lerp", &permuted_lerp, py::arg("a"), py::arg("b"), py::arg("rows"),
+          py::arg("cols"), py::arg("rowmaps"), py::arg("colmaps"), py::arg("colruns"),
+          py::arg("ncolruns"), py::arg("out"),
+          py::arg("alphas"), py::arg("in_dtype"), py::arg("out_dtype"), py::arg("threads") = 1,
+          R"doc(out[m] = (1 - alphas[m]) * a + alphas[m] * pi(b) for T CPU tensors, in one call.
+
+a, b: T addresses of contiguous tensors viewed as [rows[t], cols[t]]; rowmaps /
+colmaps: T addresses of int64 maps (source row * cols, source column; 0: identity),
+so pi(b)[r, c] = b[rowmap[r] + colmap[c]]; colruns / ncolruns: per tensor 0 or the
+address and count of an int64 [n, 3] table of the column map's contiguous runs
+(first column, its source column, length; sorted, covering every column), read
+instead of the map; out: address of an [M, sum(rows * cols)]
+buffer, tensor t at column offset sum_{s<t} rows[s] * cols[s]; alphas: M floats
+(applied as fp32). fp32 arithmetic, one rounding to out_dtype. The caller keeps
+every buffer alive and sized and the maps in range; only counts and nulls are checked.)doc");
     m.attr("__simd__") = simd_name();
     m.attr("_min_per_thread") = kMinPerThread;
     m.def(

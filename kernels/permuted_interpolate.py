@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pymerge.ops._perm_maps import build_maps, matrix_view  # noqa: F401  (re-exported)
+
 DEFAULT_BR = 4
 DEFAULT_BC = 512
 DEFAULT_SEG = 8192
@@ -117,44 +119,6 @@ _tables: OrderedDict[tuple, tuple] = OrderedDict()
 def clear_cache() -> None:
     """Forget every cached launch table."""
     _tables.clear()
-
-
-def matrix_view(shape: Sequence[int]) -> tuple[int, int]:
-    """``(R, C)`` of the matrix view used by the kernel."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return 1, int(shape[0])
-    c = 1
-    for s in shape[1:]:
-        c *= int(s)
-    return int(shape[0]), c
-
-
-def build_maps(
-    shape: Sequence[int], axes: Sequence[tuple[int, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column maps (int64, CPU) of ``b.index_select(ax, idx)...`` for one tensor.
-
-    ``axes``: ``(axis, index)`` pairs, axes non-negative, indices valid (CPU, int64).
-    """
-    R, C = matrix_view(shape)
-    if len(shape) <= 1:
-        col = torch.arange(C, dtype=torch.int64)
-        for _, idx in axes:
-            col = col.index_select(0, idx)
-        return torch.zeros(1, dtype=torch.int64), col
-    rowidx = torch.arange(R, dtype=torch.int64)
-    grid = None
-    for axis, idx in axes:
-        if axis == 0:
-            rowidx = rowidx.index_select(0, idx)
-        else:
-            if grid is None:
-                grid = torch.arange(C, dtype=torch.int64).reshape(tuple(shape[1:]))
-            grid = grid.index_select(axis - 1, idx)
-    col = torch.arange(C, dtype=torch.int64) if grid is None else grid.reshape(-1)
-    return rowidx * C, col
 
 
 def _build_tables(a_list, b_list, maps, out_offsets, br, seg, device):

@@ -40,7 +40,7 @@ BACKENDS = [
         ),
     ),
 ]
-# interpolate also has the C++ loops over CPU buffers (permuted_interpolate does not)
+# both ops also have C++ loops over CPU buffers
 INTERP_BACKENDS = [
     *BACKENDS,
     pytest.param(
@@ -402,7 +402,7 @@ def _perm_setup(seed: int):
     return a, b, spec, bp
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 def test_permuted_interpolate_matches_gather_then_lerp(backend):
     a, b, spec, bp = _perm_setup(20)
     snaps = _snapshot([a, b])
@@ -419,7 +419,7 @@ def test_permuted_interpolate_matches_gather_then_lerp(backend):
     _assert_unchanged([a, b], snaps)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 def test_permuted_many_alphas_equal_separate_calls_and_exact_endpoints(backend):
     a, b, spec, bp = _perm_setup(30)
     alphas = [0.0, 0.25, 0.5, 1.0, 1.5, -0.5]
@@ -439,7 +439,7 @@ def test_permuted_many_alphas_equal_separate_calls_and_exact_endpoints(backend):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 def test_permuted_with_perm_groups(backend):
     a, b, _, _ = _perm_setup(40)
     g = _gen(41)
@@ -456,7 +456,7 @@ def test_permuted_with_perm_groups(backend):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 def test_permuted_identity_spec_is_plain_lerp(backend):
     a, b = _state(50), _state(51)
     out = permuted_interpolate(a, b, [0.3], {}, backend=backend)[0]
@@ -468,7 +468,7 @@ def test_permuted_identity_spec_is_plain_lerp(backend):
         assert torch.allclose(out[k].double(), lerp[k].double(), rtol=1e-2, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 def test_permuted_out_dtype_and_nan(backend):
     layout = [("w", (6, 5), BF16, None)]
     a, b = _state(60, layout), _state(61, layout)
@@ -484,7 +484,7 @@ def test_permuted_out_dtype_and_nan(backend):
     assert torch.equal(out[1]["w"][~bad], b["w"][p0][:, p1][~bad].float())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 def test_permuted_caches_follow_changed_indices_and_values(backend):
     """Validated indices, maps and launch tables are cached: in-place edits of the index
     tensors or of the weights, and fresh index objects, must all be seen."""
@@ -521,14 +521,53 @@ def test_permuted_caches_follow_changed_indices_and_values(backend):
 
 
 def test_permuted_backends_agree():
-    if not _TRITON_OK:
-        pytest.skip("triton unavailable here; both paths are checked against float64 elsewhere")
+    fast = (["triton"] if _TRITON_OK else []) + (["native"] if _NATIVE_OK else [])
+    if not fast:
+        pytest.skip("no triton and no C++ loops here; torch is checked against float64 elsewhere")
     a, b, spec, _ = _perm_setup(70)
     x = permuted_interpolate(a, b, [0.1, 0.9], spec, backend="torch")
-    y = permuted_interpolate(a, b, [0.1, 0.9], spec, backend="triton")
-    for xo, yo in zip(x, y, strict=True):
-        for k in a:
-            assert torch.allclose(xo[k].double(), yo[k].double(), rtol=1e-2, atol=1e-6), k
+    for be in fast:
+        y = permuted_interpolate(a, b, [0.1, 0.9], spec, backend=be)
+        for xo, yo in zip(x, y, strict=True):
+            for k in a:
+                assert torch.allclose(xo[k].double(), yo[k].double(), rtol=1e-2, atol=1e-6), k
+
+
+@pytest.mark.skipif(not _NATIVE_OK, reason="pymerge._multi_tensor not built")
+def test_permuted_native_simd_paths_bit_identical():
+    """The scalar and AVX2 C++ loops: same bits for every dtype pair (gathers, tails)."""
+    mt = native_multi_tensor()
+    if "avx2" not in mt._simd_available():
+        pytest.skip("this CPU has no AVX2/F16C: only the scalar loops exist here")
+    before = mt.__simd__
+    try:
+        for dt in (F32, F16, BF16):
+            layout = [(k, s, dt, nc) for k, s, d, nc in LAYOUT if d.is_floating_point]
+            g = _gen(71)
+            a, b = _state(71, layout), _state(72, layout)
+            spec = {
+                "conv.weight": (
+                    (0, torch.randperm(4, generator=g)),
+                    (1, torch.randperm(3, generator=g)),
+                ),
+                "fc.weight": ((1, torch.randperm(16, generator=g)),),
+                "bias": ((0, torch.randperm(17, generator=g)),),
+            }
+            for od in (F32, F16, BF16):
+                res = []
+                for simd in ("scalar", "avx2"):
+                    mt._set_simd(simd)
+                    res.append(
+                        permuted_interpolate(a, b, [0.3, 1.7], spec, backend="native", out_dtype=od)
+                    )
+                for xo, yo in zip(*res, strict=True):
+                    for k in xo:
+                        assert torch.equal(
+                            xo[k].view(torch.int16 if od != F32 else torch.int32),
+                            yo[k].view(torch.int16 if od != F32 else torch.int32),
+                        ), (dt, od, k)
+    finally:
+        mt._set_simd(before)
 
 
 def test_permutation_spec_goes_through_index_map(monkeypatch):
@@ -564,7 +603,7 @@ def _spec_models():
     yield CNN(in_channels=2, widths=(3, 4), image_size=4, pool="flatten", hidden=6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
 @pytest.mark.parametrize("model_index", [0, 1])
 def test_permuted_with_real_permutation_spec(backend, model_index):
     """PermutationSpec + perm (heads, packed in_proj segments, inner blocks) through
@@ -659,7 +698,7 @@ def test_ops_names_stay_functions_after_submodule_import():
     dtype=st.sampled_from([F32, F16, BF16]),
 )
 def test_property_permuted_random_axes(shape, data, dtype):
-    backends = ["torch"] + (["triton"] if _TRITON_OK else [])
+    backends = ["torch"] + (["triton"] if _TRITON_OK else []) + (["native"] if _NATIVE_OK else [])
     seed = data.draw(st.integers(0, 2**16))
     g = _gen(seed)
     ndim = len(shape)

@@ -9,7 +9,8 @@ many at once (one read of A and B per tile, every alpha written).
 Backends (``pymerge._backend.choose_kernels``): Triton for CUDA tensors (one launch per
 dtype group, however many tensors); for CPU tensors ``interpolate`` runs the C++ loops of
 ``pymerge._multi_tensor`` ("native": one call per dtype group, each element read once per
-state and written once) for K >= 2 states, and ``permuted_interpolate`` runs torch; torch
+state and written once) for K >= 2 states, and the C++ permuted lerp for
+``permuted_interpolate`` (B gathered while reading, every alpha written per read); torch
 (``torch._foreach_*`` ops) is the fallback everywhere, and ``backend=`` forces any of them.
 
 Rules shared by both functions:
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 
 from pymerge._backend import _requested, choose_kernels, native_multi_tensor
+from pymerge.ops._perm_maps import build_maps, matrix_view
 
 StateDict = Mapping[str, torch.Tensor]
 IndexLike = torch.Tensor | Sequence[int]
@@ -217,7 +219,8 @@ _CACHE_SIZE = 4096
 _FLOATS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 # id(index) -> (weakref, version, axis size, validated int64 CPU copy)
 _INDEX: OrderedDict[int, tuple[Any, int, int, torch.Tensor]] = OrderedDict()
-# (shape, ((axis, id(cpu index)), ...)) -> (cpu indices kept alive, (rowmap, colmap))
+# (shape, ((axis, id(cpu index)), ...)) -> (cpu indices kept alive, (rowmap, colmap), runs,
+# native plan)
 _MAPS: OrderedDict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
 
 
@@ -239,13 +242,18 @@ _MAP_BUDGET = 1 << 25  # cached map entries (int64) kept at most: 256 MiB
 _map_total = 0
 
 
+def _entry_size(value: tuple) -> int:
+    """int64 entries held by a ``_MAPS`` value ``(indices, (rowmap, colmap), runs)``."""
+    _, (r, c), runs, _ = value
+    return r.numel() + c.numel() + (0 if runs is None else runs.numel())
+
+
 def _put_map(key: tuple, value: tuple) -> None:
     global _map_total
     _MAPS[key] = value
-    _map_total += value[1][0].numel() + value[1][1].numel()
+    _map_total += _entry_size(value)
     while _map_total > _MAP_BUDGET and len(_MAPS) > 1:
-        _, (_, (r, c)) = _MAPS.popitem(last=False)
-        _map_total -= r.numel() + c.numel()
+        _map_total -= _entry_size(_MAPS.popitem(last=False)[1])
 
 
 def clear_caches() -> None:
@@ -418,19 +426,25 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
     return list(res)
 
 
+def _native_dtypes_fast(in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """False for float16 without the AVX2/F16C loops: the portable binary16 conversion is
+    integer code, ~20x slower than torch's."""
+    if torch.float16 not in (in_dtype, out_dtype):
+        return True
+    return native_multi_tensor().__simd__ != "scalar"
+
+
 def _native_wins(w: list[float], in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether auto should take the C++ loops (measured: ``bench/bench_interpolate.py``).
+    """Whether auto should take the C++ loops for ``interpolate`` (measured:
+    ``bench/bench_interpolate.py``).
 
     Not for K = 1 in the storage dtype (one ``torch._foreach_mul``: same single pass, less
     fixed cost). Yes for every K >= 2, lerps included: within ~10% of one ``torch.lerp``
     per tensor on small-tensor dicts, and ~6x faster on fp32 dicts where torch's CPU lerp
-    takes its slow ``weight >= 0.5`` branch (torch 2.13). Not for float16 without the
-    AVX2/F16C loops (the portable binary16 conversion is integer code, ~20x slower)."""
+    takes its slow ``weight >= 0.5`` branch (torch 2.13)."""
     if len(w) == 1 and in_dtype == out_dtype:
         return False
-    if torch.float16 not in (in_dtype, out_dtype):
-        return True
-    return native_multi_tensor().__simd__ != "scalar"
+    return _native_dtypes_fast(in_dtype, out_dtype)
 
 
 def _interp_native(
@@ -692,6 +706,112 @@ def _perm_torch(
     return res
 
 
+def _gather_maps(shape: torch.Size, axes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached ``build_maps(shape, axes)`` (the entry keeps the indices alive, so their ids
+    stay unique while it lives)."""
+    return _gather_entry(shape, axes)[1]
+
+
+def _gather_entry(shape: torch.Size, axes) -> tuple:
+    """Cached ``(indices, (rowmap, colmap), column runs or None, native plan)``; the plan is
+    what ``_multi_tensor.permuted_lerp`` takes for the tensor: ``(R, C, rowmap address,
+    colmap address, runs address, number of runs)`` with 0 for an identity map / no runs."""
+    mk = (tuple(shape), tuple((ax, id(i)) for ax, i in axes))
+    hit = _lru_get(_MAPS, mk)
+    if hit is None:
+        rmap, cmap = build_maps(shape, axes)
+        runs = _column_runs(cmap)
+        R, C = matrix_view(shape)
+        permuted = {ax for ax, _ in axes}
+        col_permuted = bool(permuted - {0}) or len(shape) <= 1
+        use_runs = col_permuted and runs is not None
+        plan = (
+            R,
+            C,
+            rmap.data_ptr() if 0 in permuted and len(shape) > 1 else 0,
+            cmap.data_ptr() if col_permuted else 0,
+            runs.data_ptr() if use_runs else 0,
+            runs.shape[0] if use_runs else 0,
+        )
+        hit = (tuple(i for _, i in axes), (rmap, cmap), runs, plan)
+        _put_map(mk, hit)
+    return hit
+
+
+_MIN_MEAN_RUN = 4  # shorter runs: a plain per-element gather is cheaper
+
+
+def _column_runs(colmap: torch.Tensor) -> torch.Tensor | None:
+    """``int64 [n, 3]`` (first column, source column, length) of the maximal runs where
+    ``colmap`` steps by +1 (e.g. the 3x3 kernels of a conv whose input channels are
+    permuted), or ``None`` when runs are too short on average to be worth it."""
+    C = colmap.numel()
+    if C == 0:
+        return None
+    starts = torch.nonzero(torch.diff(colmap) != 1).reshape(-1).add_(1)
+    n = starts.numel() + 1
+    if C < _MIN_MEAN_RUN * n:
+        return None
+    first = torch.cat([torch.zeros(1, dtype=torch.int64), starts])
+    length = torch.diff(first, append=torch.tensor([C]))
+    return torch.stack([first, colmap[first], length], 1).contiguous()
+
+
+def _perm_native(
+    a_list, b_list, axes_list, alphas: list[float], out_dtype
+) -> list[list[torch.Tensor]] | None:
+    """C++ permuted lerp of CPU tensors into one ``[M, total]`` buffer (outputs are views);
+    ``None`` when a tensor has no plain storage to read."""
+    a_list = [t if t.is_contiguous() else t.contiguous() for t in a_list]
+    b_list = [t if t.is_contiguous() else t.contiguous() for t in b_list]
+    try:
+        a_ptrs = list(map(_PTR, a_list))
+        b_ptrs = list(map(_PTR, b_list))
+    except RuntimeError:  # "tensor doesn't have storage" (functorch / fake tensors)
+        return None
+    numels = list(map(_NUMEL, a_list))
+    # the entries hold the maps whose addresses the plans carry: keep them for the call
+    keep = [
+        _gather_entry(a.shape, axes) if axes else None
+        for a, axes in zip(a_list, axes_list, strict=True)
+    ]
+    plans = [(1, n, 0, 0, 0, 0) if e is None else e[3] for e, n in zip(keep, numels, strict=True)]
+    rows, cols, rmaps, cmaps, runs, nruns = (
+        map(list, zip(*plans, strict=True)) if plans else ([],) * 6
+    )
+    M = len(alphas)
+    total = sum(numels)
+    out = _empty((M, total), out_dtype, torch.device("cpu"))
+    native_multi_tensor().permuted_lerp(
+        a_ptrs,
+        b_ptrs,
+        rows,
+        cols,
+        rmaps,
+        cmaps,
+        runs,
+        nruns,
+        out.data_ptr(),
+        alphas,
+        _DTYPE_NAMES[a_list[0].dtype],
+        _DTYPE_NAMES[out_dtype],
+        torch.get_num_threads(),
+    )
+    del keep  # the maps only had to outlive the call
+    if M == 1:  # 1-D parts of one row, reshaped with view_as (no size parsing)
+        return [
+            [
+                part if nd == 1 else part.view_as(a)
+                for part, nd, a in zip(out[0].split(numels), map(_DIM, a_list), a_list, strict=True)
+            ]
+        ]
+    per_key = [
+        part.view(M, *a.shape).unbind(0)
+        for part, a in zip(out.split(numels, dim=1), a_list, strict=True)
+    ]
+    return [list(col) for col in zip(*per_key, strict=True)] if per_key else [[] for _ in range(M)]
+
+
 def _perm_triton(
     a_list, b_list, axes_list, alphas: list[float], out_dtype, device
 ) -> list[list[torch.Tensor]]:
@@ -699,15 +819,7 @@ def _perm_triton(
 
     a_list = [_kernel_ready(t) for t in a_list]
     b_list = [_kernel_ready(t) for t in b_list]
-    maps = []
-    for a, axes in zip(a_list, axes_list, strict=True):
-        # the cached entry holds the CPU indices, so their ids stay unique while it lives
-        mk = (tuple(a.shape), tuple((ax, id(i)) for ax, i in axes))
-        hit = _lru_get(_MAPS, mk)
-        if hit is None:
-            hit = (tuple(i for _, i in axes), kern.build_maps(a.shape, axes))
-            _put_map(mk, hit)
-        maps.append(hit[1])
+    maps = [_gather_maps(a.shape, axes) for a, axes in zip(a_list, axes_list, strict=True)]
     numels = [t.numel() for t in a_list]
     offsets, total = _flat_layout(numels, out_dtype)
     M = len(alphas)
@@ -790,10 +902,15 @@ def permuted_interpolate(
         axes_list = [axes.get(keys[i], ()) for i in idx]
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
-            use = choose_kernels(backend, *a_list)
+            use = choose_kernels(backend, *a_list, native=True)
+            if use == "native" and _requested(backend) == "auto":
+                use = "native" if _native_dtypes_fast(in_dtype, od) else "torch"
+        res = None
         if use == "triton":
             res = _perm_triton(a_list, b_list, axes_list, alphas, od, device)
-        else:
+        elif use == "native":
+            res = _perm_native(a_list, b_list, axes_list, alphas, od)
+        if res is None:
             res = _perm_torch(a_list, b_list, axes_list, alphas, od)
         for m in range(M):
             for i, r in zip(idx, res[m], strict=True):
