@@ -189,3 +189,104 @@ def test_backend_choice_for_ops_with_and_without_native_loops(monkeypatch):
     meta = torch.zeros(3, device="meta")
     with pytest.raises(RuntimeError, match="CPU tensors only"):
         choose_kernels("native", meta, native=True)
+
+
+def _permuted_call(a, b, rmap, cmap, runs, alphas, out_dtype, threads):
+    """permuted_lerp on one list of 2-D tensors (rmap/cmap/runs: tensors or None each)."""
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    numels = [x.numel() for x in a]
+    out = torch.full((len(alphas), sum(numels)), float("nan"), dtype=out_dtype)
+    mt.permuted_lerp(
+        [x.data_ptr() for x in a],
+        [x.data_ptr() for x in b],
+        [x.shape[0] for x in a],
+        [x.shape[1] for x in a],
+        [ptr(r) for r in rmap],
+        [ptr(c) for c in cmap],
+        [ptr(r) for r in runs],
+        [0 if r is None else r.shape[0] for r in runs],
+        out.data_ptr(),
+        alphas,
+        NAMES[a[0].dtype],
+        NAMES[out_dtype],
+        threads,
+    )
+    return out
+
+
+def test_permuted_lerp_gathers_rows_columns_and_runs_like_torch():
+    """Row map, column map, column runs (3x3 kernels) and threads cutting rows: the same
+    values as gather-then-lerp in fp32 on every path."""
+    from pymerge.ops._perm_maps import build_maps
+    from pymerge.ops.interpolate import _column_runs
+
+    g = torch.Generator().manual_seed(9)
+    shapes = [(300, 40, 3, 3), (1013, 700), (1000,)]
+    a = [torch.randn(s, generator=g).to(BF16) for s in shapes]
+    b = [torch.randn(s, generator=g).to(BF16) for s in shapes]
+    axes = [
+        [(0, torch.randperm(300, generator=g)), (1, torch.randperm(40, generator=g))],
+        [(1, torch.randperm(700, generator=g))],
+        [(0, torch.randperm(1000, generator=g))],
+    ]
+    maps = [build_maps(s, ax) for s, ax in zip(shapes, axes, strict=True)]
+    runs = [_column_runs(c) for _, c in maps]
+    assert runs[0] is not None and runs[1] is None  # conv kernels give runs of 9
+    flat = [x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1) for x in a]
+    flat_b = [x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1) for x in b]
+    rmaps = [maps[0][0], None, None]  # the second and third permute columns only
+    alphas = [0.0, 0.3, 1.0, 1.7]
+    ref = []
+    for x, y, ax in zip(a, b, axes, strict=True):
+        for axis, idx in ax:
+            y = y.index_select(axis, idx)
+        terms = []
+        for al in alphas:  # the C++ expression, op by op in fp32: (1 - al) * a + al * b
+            al32 = torch.tensor(al, dtype=F32)
+            terms.append((1.0 - al32) * x.float() + al32 * y.float())
+        ref.append(torch.stack(terms))
+    ref = torch.cat([r.reshape(len(alphas), -1) for r in ref], 1)
+    cmaps = [c for _, c in maps]
+    for threads in (1, 3):
+        for use_runs in (True, False):
+            out = _permuted_call(
+                flat, flat_b, rmaps, cmaps, runs if use_runs else [None] * 3, alphas, F32, threads
+            )
+            assert torch.equal(out, ref), (threads, use_runs)
+    assert sum(x.numel() for x in a) >= 3 * mt._min_per_thread
+
+
+def test_permuted_lerp_errors():
+    x = torch.zeros(2, 3)
+    p = x.data_ptr()
+    call = lambda **kw: mt.permuted_lerp(  # noqa: E731
+        **{
+            "a": [p],
+            "b": [p],
+            "rows": [2],
+            "cols": [3],
+            "rowmaps": [0],
+            "colmaps": [0],
+            "colruns": [0],
+            "ncolruns": [0],
+            "out": p,
+            "alphas": [0.5],
+            "in_dtype": "float32",
+            "out_dtype": "float32",
+            **kw,
+        }
+    )
+    with pytest.raises(ValueError, match="rows has 2 entries for 1 tensors"):
+        call(rows=[2, 2])
+    with pytest.raises(ValueError, match="alphas is empty"):
+        call(alphas=[])
+    with pytest.raises(ValueError, match="null address for tensor 0"):
+        call(b=[0])
+    with pytest.raises(ValueError, match="negative shape"):
+        call(cols=[-3])
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        call(out_dtype="int8")
+    out = torch.full((2, 3), float("nan"))
+    ones = torch.ones(2, 3)
+    call(out=out.data_ptr(), b=[ones.data_ptr()])
+    assert torch.equal(out, torch.full((2, 3), 0.5))
