@@ -9,7 +9,8 @@ many at once (one read of A and B per tile, every alpha written).
 Backends (``pymerge._backend.choose_kernels``): Triton for CUDA tensors (one launch per
 dtype group, however many tensors); for CPU tensors ``interpolate`` runs the C++ loops of
 ``pymerge._multi_tensor`` ("native": one call per dtype group, each element read once per
-state and written once) for K >= 2 states, and the C++ permuted lerp for
+state and written once) where torch would need more than one op per tensor (K >= 3
+states, or weights that are not a lerp), and the C++ permuted lerp for
 ``permuted_interpolate`` (B gathered while reading, every alpha written per read); torch
 (``torch._foreach_*`` ops) is the fallback everywhere, and ``backend=`` forces any of them.
 
@@ -435,14 +436,15 @@ def _native_dtypes_fast(in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
 
 
 def _native_wins(w: list[float], in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether auto should take the C++ loops for ``interpolate`` (measured:
-    ``bench/bench_interpolate.py``).
+    """Whether auto should take the C++ loops for ``interpolate`` (measured with
+    ``bench/bench_interpolate.py``, see ``bench/RESULTS.md``).
 
-    Not for K = 1 in the storage dtype (one ``torch._foreach_mul``: same single pass, less
-    fixed cost). Yes for every K >= 2, lerps included: within ~10% of one ``torch.lerp``
-    per tensor on small-tensor dicts, and ~6x faster on fp32 dicts where torch's CPU lerp
-    takes its slow ``weight >= 0.5`` branch (torch 2.13)."""
-    if len(w) == 1 and in_dtype == out_dtype:
+    Not where torch needs one op per tensor in the storage dtype (K = 1: a multiply; a
+    two-state lerp ``w0 + w1 == 1``: ``torch.lerp``): both then make a single pass, and
+    torch's per-tensor ops beat the C++ path's fixed cost (pointers, one flat output split
+    into views) by 5-15%. Yes otherwise: 1.2-1.7x faster than torch's K ops per tensor."""
+    one_op = len(w) == 1 or (len(w) == 2 and w[0] == 1.0 - w[1])
+    if one_op and in_dtype == out_dtype:
         return False
     return _native_dtypes_fast(in_dtype, out_dtype)
 
