@@ -543,9 +543,9 @@ def interpolate(
             group_keys = compress(keys, mask)
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
-            use = choose_kernels(backend, *lists[0], native=True)
-            if use == "native" and _requested(backend) == "auto":
-                use = "native" if _native_wins(w, in_dtype, od) else "torch"
+            req = _requested(backend)
+            native = req == "native" or (req == "auto" and _native_wins(w, in_dtype, od))
+            use = choose_kernels(backend, *lists[0], native=native)
         res = None
         if use == "triton":
             res = _interp_triton(lists, w, od, device)
@@ -904,9 +904,9 @@ def permuted_interpolate(
         axes_list = [axes.get(keys[i], ()) for i in idx]
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
-            use = choose_kernels(backend, *a_list, native=True)
-            if use == "native" and _requested(backend) == "auto":
-                use = "native" if _native_dtypes_fast(in_dtype, od) else "torch"
+            req = _requested(backend)
+            native = req == "native" or (req == "auto" and _native_dtypes_fast(in_dtype, od))
+            use = choose_kernels(backend, *a_list, native=native)
         res = None
         if use == "triton":
             res = _perm_triton(a_list, b_list, axes_list, alphas, od, device)
