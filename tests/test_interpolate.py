@@ -808,3 +808,39 @@ def test_property_interpolate_random_dicts(shapes, K, dtype, data):
             ref = sum(w * x for w, x in zip(w32, xs, strict=True))
             scale = sum(abs(w) * x.abs() for w, x in zip(w32, xs, strict=True))
             _assert_close(out[k], ref, scale, 1 if be in _ONE_ROUNDING else K, (be, k, weights))
+
+
+@pytest.mark.skipif(not _NATIVE_OK, reason="pymerge._multi_tensor not built")
+def test_auto_backend_cost_model_on_cpu(monkeypatch):
+    """auto: torch where it needs one op per tensor, the C++ loops from three, and for two
+    only on dicts of larger tensors; the results agree either way."""
+    monkeypatch.delenv("PYMERGE_BACKEND", raising=False)
+    calls = []
+    for name in ("_interp_native", "_interp_torch"):
+        real = getattr(front, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(front, name, spy)
+    g = _gen(40)
+    small = [{"w": torch.randn(20, 30, generator=g), "b": torch.randn(30, generator=g)}] * 3
+    big = [{"w": torch.randn(200, 100, generator=g)} for _ in range(3)]
+    cases = [
+        (small[:1], [0.5], None, "_interp_torch"),  # K = 1: one multiply
+        (small[:2], [0.25, 0.75], None, "_interp_torch"),  # a lerp
+        (small[:2], [0.25, 0.5], None, "_interp_torch"),  # two ops, small tensors
+        (small, [0.2, -0.7, 1.3], None, "_interp_native"),  # three ops
+        (small, [1.0, 0.5, 0.5], None, "_interp_torch"),  # task arithmetic, small tensors
+        (big, [1.0, 0.5, 0.5], None, "_interp_native"),  # task arithmetic, larger tensors
+        (small[:2], [0.25, 0.75], torch.bfloat16, "_interp_torch"),  # lerp + cast, small
+        (big[:2], [0.25, 0.75], torch.bfloat16, "_interp_native"),  # lerp + cast, larger
+    ]
+    for states, w, od, expect in cases:
+        calls.clear()
+        out = interpolate(states, w, out_dtype=od)
+        assert calls == [expect], (w, od, calls)
+        ref = interpolate(states, w, out_dtype=od, backend="torch")
+        for k in out:
+            assert torch.allclose(out[k].float(), ref[k].float(), rtol=1e-2, atol=1e-2), k

@@ -9,8 +9,8 @@ many at once (one read of A and B per tile, every alpha written).
 Backends (``pymerge._backend.choose_kernels``): Triton for CUDA tensors (one launch per
 dtype group, however many tensors); for CPU tensors ``interpolate`` runs the C++ loops of
 ``pymerge._multi_tensor`` ("native": one call per dtype group, each element read once per
-state and written once) where torch would need more than one op per tensor (K >= 3
-states, or weights that are not a lerp), and the C++ permuted lerp for
+state and written once) where torch would need several ops per tensor (see
+``_native_wins``), and the C++ permuted lerp for
 ``permuted_interpolate`` (B gathered while reading, every alpha written per read); torch
 (``torch._foreach_*`` ops) is the fallback everywhere, and ``backend=`` forces any of them.
 
@@ -435,18 +435,34 @@ def _native_dtypes_fast(in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     return native_multi_tensor().__simd__ != "scalar"
 
 
-def _native_wins(w: list[float], in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether auto should take the C++ loops for ``interpolate`` (measured with
-    ``bench/bench_interpolate.py``, see ``bench/RESULTS.md``).
+# Two torch ops per tensor (task arithmetic with K = 3) cost less than the C++ path's fixed
+# cost on dicts of small tensors (measured on a ResNet-20 dict, mean 2.8k elements) and
+# more on larger ones (a transformer dict, mean 68k): the break-even lies between.
+_NATIVE_MIN_MEAN_NUMEL_2OPS = 8192
 
-    Not where torch needs one op per tensor in the storage dtype (K = 1: a multiply; a
-    two-state lerp ``w0 + w1 == 1``: ``torch.lerp``): both then make a single pass, and
-    torch's per-tensor ops beat the C++ path's fixed cost (pointers, one flat output split
-    into views) by 5-15%. Yes otherwise: 1.2-1.7x faster than torch's K ops per tensor."""
-    one_op = len(w) == 1 or (len(w) == 2 and w[0] == 1.0 - w[1])
-    if one_op and in_dtype == out_dtype:
+
+def _native_wins(
+    w: list[float], in_dtype: torch.dtype, out_dtype: torch.dtype, tensors: list[torch.Tensor]
+) -> bool:
+    """Whether auto should take the C++ loops for ``interpolate`` (a cost model measured with
+    ``bench/bench_interpolate.py``, figures in ``bench/RESULTS.md``).
+
+    Torch needs one op per tensor for K = 1 or a two-state lerp (``w0 + w1 == 1``), K - 1
+    when a weight is 1 (task arithmetic), K otherwise. One op: torch (its per-tensor ops
+    beat the C++ path's fixed cost: pointers, one flat output split into views). Three or
+    more: the C++ loops (1.2-1.6x faster). Two: the C++ loops for dicts of larger tensors.
+    A dtype conversion (``out_dtype``) adds an op per tensor on the torch path."""
+    if not _native_dtypes_fast(in_dtype, out_dtype):
         return False
-    return _native_dtypes_fast(in_dtype, out_dtype)
+    K = len(w)
+    ops = 1 if K == 1 or (K == 2 and w[0] == 1.0 - w[1]) else K - (1.0 in w)
+    ops += in_dtype != out_dtype
+    if ops >= 3:
+        return True
+    if ops == 2:
+        mean = sum(map(_NUMEL, tensors)) / max(1, len(tensors))
+        return mean >= _NATIVE_MIN_MEAN_NUMEL_2OPS
+    return False
 
 
 def _interp_native(
@@ -544,7 +560,7 @@ def interpolate(
         use = "torch"
         if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
             req = _requested(backend)
-            native = req == "native" or (req == "auto" and _native_wins(w, in_dtype, od))
+            native = req == "native" or (req == "auto" and _native_wins(w, in_dtype, od, lists[0]))
             use = choose_kernels(backend, *lists[0], native=native)
         res = None
         if use == "triton":
