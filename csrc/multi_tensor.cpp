@@ -12,7 +12,7 @@
 //     exactly as the Triton kernel does, and rounded once to out_dtype (round to nearest
 //     even, NaN stays NaN). The GIL is released; `threads` > 1 splits the elements of all
 //     tensors together into contiguous ranges (at least 256k elements per thread).
-//   permuted_lerp(a, b, rows, cols, rowmaps, colmaps, colruns, ncolruns, out, alphas,
+//   permuted_lerp(a, b, rows, cols, rowmaps, colmaps, colruns, ncolruns, outs, alphas,
 //                 in_dtype, out_dtype, threads=1)
 //       out[m][t] = rnd((1 - al_m) * a_t + al_m * pi_t(b_t)) with pi_t a gather through a
 //       row map and a column map (pymerge/ops/_perm_maps.py); a and b read once for all M.
@@ -355,15 +355,14 @@ struct PermJob {
     const uintptr_t* runs;  // [T] int64 [n, 3] (first column, its source, length) or 0
     const int64_t* nruns;   // [T] runs of the column map (when given)
     const int64_t* off;     // [T] element offset of tensor t in each output row
-    uintptr_t out;          // [M, out_stride] outputs
-    int64_t out_stride;     // elements
+    const uintptr_t* outs;  // [M] output buffers, tensor t at element offset off[t]
     size_t out_size;        // bytes per output element
     const float* alpha;     // [M]
     int64_t M;
     int64_t T;
 };
 
-constexpr int64_t kSeg = 512;  // elements of one row staged in fp32 at a time
+constexpr int64_t kSeg = 2048;  // elements staged in fp32 at a time (2 x 8 KiB: L1)
 
 // Index of the run holding column c: runs are sorted by first column and cover [0, C).
 PYMERGE_MT_INLINE int64_t find_run(const int64_t* runs, int64_t n, int64_t c) {
@@ -393,38 +392,39 @@ void permuted_tensor(const PermJob& j, int64_t t, int64_t lo, int64_t hi) {
     const int64_t C = j.cols[t];
     auto emit = [&](int64_t e, int64_t n) {
         for (int64_t m = 0; m < j.M; ++m) {
-            SO* o = reinterpret_cast<SO*>(j.out + (static_cast<uintptr_t>(m * j.out_stride) +
-                                                   static_cast<uintptr_t>(j.off[t] + e)) *
-                                                      j.out_size);
+            SO* o = reinterpret_cast<SO*>(j.outs[m] +
+                                          static_cast<uintptr_t>(j.off[t] + e) * j.out_size);
             Isa::template lerp_store<O>(o, fa, fb, j.alpha[m], n);
         }
     };
-    if (rmap == nullptr && cmap == nullptr) {  // no gather: segments across rows
-        for (int64_t e = lo; e < hi; e += kSeg) {
-            const int64_t n = std::min(kSeg, hi - e);
-            Isa::template widen<I>(a + e, fa, n);
-            Isa::template widen<I>(b + e, fb, n);
-            emit(e, n);
-        }
-        return;
-    }
+    // segments of up to kSeg consecutive elements (across rows), so that each of the M
+    // outputs is written in long runs; b is gathered row piece by row piece
     for (int64_t e = lo; e < hi;) {
-        const int64_t r = e / C, c = e - r * C;
-        const int64_t n = std::min({C - c, hi - e, kSeg});
-        const SI* brow = b + (rmap != nullptr ? rmap[r] : r * C);
+        const int64_t n = std::min(kSeg, hi - e);
         Isa::template widen<I>(a + e, fa, n);
-        if (cmap == nullptr) {
-            Isa::template widen<I>(brow + c, fb, n);
-        } else if (runs != nullptr) {  // column map made of contiguous runs (conv kernels)
-            for (int64_t k = find_run(runs, nruns, c), pos = c; pos < c + n; ++k) {
-                const int64_t first = runs[3 * k], len = runs[3 * k + 2];
-                const int64_t take = std::min(first + len, c + n) - pos;
-                Isa::template widen<I>(brow + runs[3 * k + 1] + (pos - first), fb + (pos - c),
-                                       take);
-                pos += take;
-            }
+        if (rmap == nullptr && cmap == nullptr) {
+            Isa::template widen<I>(b + e, fb, n);
         } else {
-            for (int64_t i = 0; i < n; ++i) fb[i] = I::load(brow[cmap[c + i]]);
+            for (int64_t p = e; p < e + n;) {
+                const int64_t r = p / C, c = p - r * C;
+                const int64_t len = std::min(C - c, e + n - p);
+                const SI* brow = b + (rmap != nullptr ? rmap[r] : r * C);
+                float* dst = fb + (p - e);
+                if (cmap == nullptr) {
+                    Isa::template widen<I>(brow + c, dst, len);
+                } else if (runs != nullptr) {  // column map made of contiguous runs (conv)
+                    for (int64_t k = find_run(runs, nruns, c), q = c; q < c + len; ++k) {
+                        const int64_t first = runs[3 * k], rl = runs[3 * k + 2];
+                        const int64_t take = std::min(first + rl, c + len) - q;
+                        Isa::template widen<I>(brow + runs[3 * k + 1] + (q - first),
+                                               dst + (q - c), take);
+                        q += take;
+                    }
+                } else {
+                    for (int64_t i = 0; i < len; ++i) dst[i] = I::load(brow[cmap[c + i]]);
+                }
+                p += len;
+            }
         }
         emit(e, n);
         e += n;
@@ -575,7 +575,7 @@ void permuted_lerp(const std::vector<uintptr_t>& a, const std::vector<uintptr_t>
                    const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
                    const std::vector<uintptr_t>& rowmaps, const std::vector<uintptr_t>& colmaps,
                    const std::vector<uintptr_t>& colruns, const std::vector<int64_t>& ncolruns,
-                   uintptr_t out, const std::vector<double>& alphas, const std::string& in_dtype,
+                   const std::vector<uintptr_t>& outs, const std::vector<double>& alphas, const std::string& in_dtype,
                    const std::string& out_dtype, int threads) {
     const Dt din = parse_dtype(in_dtype, "in_dtype");
     const Dt dout = parse_dtype(out_dtype, "out_dtype");
@@ -593,6 +593,11 @@ void permuted_lerp(const std::vector<uintptr_t>& a, const std::vector<uintptr_t>
     same(colruns.size(), "colruns");
     same(ncolruns.size(), "ncolruns");
     if (alphas.empty()) throw py::value_error("alphas is empty");
+    if (outs.size() != alphas.size())
+        throw py::value_error("got " + std::to_string(outs.size()) + " outputs for " +
+                              std::to_string(alphas.size()) + " alphas");
+    bool null_out = false;
+    for (uintptr_t o : outs) null_out = null_out || o == 0;
     if (threads < 1) throw py::value_error("threads must be >= 1");
     std::vector<int64_t> numel(static_cast<size_t>(T)), off(static_cast<size_t>(T));
     int64_t total = 0;
@@ -601,7 +606,7 @@ void permuted_lerp(const std::vector<uintptr_t>& a, const std::vector<uintptr_t>
             throw py::value_error("negative shape for tensor " + std::to_string(t));
         numel[t] = rows[t] * cols[t];
         off[t] = total;
-        if (numel[t] > 0 && (a[t] == 0 || b[t] == 0 || out == 0))
+        if (numel[t] > 0 && (a[t] == 0 || b[t] == 0 || null_out))
             throw py::value_error("null address for tensor " + std::to_string(t));
         total += numel[t];
     }
@@ -616,8 +621,7 @@ void permuted_lerp(const std::vector<uintptr_t>& a, const std::vector<uintptr_t>
     job.runs = colruns.data();
     job.nruns = ncolruns.data();
     job.off = off.data();
-    job.out = out;
-    job.out_stride = total;
+    job.outs = outs.data();
     job.out_size = element_size(dout);
     job.alpha = al.data();
     job.M = static_cast<int64_t>(al.size());
@@ -643,7 +647,7 @@ weights: K floats (applied as fp32); in_dtype/out_dtype: 'float32' | 'float16' |
 The caller keeps every buffer alive and sized; nothing is checked but counts and nulls.)doc");
     m.def("permuted_lerp", &permuted_lerp, py::arg("a"), py::arg("b"), py::arg("rows"),
           py::arg("cols"), py::arg("rowmaps"), py::arg("colmaps"), py::arg("colruns"),
-          py::arg("ncolruns"), py::arg("out"),
+          py::arg("ncolruns"), py::arg("outs"),
           py::arg("alphas"), py::arg("in_dtype"), py::arg("out_dtype"), py::arg("threads") = 1,
           R"doc(out[m] = (1 - alphas[m]) * a + alphas[m] * pi(b) for T CPU tensors, in one call.
 
@@ -652,8 +656,8 @@ colmaps: T addresses of int64 maps (source row * cols, source column; 0: identit
 so pi(b)[r, c] = b[rowmap[r] + colmap[c]]; colruns / ncolruns: per tensor 0 or the
 address and count of an int64 [n, 3] table of the column map's contiguous runs
 (first column, its source column, length; sorted, covering every column), read
-instead of the map; out: address of an [M, sum(rows * cols)]
-buffer, tensor t at column offset sum_{s<t} rows[s] * cols[s]; alphas: M floats
+instead of the map; outs: M addresses of flat output buffers, tensor t at element
+offset sum_{s<t} rows[s] * cols[s] in each; alphas: M floats
 (applied as fp32). fp32 arithmetic, one rounding to out_dtype. The caller keeps
 every buffer alive and sized and the maps in range; only counts and nulls are checked.)doc");
     m.attr("__simd__") = simd_name();

@@ -196,6 +196,7 @@ def _permuted_call(a, b, rmap, cmap, runs, alphas, out_dtype, threads):
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     numels = [x.numel() for x in a]
     out = torch.full((len(alphas), sum(numels)), float("nan"), dtype=out_dtype)
+    rows_out = list(out.unbind(0))
     mt.permuted_lerp(
         [x.data_ptr() for x in a],
         [x.data_ptr() for x in b],
@@ -205,7 +206,7 @@ def _permuted_call(a, b, rmap, cmap, runs, alphas, out_dtype, threads):
         [ptr(c) for c in cmap],
         [ptr(r) for r in runs],
         [0 if r is None else r.shape[0] for r in runs],
-        out.data_ptr(),
+        [o.data_ptr() for o in rows_out],
         alphas,
         NAMES[a[0].dtype],
         NAMES[out_dtype],
@@ -269,7 +270,7 @@ def test_permuted_lerp_errors():
             "colmaps": [0],
             "colruns": [0],
             "ncolruns": [0],
-            "out": p,
+            "outs": [p],
             "alphas": [0.5],
             "in_dtype": "float32",
             "out_dtype": "float32",
@@ -279,7 +280,9 @@ def test_permuted_lerp_errors():
     with pytest.raises(ValueError, match="rows has 2 entries for 1 tensors"):
         call(rows=[2, 2])
     with pytest.raises(ValueError, match="alphas is empty"):
-        call(alphas=[])
+        call(alphas=[], outs=[])
+    with pytest.raises(ValueError, match="got 1 outputs for 2 alphas"):
+        call(alphas=[0.1, 0.2])
     with pytest.raises(ValueError, match="null address for tensor 0"):
         call(b=[0])
     with pytest.raises(ValueError, match="negative shape"):
@@ -288,5 +291,5 @@ def test_permuted_lerp_errors():
         call(out_dtype="int8")
     out = torch.full((2, 3), float("nan"))
     ones = torch.ones(2, 3)
-    call(out=out.data_ptr(), b=[ones.data_ptr()])
+    call(outs=[out.data_ptr()], b=[ones.data_ptr()])
     assert torch.equal(out, torch.full((2, 3), 0.5))
