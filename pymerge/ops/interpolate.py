@@ -797,10 +797,9 @@ def _perm_native(
     rows, cols, rmaps, cmaps, runs, nruns = (
         map(list, zip(*plans, strict=True)) if plans else ([],) * 6
     )
-    total = sum(numels)
-    # one buffer per alpha, not one [M, total]: a buffer above malloc's mmap threshold is
-    # page-faulted afresh on every call (measured: 85 of 110 ms for 25 x 6.8 MB)
-    outs = [_empty((total,), out_dtype, torch.device("cpu")) for _ in alphas]
+    M = len(alphas)
+    out = _empty((M, sum(numels)), out_dtype, torch.device("cpu"))
+    row_bytes = out.stride(0) * out.element_size()
     native_multi_tensor().permuted_lerp(
         a_ptrs,
         b_ptrs,
@@ -810,22 +809,27 @@ def _perm_native(
         cmaps,
         runs,
         nruns,
-        [o.data_ptr() for o in outs],
+        [out.data_ptr() + m * row_bytes for m in range(M)],
         alphas,
         _DTYPE_NAMES[a_list[0].dtype],
         _DTYPE_NAMES[out_dtype],
         torch.get_num_threads(),
     )
     del keep  # the maps only had to outlive the call
-    dims = list(map(_DIM, a_list))
-    # 1-D parts, reshaped with view_as (no size parsing)
-    return [
-        [
-            part if nd == 1 else part.view_as(a)
-            for part, nd, a in zip(out.split(numels), dims, a_list, strict=True)
+    if M == 1:  # 1-D parts of one row, reshaped with view_as (no size parsing)
+        dims = map(_DIM, a_list)
+        return [
+            [
+                part if nd == 1 else part.view_as(a)
+                for part, nd, a in zip(out[0].split(numels), dims, a_list, strict=True)
+            ]
         ]
-        for out in outs
+    # one split and one unbind per key (M views each), not M * T slices
+    per_key = [
+        part.view(M, *a.shape).unbind(0)
+        for part, a in zip(out.split(numels, dim=1), a_list, strict=True)
     ]
+    return [list(col) for col in zip(*per_key, strict=True)] if per_key else [[] for _ in range(M)]
 
 
 def _perm_triton(
