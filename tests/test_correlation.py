@@ -580,3 +580,15 @@ def test_plain_sums_when_torch_lacks_batch_norm_update_stats(monkeypatch, dtype)
     torch.testing.assert_close(plain.std_a(), fast.std_a(), atol=tol, rtol=tol)
     ref = torch.corrcoef(torch.cat([xa, xb], 1).double().T)[:37, 37:]
     assert (plain.correlation().double() - ref).abs().max() < 10 * tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lazily_negated_inputs_read_as_their_values(backend):
+    """torch._neg_view inputs (memory holds -x): the kernel must not read -x."""
+    g = torch.Generator().manual_seed(77)
+    x, y = torch.randn(40, 6, generator=g), torch.randn(40, 5, generator=g)
+    lazy = torch._neg_view(-x)
+    assert lazy.is_neg() and torch.equal(lazy, x)
+    got = correlation(lazy, y, backend=backend)
+    ref = correlation(x, y, backend=backend)
+    assert torch.allclose(got, ref, atol=1e-6)

@@ -844,3 +844,21 @@ def test_auto_backend_cost_model_on_cpu(monkeypatch):
         ref = interpolate(states, w, out_dtype=od, backend="torch")
         for k in out:
             assert torch.allclose(out[k].float(), ref[k].float(), rtol=1e-2, atol=1e-2), k
+
+
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
+def test_lazily_negated_inputs_read_as_their_values(backend):
+    """torch._neg_view tensors (memory holds -x, the negation bit says so): fast paths that
+    read raw memory must resolve the bit, not read -x."""
+    g = _gen(41)
+    plain = [{"w": torch.randn(4, 6, generator=g).to(DEV)} for _ in range(3)]
+    lazy = [{"w": torch._neg_view(-s["w"])} for s in plain]
+    assert lazy[0]["w"].is_neg() and torch.equal(lazy[0]["w"], plain[0]["w"])
+    w = [0.2, -0.7, 1.3]
+    out = interpolate(lazy, w, backend=backend)
+    ref = interpolate(plain, w, backend=backend)
+    assert torch.equal(out["w"], ref["w"])
+    perm = {"w": ((1, torch.randperm(6, generator=g).to(DEV)),)}
+    out = permuted_interpolate(lazy[0], lazy[1], [0.3], perm, backend=backend)[0]
+    ref = permuted_interpolate(plain[0], plain[1], [0.3], perm, backend=backend)[0]
+    assert torch.equal(out["w"], ref["w"])

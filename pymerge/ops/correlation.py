@@ -244,7 +244,8 @@ class CorrelationAccumulator:
             raise ValueError(
                 f"inputs are on {xa.device} but the accumulator lives on {self.device}"
             )
-        return xa, xb
+        # a lazily negated view (torch._neg_view) keeps -x in memory: kernels read memory
+        return xa.resolve_neg(), None if xb is None else xb.resolve_neg()
 
     def update(self, x_a: Any, x_b: Any = None, *, feature_dim: int | None = None) -> None:
         """Add one batch.

@@ -289,7 +289,9 @@ def _on(device: torch.device):
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 16-byte aligned (copy only when it is not)."""
+    """Contiguous, 16-byte aligned, no lazy negation (copy only when it is not)."""
+    if t.is_neg():  # torch._neg_view: the memory holds -t
+        t = t.resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
     if t.data_ptr() % _ALIGN_BYTES:
@@ -465,15 +467,24 @@ def _native_wins(
     return False
 
 
+_IS_NEG = torch.Tensor.is_neg
+
+
+def _plain(lst: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``lst`` when every tensor's memory holds its values in order (contiguous, no lazy
+    negation bit), else copies where needed: what raw-pointer loops may read."""
+    if all(map(_IS_CONTIGUOUS, lst)) and not any(map(_IS_NEG, lst)):
+        return lst
+    return [t.resolve_neg().contiguous() for t in lst]
+
+
 def _interp_native(
     lists: list[list[torch.Tensor]], w: list[float], out_dtype: torch.dtype
 ) -> list[torch.Tensor] | None:
     """C++ weighted sum of CPU tensors into one flat buffer (outputs are views of it);
     ``None`` when a tensor has no plain storage to read (e.g. a tensor subclass)."""
     first = lists[0]
-    lists = [
-        lst if all(map(_IS_CONTIGUOUS, lst)) else [t.contiguous() for t in lst] for lst in lists
-    ]
+    lists = [_plain(lst) for lst in lists]
     try:
         ptrs = [list(map(_PTR, lst)) for lst in lists]
     except RuntimeError:  # "tensor doesn't have storage" (functorch / fake tensors)
@@ -780,8 +791,8 @@ def _perm_native(
 ) -> list[list[torch.Tensor]] | None:
     """C++ permuted lerp of CPU tensors into one ``[M, total]`` buffer (outputs are views);
     ``None`` when a tensor has no plain storage to read."""
-    a_list = [t if t.is_contiguous() else t.contiguous() for t in a_list]
-    b_list = [t if t.is_contiguous() else t.contiguous() for t in b_list]
+    a_list = _plain(a_list)
+    b_list = _plain(b_list)
     try:
         a_ptrs = list(map(_PTR, a_list))
         b_ptrs = list(map(_PTR, b_list))
