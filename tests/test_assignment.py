@@ -226,6 +226,17 @@ def test_torch_dtypes(backend, dtype):
     assert _total(ref_cost, rows, cols) == pytest.approx(_total(ref_cost, *ref), rel=1e-6)
 
 
+def test_lazily_negated_torch_cost_reads_its_values(backend):
+    """A torch._neg_view cost (memory holds -c) is solved as c, not rejected or negated."""
+    gen = torch.Generator().manual_seed(3)
+    c = torch.rand(8, 10, generator=gen, dtype=torch.float64)
+    lazy = torch._neg_view(-c)
+    assert lazy.is_neg()
+    rows, cols = linear_sum_assignment(lazy, backend=backend)
+    ref = scipy_lsa(c.numpy())
+    assert np.array_equal(rows.numpy(), ref[0]) and np.array_equal(cols.numpy(), ref[1])
+
+
 def test_float32_is_passed_as_float32_and_float64_never_downcast(backend, monkeypatch):
     seen: list[np.dtype] = []
     if backend == "native":

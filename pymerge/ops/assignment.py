@@ -116,7 +116,7 @@ def _to_numpy(cost: Array, what: str = "cost matrix") -> tuple[np.ndarray, torch
             raise TypeError(f"{what} must be real, got torch dtype {t.dtype}")
         if t.dtype in (torch.float16, torch.bfloat16):
             t = t.to(torch.float32)
-        return t.cpu().numpy(), device
+        return t.cpu().resolve_neg().numpy(), device
     try:
         arr = np.asarray(cost)
     except (ValueError, TypeError) as exc:  # ragged nesting, odd objects: same error type
@@ -155,7 +155,7 @@ def _out(x: np.ndarray, device: torch.device | None) -> Array:
 
 def _as_int_vector(x: Array, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu().resolve_neg().numpy()
     x = np.asarray(x)
     if x.ndim != 1:
         raise ValueError(f"init: {name} must be 1-D, got shape {x.shape}")
