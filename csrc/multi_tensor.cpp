@@ -326,17 +326,23 @@ PYMERGE_MT_INLINE void weighted_tensor(const Job& j, int64_t t, int64_t lo, int6
     }
 }
 
-// Elements [start, stop) of the concatenation; `first` is the tensor holding `start`
-// and `offset` the concatenation index of its element 0.
+// Elements [start, stop) of the concatenation of the job's tensors, as per-tensor pieces
+// fn(job, t, lo, hi); `first` is the tensor holding `start` and `offset` the concatenation
+// index of its element 0.
+template <class J, class Fn>
+void for_pieces(const J& j, int64_t first, int64_t offset, int64_t start, int64_t stop, Fn fn) {
+    for (int64_t t = first; t < j.T && offset < stop; offset += j.numel[t], ++t) {
+        const int64_t lo = std::max<int64_t>(start - offset, 0);
+        const int64_t hi = std::min<int64_t>(stop - offset, j.numel[t]);
+        if (lo < hi) fn(j, t, lo, hi);
+    }
+}
+
 struct WeightedSum {
     using JobT = Job;
     template <class Isa, class I, class O>
     static void range(const Job& j, int64_t first, int64_t offset, int64_t start, int64_t stop) {
-        for (int64_t t = first; t < j.T && offset < stop; offset += j.numel[t], ++t) {
-            const int64_t lo = std::max<int64_t>(start - offset, 0);
-            const int64_t hi = std::min<int64_t>(stop - offset, j.numel[t]);
-            if (lo < hi) weighted_tensor<Isa, I, O>(j, t, lo, hi);
-        }
+        for_pieces(j, first, offset, start, stop, weighted_tensor<Isa, I, O>);
     }
 };
 
@@ -436,11 +442,7 @@ struct PermutedLerp {
     template <class Isa, class I, class O>
     static void range(const PermJob& j, int64_t first, int64_t offset, int64_t start,
                       int64_t stop) {
-        for (int64_t t = first; t < j.T && offset < stop; offset += j.numel[t], ++t) {
-            const int64_t lo = std::max<int64_t>(start - offset, 0);
-            const int64_t hi = std::min<int64_t>(stop - offset, j.numel[t]);
-            if (lo < hi) permuted_tensor<Isa, I, O>(j, t, lo, hi);
-        }
+        for_pieces(j, first, offset, start, stop, permuted_tensor<Isa, I, O>);
     }
 };
 
