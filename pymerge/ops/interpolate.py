@@ -42,19 +42,26 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from itertools import compress, repeat
-from operator import attrgetter, eq, is_
+from itertools import compress
 from typing import Any
 
 import torch
 
 from pymerge._backend import _requested, choose_kernels, native_multi_tensor
+from pymerge.ops._perm_axes import clear_cache as clear_index_cache
+from pymerge.ops._perm_axes import normalise_axes
 from pymerge.ops._perm_maps import build_maps, matrix_view
+from pymerge.ops._state_lists import (
+    StateDict,
+    as_floats,
+    check_out_dtype,
+    check_states,
+    copies,
+    group,
+)
 
-StateDict = Mapping[str, torch.Tensor]
 IndexLike = torch.Tensor | Sequence[int]
 AxisSpec = Sequence[tuple[int, Any]]
 
@@ -64,150 +71,14 @@ _ALIGN_BYTES = 16
 __all__ = ["interpolate", "permuted_interpolate"]
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- helpers
 
-
-_DTYPE = attrgetter("dtype")
+# unbound methods, mapped over whole lists (no per-call attribute lookup)
 _NUMEL = torch.Tensor.numel
 _DIM = torch.Tensor.dim
 _PTR = torch.Tensor.data_ptr
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_SHAPE = attrgetter("shape")
-_GET_DEVICE = torch.Tensor.get_device  # device index (-1: CPU); much cheaper than .device
-_PLAIN_DICTS = (dict, OrderedDict)  # .values() gives what [] gives (no custom __getitem__)
-
-
-def _values(s: StateDict, keys: list[str]) -> list:
-    """``[s[k] for k in keys]``, via ``values()`` when a plain dict has the same key order."""
-    if type(s) in _PLAIN_DICTS and list(s) == keys:
-        return list(s.values())
-    return [s[k] for k in keys]
-
-
-def _all_tensors(values: list) -> bool:
-    return all(issubclass(tp, torch.Tensor) for tp in set(map(type, values)))
-
-
-def _check_states(
-    states: Sequence[StateDict], names: Sequence[str]
-) -> tuple[list[str], list[list[torch.Tensor]], list[torch.dtype], list[int] | None]:
-    """Same keys, shapes, dtypes and devices in every state dict.
-
-    Returns the keys (order of ``states[0]``), per state its tensors in that order, and the
-    dtype and device index (``get_device()``, -1 for CPU) of each key; the device indices
-    are ``None`` when no accelerator is available (every tensor then has index -1).
-    The common (valid) case is checked with C-level passes over whole lists (one per
-    property and state, no per-key Python code); the slow per-key diagnosis only runs to
-    name the offending key.
-    """
-    if len(states) == 0:
-        raise ValueError("states is empty: need at least one state dict")
-    for s, name in zip(states, names, strict=True):
-        if not isinstance(s, Mapping):
-            raise TypeError(f"{name} must be a mapping of str -> Tensor, got {type(s).__name__}")
-    ref = states[0]
-    keys = list(ref)
-    first = _values(ref, keys)
-    if not _all_tensors(first):
-        _diagnose(states, names, keys)
-    dtypes = list(map(_DTYPE, first))
-    if any(d.is_complex for d in set(dtypes)):
-        _diagnose(states, names, keys)
-    # without an accelerator every tensor is on the CPU (or the meta device, which has no
-    # index either): comparing device indices would compare lists of -1
-    devices = list(map(_GET_DEVICE, first)) if torch.accelerator.is_available() else None
-    shapes = list(map(_SHAPE, first))
-    lists = [first]
-    for s in states[1:]:
-        if len(s) != len(keys):
-            _diagnose(states, names, keys)
-        try:
-            lst = _values(s, keys)
-            # a non-tensor fails here (no such attribute, or a dtype that is not torch's)
-            same = (
-                list(map(_DTYPE, lst)) == dtypes
-                and list(map(_SHAPE, lst)) == shapes
-                and (devices is None or list(map(_GET_DEVICE, lst)) == devices)
-            )
-        except (KeyError, AttributeError, TypeError):
-            same = False
-        if not same:
-            _diagnose(states, names, keys)
-        lists.append(lst)
-    return keys, lists, dtypes, devices
-
-
-def _diagnose(states: Sequence[StateDict], names: Sequence[str], keys: list[str]) -> None:
-    """Raise the error naming the first offending key (called once a check failed)."""
-    ref = states[0]
-    for k in keys:
-        if not isinstance(ref[k], torch.Tensor):
-            raise TypeError(f"{names[0]}[{k!r}] is a {type(ref[k]).__name__}, not a Tensor")
-        if ref[k].is_complex():
-            raise TypeError(f"{names[0]}[{k!r}] has complex dtype {ref[k].dtype}; not supported")
-    key_set = set(keys)
-    for s, name in zip(states[1:], names[1:], strict=True):
-        if set(s.keys()) != key_set:
-            missing = [k for k in keys if k not in s]
-            extra = [k for k in s if k not in key_set]
-            parts = []
-            if missing:
-                parts.append(f"missing key(s) {missing[:5]}")
-            if extra:
-                parts.append(f"extra key(s) {extra[:5]}")
-            raise ValueError(f"{name} does not match {names[0]}: " + ", ".join(parts))
-        for k in keys:
-            t, r = s[k], ref[k]
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name}[{k!r}] is a {type(t).__name__}, not a Tensor")
-            if t.shape != r.shape:
-                raise ValueError(
-                    f"shape mismatch for key {k!r}: {names[0]} has {tuple(r.shape)}, "
-                    f"{name} has {tuple(t.shape)}"
-                )
-            if t.dtype != r.dtype:
-                raise ValueError(
-                    f"dtype mismatch for key {k!r}: {names[0]} has {r.dtype}, {name} has {t.dtype}"
-                )
-            if t.device != r.device:
-                raise ValueError(
-                    f"device mismatch for key {k!r}: {names[0]} on {r.device}, {name} on {t.device}"
-                )
-    raise AssertionError("state dicts failed a check but no offending key was found")
-
-
-def _as_floats(values: Any, what: str) -> list[float]:
-    if isinstance(values, torch.Tensor):
-        if values.dim() > 1:
-            raise ValueError(f"{what} must be 1-D, got shape {tuple(values.shape)}")
-        if values.is_complex():
-            raise TypeError(f"{what} must be real, got {values.dtype}")
-        return [float(v) for v in values.detach().reshape(-1).cpu().double().tolist()]
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        try:
-            values = list(values)
-        except TypeError:
-            raise TypeError(
-                f"{what} must be a sequence of floats, got {type(values).__name__}"
-            ) from None
-    out = []
-    for i, v in enumerate(values):
-        try:
-            out.append(float(v))
-        except (TypeError, ValueError):
-            raise TypeError(f"{what}[{i}] = {v!r} is not a number") from None
-    return out
-
-
-def _check_out_dtype(out_dtype: torch.dtype | None) -> None:
-    if out_dtype is not None and (
-        not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point
-    ):
-        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -218,8 +89,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 _CACHE_SIZE = 4096
 # (device, values) -> fp32 device tensor: repeated calls with the same weights/alphas
 _FLOATS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-# id(index) -> (weakref, version, axis size, validated int64 CPU copy)
-_INDEX: OrderedDict[int, tuple[Any, int, int, torch.Tensor]] = OrderedDict()
 # (shape, ((axis, id(cpu index)), ...)) -> (cpu indices kept alive, (rowmap, colmap), runs,
 # native plan)
 _MAPS: OrderedDict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
@@ -260,7 +129,7 @@ def _put_map(key: tuple, value: tuple) -> None:
 def clear_caches() -> None:
     """Forget cached weights, validated indices and gather maps (and the kernels' tables)."""
     _FLOATS.clear()
-    _INDEX.clear()
+    clear_index_cache()
     _MAPS.clear()
     global _map_total
     _map_total = 0
@@ -307,49 +176,6 @@ def _flat_layout(numels: Sequence[int], dtype: torch.dtype) -> tuple[list[int], 
         offsets.append(total)
         total += -(-n // step) * step
     return offsets, -(-total // 16) * 16  # row stride of [M, total] divisible by 16
-
-
-Mask = list[bool]
-
-
-def _group(
-    dtypes: Sequence[torch.dtype],
-    devices: Sequence[int] | None,
-    tensors: Sequence[torch.Tensor],
-    out_dtype,
-) -> tuple[list[tuple[tuple, Mask | None]], list[Mask]]:
-    """Floating tensors grouped by (device, dtype, output dtype), each group as a mask over
-    the keys (``None`` when it holds every tensor: the common case of one dtype on one
-    device), and masks of the non-floating tensors. ``devices=None``: all on one device."""
-    dtype_set, device_set = set(dtypes), {-1} if devices is None else set(devices)
-    if len(dtype_set) == 1 and len(device_set) == 1:
-        (dt,) = dtype_set
-        if dt.is_floating_point:
-            return [((tensors[0].device, dt, out_dtype or dt), None)], []
-        return [], [[True] * len(tensors)]
-    if len(device_set) == 1:  # one device: group by dtype alone (identity: dtypes are unique)
-        masks = {dt: list(map(is_, dtypes, repeat(dt))) for dt in dict.fromkeys(dtypes)}
-    else:
-        pairs = list(zip(devices, dtypes, strict=True))
-        masks = {p: list(map(eq, pairs, repeat(p))) for p in dict.fromkeys(pairs)}
-    groups, others = [], []
-    for key, mask in masks.items():
-        dt = key if isinstance(key, torch.dtype) else key[1]
-        if dt.is_floating_point:
-            device = tensors[mask.index(True)].device
-            groups.append(((device, dt, out_dtype or dt), mask))
-        else:
-            others.append(mask)
-    return groups, others
-
-
-def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Clones of non-floating tensors: ``maximum(t, t)`` is an exact copy, and one foreach
-    call is cheaper than a ``clone`` per tensor; ``clone`` where torch has no maximum."""
-    try:
-        return list(torch._foreach_maximum(tensors, tensors))
-    except (RuntimeError, NotImplementedError, TypeError):
-        return [t.clone() for t in tensors]
 
 
 # ----------------------------------------------------------------------------- interpolate
@@ -552,16 +378,16 @@ def interpolate(
         raise TypeError("states must be a sequence of state dicts, not a single state dict")
     states = list(states)
     names = [f"states[{i}]" for i in range(len(states))]
-    keys, lists_all, dtypes, devices = _check_states(states, names)
-    w = _as_floats(weights, "weights")
+    keys, lists_all, dtypes, devices = check_states(states, names)
+    w = as_floats(weights, "weights")
     if len(w) != len(states):
         raise ValueError(f"got {len(w)} weights for {len(states)} state dicts")
-    _check_out_dtype(out_dtype)
+    check_out_dtype(out_dtype)
     first = lists_all[0]
-    groups, others = _group(dtypes, devices, first, out_dtype)
+    groups, others = group(dtypes, devices, first, out_dtype)
     out = dict.fromkeys(keys)  # key order of states[0]; every value is replaced below
     for mask in others:
-        out.update(zip(compress(keys, mask), _copies(list(compress(first, mask))), strict=True))
+        out.update(zip(compress(keys, mask), copies(list(compress(first, mask))), strict=True))
     for (device, in_dtype, od), mask in groups:
         if mask is None:
             lists, group_keys = lists_all, keys
@@ -585,132 +411,6 @@ def interpolate(
 
 
 # ----------------------------------------------------------------------------- permuted
-
-
-def _normalise_axes(
-    spec_axes: Mapping[str, Any],
-    perm: Mapping[str, Any] | None,
-    state: StateDict,
-) -> dict[str, list[tuple[int, torch.Tensor]]]:
-    """Validated ``key -> [(axis, int64 CPU index)]`` (indices checked to be permutations)."""
-    if not isinstance(spec_axes, Mapping):
-        raise TypeError(
-            "spec_axes must be a mapping param -> ((axis, index), ...) or a PermutationSpec, "
-            f"got {type(spec_axes).__name__}"
-        )
-    raw: dict[str, list[tuple[int, Any, str]]] = {}
-    for key, entries in spec_axes.items():
-        if key not in state:
-            raise ValueError(f"spec_axes names key {key!r}, which is not in the state dicts")
-        t = state[key]
-        if not t.is_floating_point():
-            raise TypeError(f"spec_axes permutes {key!r}, whose dtype {t.dtype} is not floating")
-        if (
-            isinstance(entries, tuple)
-            and len(entries) == 2
-            and isinstance(entries[0], int)
-            and not isinstance(entries[1], int)
-        ):
-            entries = (entries,)  # a single (axis, index) pair
-        lst = []
-        for entry in entries:
-            try:
-                axis, idx = entry
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"spec_axes[{key!r}] entries must be (axis, index) pairs, got {entry!r}"
-                ) from None
-            if not isinstance(axis, int) or isinstance(axis, bool):
-                raise TypeError(f"spec_axes[{key!r}]: axis {axis!r} is not an int")
-            nd = t.dim()
-            if not -nd <= axis < nd:
-                raise ValueError(
-                    f"spec_axes[{key!r}]: axis {axis} out of range for shape {tuple(t.shape)}"
-                )
-            axis %= nd
-            label: Any = (key, axis, None)  # formatted only for an error message
-            if perm is not None:
-                if not isinstance(idx, str):
-                    raise TypeError(
-                        f"spec_axes[{key!r}]: with perm given, entries are (axis, group name); "
-                        f"got {type(idx).__name__}"
-                    )
-                if idx not in perm:
-                    raise ValueError(f"{_label(label)}: group {idx!r} is not in perm")
-                label = (key, axis, idx)
-                idx = perm[idx]
-            lst.append((axis, idx, label))
-        raw[key] = lst
-    # validate each distinct index object once (a group's index serves many params)
-    checked: dict[tuple[int, int], torch.Tensor] = {}
-    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for key, lst in raw.items():
-        t = state[key]
-        res = []
-        for axis, idx, label in lst:
-            n = t.shape[axis]
-            ck = (id(idx), n)
-            if ck not in checked:
-                checked[ck] = _check_index(idx, n, label)
-            res.append((axis, checked[ck]))
-        if res:
-            out[key] = res
-    return out
-
-
-def _label(label: Any) -> str:
-    if isinstance(label, str):
-        return label
-    key, axis, group = label
-    return f"key {key!r} axis {axis}" + (f" (group {group!r})" if group is not None else "")
-
-
-def _check_index(idx: Any, n: int, label: Any) -> torch.Tensor:
-    """Validated int64 CPU copy of ``idx`` (a permutation of ``range(n)``).
-
-    Cached per live index tensor and its version counter: a repeated call with the same
-    indices neither re-validates nor copies them off the GPU again (no sync)."""
-    version = None
-    if isinstance(idx, torch.Tensor):
-        try:
-            version = idx._version
-        except RuntimeError:  # inference tensors have no version counter
-            version = None
-    if version is not None:
-        hit = _INDEX.get(id(idx))
-        if hit is not None and hit[0]() is idx and hit[1] == version and hit[2] == n:
-            _INDEX.move_to_end(id(idx))
-            return hit[3]
-    cpu = _validate_index(idx, n, label)
-    if version is not None:
-        _lru_put(_INDEX, id(idx), (weakref.ref(idx), version, n, cpu))
-    return cpu
-
-
-def _validate_index(idx: Any, n: int, label: Any) -> torch.Tensor:
-    label = _label(label)
-    if not isinstance(idx, torch.Tensor):
-        try:
-            idx = torch.as_tensor(idx)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{label}: index is not a tensor or sequence of ints") from None
-    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-        raise TypeError(f"{label}: index dtype {idx.dtype} is not an integer dtype")
-    if idx.dim() != 1:
-        raise ValueError(f"{label}: index must be 1-D, got shape {tuple(idx.shape)}")
-    if idx.numel() != n:
-        raise ValueError(f"{label}: index has length {idx.numel()}, the axis has size {n}")
-    cpu = idx.detach().to("cpu", torch.int64, copy=True)
-    if n:
-        lo, hi = int(cpu.min()), int(cpu.max())
-        if lo < 0 or hi >= n:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{label}: index value {bad} out of range [0, {n})")
-        counts = torch.bincount(cpu, minlength=n)
-        if bool((counts != 1).any()):
-            dup = int(torch.nonzero(counts > 1)[0])
-            raise ValueError(f"{label}: index is not a permutation (value {dup} repeated)")
-    return cpu
 
 
 def _perm_torch(
@@ -911,21 +611,21 @@ def permuted_interpolate(
 
         spec_axes = permutation_index_map(spec_axes, perm, state_b)
         perm = None
-    keys, (la, lb), dtypes, devices = _check_states([state_a, state_b], ["state_a", "state_b"])
+    keys, (la, lb), dtypes, devices = check_states([state_a, state_b], ["state_a", "state_b"])
     many = not isinstance(alpha, (int, float)) and not (
         isinstance(alpha, torch.Tensor) and alpha.dim() == 0
     )
     if many:
-        alphas = _as_floats(alpha, "alpha")
+        alphas = as_floats(alpha, "alpha")
         if not alphas:
             raise ValueError("alpha is an empty sequence")
     else:
         alphas = [float(alpha)]
-    _check_out_dtype(out_dtype)
-    axes = _normalise_axes(spec_axes, perm, state_a)
+    check_out_dtype(out_dtype)
+    axes = normalise_axes(spec_axes, perm, state_a)
     M = len(alphas)
     outs: list[list[torch.Tensor | None]] = [[None] * len(keys) for _ in range(M)]
-    groups, _ = _group(dtypes, devices, la, out_dtype)
+    groups, _ = group(dtypes, devices, la, out_dtype)
     for (device, in_dtype, od), mask in groups:
         idx = range(len(keys)) if mask is None else list(compress(range(len(keys)), mask))
         a_list = [la[i] for i in idx]
