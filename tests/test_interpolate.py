@@ -862,3 +862,20 @@ def test_lazily_negated_inputs_read_as_their_values(backend):
     out = permuted_interpolate(lazy[0], lazy[1], [0.3], perm, backend=backend)[0]
     ref = permuted_interpolate(plain[0], plain[1], [0.3], perm, backend=backend)[0]
     assert torch.equal(out["w"], ref["w"])
+
+
+def test_auto_without_the_cpp_loops_uses_torch(monkeypatch):
+    """A build without pymerge._multi_tensor: auto falls back to torch for every dtype
+    (float16 included, whose cost model asks which loop set the module picked)."""
+    monkeypatch.delenv("PYMERGE_BACKEND", raising=False)
+    monkeypatch.setattr(front, "native_multi_tensor", lambda: None)
+    g = _gen(42)
+    for dt in (F16, BF16, F32):
+        states = [{"w": torch.randn(5, 7, generator=g).to(dt)} for _ in range(3)]
+        out = interpolate(states, [0.2, -0.7, 1.3])
+        ref = interpolate(states, [0.2, -0.7, 1.3], backend="torch")
+        assert torch.equal(out["w"], ref["w"]), dt
+        perm = {"w": ((1, torch.randperm(7, generator=g)),)}
+        out = permuted_interpolate(states[0], states[1], 0.3, perm)
+        ref = permuted_interpolate(states[0], states[1], 0.3, perm, backend="torch")
+        assert torch.equal(out["w"], ref["w"]), dt

@@ -257,10 +257,11 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
 
 def _native_dtypes_fast(in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """False for float16 without the AVX2/F16C loops: the portable binary16 conversion is
-    integer code, ~20x slower than torch's."""
-    if torch.float16 not in (in_dtype, out_dtype):
-        return True
-    return native_multi_tensor().__simd__ != "scalar"
+    integer code, ~20x slower than torch's (and False when the loops are not built)."""
+    mt = native_multi_tensor()
+    if mt is None:
+        return False
+    return torch.float16 not in (in_dtype, out_dtype) or mt.__simd__ != "scalar"
 
 
 # Two torch ops per tensor (task arithmetic with K = 3) cost less than the C++ path's fixed
