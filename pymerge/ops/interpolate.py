@@ -43,7 +43,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from itertools import compress
 from typing import Any
 
@@ -294,6 +295,32 @@ def _native_wins(
     return False
 
 
+def _permuted_native_wins(
+    in_dtype: torch.dtype, out_dtype: torch.dtype, tensors: list[torch.Tensor]
+) -> bool:
+    """Auto's choice for ``permuted_interpolate``: the C++ loops whenever their dtypes are
+    fast (they read A and B once for all alphas and gather while reading; no torch path
+    makes fewer passes)."""
+    return _native_dtypes_fast(in_dtype, out_dtype)
+
+
+def _choose(
+    backend: str | None,
+    in_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    tensors: list[torch.Tensor],
+    native_wins: Callable[[torch.dtype, torch.dtype, list[torch.Tensor]], bool],
+) -> str:
+    """Backend for one dtype group: torch for dtypes the fast paths do not handle; else
+    ``choose_kernels``, offering the C++ loops when forced or when auto's cost model
+    (``native_wins(in_dtype, out_dtype, tensors)``, only evaluated then) expects a win."""
+    if in_dtype not in _KERNEL_DTYPES or out_dtype not in _KERNEL_DTYPES:
+        return "torch"
+    req = _requested(backend)
+    native = req == "native" or (req == "auto" and native_wins(in_dtype, out_dtype, tensors))
+    return choose_kernels(backend, *tensors, native=native)
+
+
 _IS_NEG = torch.Tensor.is_neg
 
 
@@ -303,6 +330,20 @@ def _plain(lst: list[torch.Tensor]) -> list[torch.Tensor]:
     if all(map(_IS_CONTIGUOUS, lst)) and not any(map(_IS_NEG, lst)):
         return lst
     return [t.resolve_neg().contiguous() for t in lst]
+
+
+def _views_like(flat: torch.Tensor, numels: list[int], like: list[torch.Tensor]) -> list:
+    """Consecutive parts of the 1-D ``flat`` shaped as ``like`` (``view_as`` parses no size
+    argument: ~3x cheaper than ``view(t.shape)``; 1-D parts need no view at all)."""
+    return [
+        part if nd == 1 else part.view_as(t)
+        for part, nd, t in zip(flat.split(numels), map(_DIM, like), like, strict=True)
+    ]
+
+
+def _by_alpha(per_key: list, M: int) -> list[list[torch.Tensor]]:
+    """``per_key[t][m]`` (M views per key) regrouped as one list of tensors per alpha."""
+    return [list(col) for col in zip(*per_key, strict=True)] if per_key else [[] for _ in range(M)]
 
 
 def _interp_native(
@@ -327,11 +368,7 @@ def _interp_native(
         _DTYPE_NAMES[out_dtype],
         torch.get_num_threads(),
     )
-    # view_as(t) parses no size argument: ~3x cheaper than view(t.shape)
-    return [
-        part if nd == 1 else part.view_as(t)
-        for part, nd, t in zip(out.split(numels), map(_DIM, first), first, strict=True)
-    ]
+    return _views_like(out, numels, first)
 
 
 def _interp_triton(
@@ -395,11 +432,7 @@ def interpolate(
         else:
             lists = [list(compress(lst, mask)) for lst in lists_all]
             group_keys = compress(keys, mask)
-        use = "torch"
-        if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
-            req = _requested(backend)
-            native = req == "native" or (req == "auto" and _native_wins(w, in_dtype, od, lists[0]))
-            use = choose_kernels(backend, *lists[0], native=native)
+        use = _choose(backend, in_dtype, od, lists[0], partial(_native_wins, w))
         res = None
         if use == "triton":
             res = _interp_triton(lists, w, od, device)
@@ -436,14 +469,10 @@ def _perm_torch(
     return res
 
 
-def _gather_maps(shape: torch.Size, axes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached ``build_maps(shape, axes)`` (the entry keeps the indices alive, so their ids
-    stay unique while it lives)."""
-    return _gather_entry(shape, axes)[1]
-
-
 def _gather_entry(shape: torch.Size, axes) -> tuple:
-    """Cached ``(indices, (rowmap, colmap), column runs or None, native plan)``; the plan is
+    """Cached ``(indices, (rowmap, colmap), column runs or None, native plan)`` for
+    ``b.index_select(ax, idx)...`` (``build_maps``; the entry keeps the indices alive, so
+    their ids stay unique while it lives); the plan is
     what ``_multi_tensor.permuted_lerp`` takes for the tensor: ``(R, C, rowmap address,
     colmap address, runs address, number of runs)`` with 0 for an identity map / no runs."""
     mk = (tuple(shape), tuple((ax, id(i)) for ax, i in axes))
@@ -528,20 +557,14 @@ def _perm_native(
         torch.get_num_threads(),
     )
     del keep  # the maps only had to outlive the call
-    if M == 1:  # 1-D parts of one row, reshaped with view_as (no size parsing)
-        dims = map(_DIM, a_list)
-        return [
-            [
-                part if nd == 1 else part.view_as(a)
-                for part, nd, a in zip(out[0].split(numels), dims, a_list, strict=True)
-            ]
-        ]
+    if M == 1:
+        return [_views_like(out[0], numels, a_list)]
     # one split and one unbind per key (M views each), not M * T slices
     per_key = [
         part.view(M, *a.shape).unbind(0)
         for part, a in zip(out.split(numels, dim=1), a_list, strict=True)
     ]
-    return [list(col) for col in zip(*per_key, strict=True)] if per_key else [[] for _ in range(M)]
+    return _by_alpha(per_key, M)
 
 
 def _perm_triton(
@@ -551,7 +574,7 @@ def _perm_triton(
 
     a_list = [_kernel_ready(t) for t in a_list]
     b_list = [_kernel_ready(t) for t in b_list]
-    maps = [_gather_maps(a.shape, axes) for a, axes in zip(a_list, axes_list, strict=True)]
+    maps = [_gather_entry(a.shape, axes)[1] for a, axes in zip(a_list, axes_list, strict=True)]
     numels = [t.numel() for t in a_list]
     offsets, total = _flat_layout(numels, out_dtype)
     M = len(alphas)
@@ -564,7 +587,7 @@ def _perm_triton(
         out[:, o : o + n].view(M, *a.shape).unbind(0)
         for o, n, a in zip(offsets, numels, a_list, strict=True)
     ]
-    return [list(col) for col in zip(*per_key, strict=True)] if per_key else [[] for _ in range(M)]
+    return _by_alpha(per_key, M)
 
 
 @torch.no_grad()
@@ -594,7 +617,8 @@ def permuted_interpolate(
             ``pymerge.spec.PermutationSpec`` (with ``perm``) is turned into the plain
             mapping by ``pymerge.spec.permutation_index_map``.
         perm: group name -> index tensor, see ``spec_axes``.
-        backend: ``None``/``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``None``/``"auto"``, ``"torch"``, ``"native"`` (CPU tensors) or
+            ``"triton"`` (see ``pymerge._backend``).
         out_dtype: dtype of the floating outputs (default: each tensor's dtype).
     Returns:
         A state dict for a float ``alpha``; a list of state dicts (one per alpha) for a
@@ -632,11 +656,7 @@ def permuted_interpolate(
         a_list = [la[i] for i in idx]
         b_list = [lb[i] for i in idx]
         axes_list = [axes.get(keys[i], ()) for i in idx]
-        use = "torch"
-        if in_dtype in _KERNEL_DTYPES and od in _KERNEL_DTYPES:
-            req = _requested(backend)
-            native = req == "native" or (req == "auto" and _native_dtypes_fast(in_dtype, od))
-            use = choose_kernels(backend, *a_list, native=native)
+        use = _choose(backend, in_dtype, od, a_list, _permuted_native_wins)
         res = None
         if use == "triton":
             res = _perm_triton(a_list, b_list, axes_list, alphas, od, device)
