@@ -147,41 +147,31 @@ struct Job {
 constexpr int kDirect = 4;        // up to this many inputs: one loop, no accumulator array
 constexpr int64_t kBlock = 1024;  // more inputs: fp32 accumulators kept in L1 (multiple of 8)
 
-template <class I, class O, int K>
-PYMERGE_MT_INLINE void direct_scalar(const typename I::S* const* x, const float* w,
-                                     typename O::S* out, int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-        float acc = 0.0f + w[0] * I::load(x[0][i]);
-        for (int k = 1; k < K; ++k) acc += w[k] * I::load(x[k][i]);
-        out[i] = O::store(acc);
-    }
-}
-
-// K > kDirect: acc[] = 0 + w0*x0, acc[] += w_k*x_k, out = rnd(acc[] + w_last*x_last)
-template <class I, class O>
-PYMERGE_MT_INLINE void blocked_scalar(const typename I::S* const* x, const float* w, int K,
-                                      typename O::S* out, int64_t lo, int64_t hi) {
-    float acc[kBlock];
-    for (int64_t s = lo; s < hi; s += kBlock) {
-        const int64_t m = std::min(kBlock, hi - s);
-        for (int64_t i = 0; i < m; ++i) acc[i] = 0.0f + w[0] * I::load(x[0][s + i]);
-        for (int k = 1; k + 1 < K; ++k)
-            for (int64_t i = 0; i < m; ++i) acc[i] += w[k] * I::load(x[k][s + i]);
-        for (int64_t i = 0; i < m; ++i)
-            out[s + i] = O::store(acc[i] + w[K - 1] * I::load(x[K - 1][s + i]));
-    }
-}
-
+// The portable loops; the AVX2 ones finish their tails with these.
 struct Scalar {
+    // K <= kDirect inputs: one loop, one accumulator per element
     template <class I, class O, int K>
     static PYMERGE_MT_INLINE void direct(const typename I::S* const* x, const float* w,
                                          typename O::S* out, int64_t lo, int64_t hi) {
-        direct_scalar<I, O, K>(x, w, out, lo, hi);
+        for (int64_t i = lo; i < hi; ++i) {
+            float acc = 0.0f + w[0] * I::load(x[0][i]);
+            for (int k = 1; k < K; ++k) acc += w[k] * I::load(x[k][i]);
+            out[i] = O::store(acc);
+        }
     }
+    // K > kDirect: acc[] = 0 + w0*x0, acc[] += w_k*x_k, out = rnd(acc[] + w_last*x_last)
     template <class I, class O>
     static PYMERGE_MT_INLINE void blocked(const typename I::S* const* x, const float* w, int K,
                                           typename O::S* out, int64_t lo, int64_t hi) {
-        blocked_scalar<I, O>(x, w, K, out, lo, hi);
+        float acc[kBlock];
+        for (int64_t s = lo; s < hi; s += kBlock) {
+            const int64_t m = std::min(kBlock, hi - s);
+            for (int64_t i = 0; i < m; ++i) acc[i] = 0.0f + w[0] * I::load(x[0][s + i]);
+            for (int k = 1; k + 1 < K; ++k)
+                for (int64_t i = 0; i < m; ++i) acc[i] += w[k] * I::load(x[k][s + i]);
+            for (int64_t i = 0; i < m; ++i)
+                out[s + i] = O::store(acc[i] + w[K - 1] * I::load(x[K - 1][s + i]));
+        }
     }
     // dst[i] = fp32(src[i])
     template <class I>
@@ -253,7 +243,7 @@ struct Avx2 {
                 acc = _mm256_add_ps(acc, _mm256_mul_ps(wv[k], Vec8<I>::load(x[k] + i)));
             Vec8<O>::store(out + i, acc);
         }
-        direct_scalar<I, O, K>(x, w, out, i, hi);
+        Scalar::direct<I, O, K>(x, w, out, i, hi);
     }
     template <class I, class O>
     static PYMERGE_MT_AVX2 inline void blocked(const typename I::S* const* x, const float* w,
@@ -279,7 +269,7 @@ struct Avx2 {
                                _mm256_add_ps(_mm256_load_ps(acc + i),
                                              _mm256_mul_ps(wl, Vec8<I>::load(x[K - 1] + s + i))));
         }
-        blocked_scalar<I, O>(x, w, K, out, s, hi);  // the last partial block
+        Scalar::blocked<I, O>(x, w, K, out, s, hi);  // the last partial block
     }
     template <class I>
     static PYMERGE_MT_AVX2 inline void widen(const typename I::S* src, float* dst, int64_t n) {
