@@ -219,29 +219,23 @@ def test_simd_paths_identical():
                     np.testing.assert_array_equal(x, y)  # bit-identical duals too
 
 
-def test_simd_env_override():
-    code = "import pymerge._lap as l; print(l.__simd__)"
-    for want in SIMD:
-        env = {**os.environ, "PYMERGE_LAP_SIMD": want}
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=_HERE,
-        )
-        assert out.stdout.strip() == want
-    env = {**os.environ, "PYMERGE_LAP_SIMD": "bogus"}
+def _simd_picked_with_env(value: str) -> str:
+    """``pymerge._lap.__simd__`` in a fresh interpreter with ``PYMERGE_LAP_SIMD=value``."""
     out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
+        [sys.executable, "-c", "import pymerge._lap as l; print(l.__simd__)"],
+        env={**os.environ, "PYMERGE_LAP_SIMD": value},
         capture_output=True,
         text=True,
         check=True,
         cwd=_HERE,
     )
-    assert out.stdout.strip() == SIMD[-1]  # unknown value: the best supported path
+    return out.stdout.strip()
+
+
+def test_simd_env_override():
+    for want in SIMD:
+        assert _simd_picked_with_env(want) == want
+    assert _simd_picked_with_env("bogus") == SIMD[-1]  # unknown value: the best supported path
 
 
 def test_set_simd_rejects_unknown():
