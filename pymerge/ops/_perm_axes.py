@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pymerge.ops._lru import lru_put
 from pymerge.ops._state_lists import StateDict
 
 _INDEX_CACHE_SIZE = 4096
@@ -20,13 +21,6 @@ _INDEX: OrderedDict[int, tuple[Any, int, int, torch.Tensor]] = OrderedDict()
 def clear_cache() -> None:
     """Forget validated indices."""
     _INDEX.clear()
-
-
-def _remember(key: int, value: tuple) -> None:
-    _INDEX[key] = value
-    _INDEX.move_to_end(key)
-    while len(_INDEX) > _INDEX_CACHE_SIZE:
-        _INDEX.popitem(last=False)
 
 
 def normalise_axes(
@@ -125,7 +119,7 @@ def _check_index(idx: Any, n: int, label: Any) -> torch.Tensor:
             return hit[3]
     cpu = _validate_index(idx, n, label)
     if version is not None:
-        _remember(id(idx), (weakref.ref(idx), version, n, cpu))
+        lru_put(_INDEX, id(idx), (weakref.ref(idx), version, n, cpu), _INDEX_CACHE_SIZE)
     return cpu
 
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from pymerge._backend import _requested, choose_kernels, native_multi_tensor
+from pymerge.ops._lru import lru_get, lru_put
 from pymerge.ops._perm_axes import clear_cache as clear_index_cache
 from pymerge.ops._perm_axes import normalise_axes
 from pymerge.ops._perm_maps import build_maps, matrix_view
@@ -87,26 +88,11 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_CACHE_SIZE = 4096
 # (device, values) -> fp32 device tensor: repeated calls with the same weights/alphas
 _FLOATS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 # (shape, ((axis, id(cpu index)), ...)) -> (cpu indices kept alive, (rowmap, colmap), runs,
 # native plan)
 _MAPS: OrderedDict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-
-
-def _lru_get(cache: OrderedDict, key: Any) -> Any:
-    hit = cache.get(key)
-    if hit is not None:
-        cache.move_to_end(key)
-    return hit
-
-
-def _lru_put(cache: OrderedDict, key: Any, value: Any, size: int = _CACHE_SIZE) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > size:
-        cache.popitem(last=False)
 
 
 _MAP_BUDGET = 1 << 25  # cached map entries (int64) kept at most: 256 MiB
@@ -143,13 +129,13 @@ def _device_floats(values: Sequence[float], device: torch.device) -> torch.Tenso
     """fp32 tensor of ``values`` on ``device``; cached, and copied asynchronously from pinned
     memory on CUDA (a pageable host-to-device copy would wait for the stream)."""
     key = (device, tuple(values))
-    hit = _lru_get(_FLOATS, key)
+    hit = lru_get(_FLOATS, key)
     if hit is None:
         host = torch.tensor(values, dtype=torch.float32)
         if device.type == "cuda":
             host = host.pin_memory()
         hit = host.to(device, non_blocking=True)
-        _lru_put(_FLOATS, key, hit, 64)
+        lru_put(_FLOATS, key, hit, 64)
     return hit
 
 
@@ -476,7 +462,7 @@ def _gather_entry(shape: torch.Size, axes) -> tuple:
     what ``_multi_tensor.permuted_lerp`` takes for the tensor: ``(R, C, rowmap address,
     colmap address, runs address, number of runs)`` with 0 for an identity map / no runs."""
     mk = (tuple(shape), tuple((ax, id(i)) for ax, i in axes))
-    hit = _lru_get(_MAPS, mk)
+    hit = lru_get(_MAPS, mk)
     if hit is None:
         rmap, cmap = build_maps(shape, axes)
         runs = _column_runs(cmap)
