@@ -42,22 +42,23 @@ def _requested(backend: str | None) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
+def _compiled(name: str):
+    """The compiled module ``pymerge.<name>``, or ``None`` when it is not built."""
+    try:
+        return importlib.import_module(f"pymerge.{name}")
+    except ImportError:
+        return None
+
+
 def native_lap():
     """The compiled assignment module, or ``None`` when it is not built."""
-    try:
-        return importlib.import_module("pymerge._lap")
-    except ImportError:
-        return None
+    return _compiled("_lap")
 
 
-@functools.lru_cache(maxsize=1)
 def native_multi_tensor():
     """The compiled multi-tensor CPU loops, or ``None`` when they are not built."""
-    try:
-        return importlib.import_module("pymerge._multi_tensor")
-    except ImportError:
-        return None
+    return _compiled("_multi_tensor")
 
 
 @functools.lru_cache(maxsize=1)
