@@ -5,8 +5,8 @@
 
 Cases (random weights, two independently initialised models per case):
 
-* ``mlp512``: :class:`pymerge.models.MLP` 40 -> 512 -> 512 -> 512 -> 10 (the MNIST-1D model).
-* ``resnet20x4``: :class:`pymerge.models.ResNet20` with ``width_multiplier=4`` (widths
+* ``mlp512``: :class:`pymerge.testing.models.MLP` 40 -> 512 -> 512 -> 512 -> 10 (the MNIST-1D model).
+* ``resnet20x4``: :class:`pymerge.testing.models.ResNet20` with ``width_multiplier=4`` (widths
   64/128/256); BatchNorm affine parameters are randomised too (otherwise every BN weight is
   1 in both models and that constant dominates the objective).
 
@@ -38,7 +38,7 @@ CASES = ("mlp512", "resnet20x4")
 
 def make_case(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """Two models of the case (seeds 0 and 1) and an example input."""
-    from pymerge.models import MLP, ResNet20
+    from pymerge.testing.models import MLP, ResNet20
 
     models = []
     for seed in (0, 1):

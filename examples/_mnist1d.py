@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 
 def make_model(width: int = 512, depth: int = 3) -> nn.Module:
-    """:class:`pymerge.models.MLP` for MNIST-1D: 40 inputs, ``depth`` hidden ReLU layers of
+    """:class:`pymerge.testing.models.MLP` for MNIST-1D: 40 inputs, ``depth`` hidden ReLU layers of
     ``width`` units, 10 classes (its permutation spec: ``model.spec()``)."""
-    from pymerge.models import MLP
+    from pymerge.testing.models import MLP
 
     return MLP(40, (width,) * depth, 10)
 

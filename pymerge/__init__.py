@@ -64,7 +64,7 @@ _EXPORTS: dict[str, str] = {
     "error_barrier": "pymerge.landscape",
 }
 
-_SUBMODULES = ("ops", "spec", "align", "kernels", "landscape", "models", "cli")
+_SUBMODULES = ("ops", "spec", "align", "kernels", "landscape", "testing", "cli")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

@@ -403,7 +403,7 @@ def test_errors():
 
 
 def _model_cases():
-    from pymerge import models as M
+    from pymerge.testing import models as M
 
     return {
         "MLP": (lambda: M.MLP(8, (12, 12), 3, act="gelu"), (100, 8)),  # no dead units

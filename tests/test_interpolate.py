@@ -595,7 +595,7 @@ def test_permutation_spec_goes_through_index_map(monkeypatch):
 
 
 def _spec_models():
-    from pymerge.models import CNN, TinyGPT
+    from pymerge.testing.models import CNN, TinyGPT
 
     torch.manual_seed(0)
     yield TinyGPT(vocab=11, d_model=8, n_heads=2, n_layers=1, max_len=5, mlp_ratio=2)

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from pymerge.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
+from pymerge.testing.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
 from pymerge.spec import (
     apply_permutation,
     identity_permutation,

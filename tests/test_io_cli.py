@@ -8,7 +8,7 @@ import torch
 import pymerge
 from pymerge.cli import main
 from pymerge.io import load_permutation, load_state_dict, save_permutation, save_state_dict
-from pymerge.models import MLP
+from pymerge.testing.models import MLP
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymerge.models import CNN, MLP, TinyGPT
+from pymerge.testing.models import CNN, MLP, TinyGPT
 from pymerge.spec import (
     ActivationPoint,
     AxisRef,

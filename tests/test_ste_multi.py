@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pymerge.align import align_to_anchor, average_aligned, merge_many, ste_matching
-from pymerge.models import MLP
+from pymerge.testing.models import MLP
 from pymerge.spec import apply_permutation, random_permutation
 
 # --------------------------------------------------------------------------- helpers
@@ -185,7 +185,7 @@ def test_multi_errors():
 
 
 def test_ste_with_batchnorm_does_not_touch_inputs():
-    from pymerge.models import CNN
+    from pymerge.testing.models import CNN
 
     torch.manual_seed(0)
     model = CNN(3, (4, 6), num_classes=3, norm="bn", image_size=6)

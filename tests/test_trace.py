@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pymerge.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
+from pymerge.testing.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
 from pymerge.spec import (
     PermutationSpec,
     apply_permutation,

@@ -185,7 +185,7 @@ def test_recovers_known_permutation(case, seed):
 
 
 def _builder_models():
-    from pymerge import models
+    from pymerge.testing import models
 
     return {
         "MLP": (models.MLP(9, (16, 12, 16), 5), lambda: torch.randn(4, 9)),

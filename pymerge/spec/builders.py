@@ -1,6 +1,6 @@
 """Hand-written PermutationSpec builders for common architectures.
 
-Parameter names follow the reference models in :mod:`pymerge.models` (and torchvision for
+Parameter names follow the reference models in :mod:`pymerge.testing.models` (and torchvision for
 ResNet-18); every builder takes a ``prefix`` for models nested inside another module.
 Activation points name post-nonlinearity modules where the model has one.
 """
@@ -80,7 +80,7 @@ class _Builder:
 
 
 def mlp_spec(num_hidden: int, *, bias: bool = True, prefix: str = "") -> PermutationSpec:
-    """Spec of :class:`pymerge.models.MLP` with ``num_hidden`` hidden layers.
+    """Spec of :class:`pymerge.testing.models.MLP` with ``num_hidden`` hidden layers.
 
     Layers ``fc0..fc{L-1}`` (hidden, groups named ``fc{i}``) and ``out`` (classifier); the
     output bias is free. Activation points: ``act{i}`` (dim 1).
@@ -112,7 +112,7 @@ def cnn_spec(
     conv_bias: bool = True,
     prefix: str = "",
 ) -> PermutationSpec:
-    """Spec of :class:`pymerge.models.CNN`: ``conv{i} -> norm{i} -> act{i}``, then either global
+    """Spec of :class:`pymerge.testing.models.CNN`: ``conv{i} -> norm{i} -> act{i}``, then either global
     pooling or a flatten (``spatial`` = H*W of the last feature map, the ``inner`` block size),
     an optional hidden Linear ``fc`` (+ ``fc_act``), and the classifier ``out``."""
     if pool not in ("global", "flatten"):
@@ -154,7 +154,7 @@ def resnet_spec(
 ) -> PermutationSpec:
     """Spec of a BasicBlock ResNet with torchvision names (``conv1``, ``bn1``,
     ``layer{s}.{b}.conv1/bn1/conv2/bn2/downsample.0/.1``, ``fc``): ResNet-20 and ResNet-18 of
-    :mod:`pymerge.models`.
+    :mod:`pymerge.testing.models`.
 
     Each stage's residual stream is one group ``layer{s}`` (block outputs, ``bn2``,
     downsample, and the stem when stage 1 has no downsample); each block's inner channels
@@ -216,7 +216,7 @@ def vgg_spec(
     gn_groups: int = 4,
     prefix: str = "",
 ) -> PermutationSpec:
-    """Spec of :class:`pymerge.models.VGG`: ``features`` is a Sequential of conv[, norm], ReLU
+    """Spec of :class:`pymerge.testing.models.VGG`: ``features`` is a Sequential of conv[, norm], ReLU
     and ``"M"`` max-pools; then flatten (``spatial`` = final H*W) and
     ``classifier = [Linear(C*H*W, hidden), ReLU, Linear(hidden, classes)]``."""
     b = _Builder(prefix)
@@ -258,7 +258,7 @@ def transformer_spec(
     tok_emb: str = "tok_emb",
     prefix: str = "",
 ) -> PermutationSpec:
-    """Spec of :class:`pymerge.models.TinyGPT` (pre-LN GPT with nn.MultiheadAttention).
+    """Spec of :class:`pymerge.testing.models.TinyGPT` (pre-LN GPT with nn.MultiheadAttention).
 
     Groups: ``res`` (residual stream: embeddings, every LayerNorm, attention ``out_proj``
     rows, MLP ``fc2`` rows, ``in_proj``/``fc1``/``head`` columns); ``blocks.{i}.mlp`` (MLP
