@@ -5,7 +5,8 @@
 
 Cases (random weights, two independently initialised models per case):
 
-* ``mlp512``: :class:`pymerge.testing.models.MLP` 40 -> 512 -> 512 -> 512 -> 10 (the MNIST-1D model).
+* ``mlp512``: :class:`pymerge.testing.models.MLP` 40 -> 512 -> 512 -> 512 -> 10 (the MNIST-1D
+  model).
 * ``resnet20x4``: :class:`pymerge.testing.models.ResNet20` with ``width_multiplier=4`` (widths
   64/128/256); BatchNorm affine parameters are randomised too (otherwise every BN weight is
   1 in both models and that constant dominates the objective).

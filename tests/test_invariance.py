@@ -14,13 +14,13 @@ import warnings
 import pytest
 import torch
 
-from pymerge.testing.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
 from pymerge.spec import (
     apply_permutation,
     identity_permutation,
     random_permutation,
     spec_from_model,
 )
+from pymerge.testing.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
 
 
 def _perturb_norms(model: torch.nn.Module, seed: int) -> None:

@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymerge.testing.models import CNN, MLP, TinyGPT
 from pymerge.spec import (
     ActivationPoint,
     AxisRef,
@@ -25,6 +24,7 @@ from pymerge.spec import (
     permute_param,
     random_permutation,
 )
+from pymerge.testing.models import CNN, MLP, TinyGPT
 
 
 def _mlp_state(widths=(4, 5, 3, 2), seed=0):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pymerge.align import align_to_anchor, average_aligned, merge_many, ste_matching
-from pymerge.testing.models import MLP
 from pymerge.spec import apply_permutation, random_permutation
+from pymerge.testing.models import MLP
 
 # --------------------------------------------------------------------------- helpers
 

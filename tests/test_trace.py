@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pymerge.testing.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
 from pymerge.spec import (
     PermutationSpec,
     apply_permutation,
@@ -20,6 +19,7 @@ from pymerge.spec import (
     resnet_spec,
     spec_from_model,
 )
+from pymerge.testing.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
 
 
 def _same_function(

@@ -112,7 +112,8 @@ def cnn_spec(
     conv_bias: bool = True,
     prefix: str = "",
 ) -> PermutationSpec:
-    """Spec of :class:`pymerge.testing.models.CNN`: ``conv{i} -> norm{i} -> act{i}``, then either global
+    """Spec of :class:`pymerge.testing.models.CNN`: ``conv{i} -> norm{i} -> act{i}``, then either
+    global
     pooling or a flatten (``spatial`` = H*W of the last feature map, the ``inner`` block size),
     an optional hidden Linear ``fc`` (+ ``fc_act``), and the classifier ``out``."""
     if pool not in ("global", "flatten"):
@@ -216,7 +217,8 @@ def vgg_spec(
     gn_groups: int = 4,
     prefix: str = "",
 ) -> PermutationSpec:
-    """Spec of :class:`pymerge.testing.models.VGG`: ``features`` is a Sequential of conv[, norm], ReLU
+    """Spec of :class:`pymerge.testing.models.VGG`: ``features`` is a Sequential of conv[, norm],
+    ReLU
     and ``"M"`` max-pools; then flatten (``spatial`` = final H*W) and
     ``classifier = [Linear(C*H*W, hidden), ReLU, Linear(hidden, classes)]``."""
     b = _Builder(prefix)
