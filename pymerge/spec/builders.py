@@ -113,8 +113,7 @@ def cnn_spec(
     prefix: str = "",
 ) -> PermutationSpec:
     """Spec of :class:`pymerge.testing.models.CNN`: ``conv{i} -> norm{i} -> act{i}``, then either
-    global
-    pooling or a flatten (``spatial`` = H*W of the last feature map, the ``inner`` block size),
+    global pooling or a flatten (``spatial`` = H*W of the last feature map, the ``inner`` block size),
     an optional hidden Linear ``fc`` (+ ``fc_act``), and the classifier ``out``."""
     if pool not in ("global", "flatten"):
         raise ValueError(f"pool must be 'global' or 'flatten', got {pool!r}")
@@ -218,8 +217,7 @@ def vgg_spec(
     prefix: str = "",
 ) -> PermutationSpec:
     """Spec of :class:`pymerge.testing.models.VGG`: ``features`` is a Sequential of conv[, norm],
-    ReLU
-    and ``"M"`` max-pools; then flatten (``spatial`` = final H*W) and
+    ReLU and ``"M"`` max-pools; then flatten (``spatial`` = final H*W) and
     ``classifier = [Linear(C*H*W, hidden), ReLU, Linear(hidden, classes)]``."""
     b = _Builder(prefix)
     idx = 0
