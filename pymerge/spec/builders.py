@@ -113,8 +113,8 @@ def cnn_spec(
     prefix: str = "",
 ) -> PermutationSpec:
     """Spec of :class:`pymerge.testing.models.CNN`: ``conv{i} -> norm{i} -> act{i}``, then either
-    global pooling or a flatten (``spatial`` = H*W of the last feature map, the ``inner`` block size),
-    an optional hidden Linear ``fc`` (+ ``fc_act``), and the classifier ``out``."""
+    global pooling or a flatten (``spatial`` = H*W of the last feature map, the ``inner`` block
+    size), an optional hidden Linear ``fc`` (+ ``fc_act``), and the classifier ``out``."""
     if pool not in ("global", "flatten"):
         raise ValueError(f"pool must be 'global' or 'flatten', got {pool!r}")
     b = _Builder(prefix)
