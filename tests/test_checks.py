@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pymerge._checks import check_state_pair
+from pymerge._util.checks import check_state_pair
 
 
 def test_matching_states_pass_and_are_untouched():

@@ -350,16 +350,16 @@ def test_interpolate_errors():
         interpolate([s1, s2], [0.5, "x"])
     missing = dict(s2)
     del missing["lin.weight"]
-    with pytest.raises(ValueError, match=r"missing key.*lin\.weight"):
+    with pytest.raises(ValueError, match=r"key .lin\.weight. is in states\[0\] but not in"):
         interpolate([s1, missing], [0.5, 0.5])
     extra = dict(s2, extra_key=torch.zeros(1))
-    with pytest.raises(ValueError, match="extra key.*extra_key"):
+    with pytest.raises(ValueError, match="key .extra_key. is in states"):
         interpolate([s1, extra], [0.5, 0.5])
     bad = dict(s2, bias=torch.zeros(18, dtype=F16))
-    with pytest.raises(ValueError, match="shape mismatch for key 'bias'"):
+    with pytest.raises(ValueError, match="key .bias. has shape"):
         interpolate([s1, bad], [0.5, 0.5])
     bad = dict(s2, bias=torch.zeros(17, dtype=F32))
-    with pytest.raises(ValueError, match="dtype mismatch for key 'bias'"):
+    with pytest.raises(ValueError, match="key .bias. has dtype"):
         interpolate([s1, bad], [0.5, 0.5])
     with pytest.raises(TypeError, match="out_dtype"):
         interpolate([s1, s2], [0.5, 0.5], out_dtype=torch.int32)
@@ -664,7 +664,7 @@ def test_permuted_errors():
     with pytest.raises(TypeError, match="mapping"):
         permuted_interpolate(a, b, 0.5, [("lin.weight", 0, p5)])
     bad = dict(b, tall=torch.zeros(33, 1, dtype=F16))
-    with pytest.raises(ValueError, match="dtype mismatch for key 'tall'"):
+    with pytest.raises(ValueError, match="key 'tall' has dtype"):
         permuted_interpolate(a, bad, 0.5, {})
     missing = dict(b)
     del missing["conv.weight"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pymerge._checks import check_state_pair
+from pymerge._util.checks import check_state_pair
 from pymerge.align.weight_matching import WeightMatchingResult, weight_matching
 from pymerge.spec import PermutationSpec, apply_permutation
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pymerge._checks import check_state_pair
+from pymerge._util.checks import check_state_pair
 from pymerge.spec import PermutationSpec
 
 Permutation = dict[str, Tensor]

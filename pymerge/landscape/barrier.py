@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pymerge._checks import check_state_pair
+from pymerge._util.checks import check_state_pair
 
 __all__ = [
     "Curve",

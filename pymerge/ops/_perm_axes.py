@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from pymerge.ops._lru import lru_put
-from pymerge.ops._state_lists import StateDict
+from pymerge._util.cache import lru_put
+from pymerge._util.checks import StateDict
 
 _INDEX_CACHE_SIZE = 4096
 # id(index) -> (weakref, version, axis size, validated int64 CPU copy)

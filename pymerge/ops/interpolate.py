@@ -51,18 +51,12 @@ from typing import Any
 import torch
 
 from pymerge._backend import _requested, choose_kernels, native_multi_tensor
-from pymerge.ops._lru import lru_get, lru_put
+from pymerge._util.cache import lru_get, lru_put
+from pymerge._util.checks import StateDict, check_states
+from pymerge.ops._groups import as_floats, check_out_dtype, copies, group
 from pymerge.ops._perm_axes import clear_cache as clear_index_cache
 from pymerge.ops._perm_axes import normalise_axes
 from pymerge.ops._perm_maps import build_maps, matrix_view
-from pymerge.ops._state_lists import (
-    StateDict,
-    as_floats,
-    check_out_dtype,
-    check_states,
-    copies,
-    group,
-)
 
 IndexLike = torch.Tensor | Sequence[int]
 AxisSpec = Sequence[tuple[int, Any]]
