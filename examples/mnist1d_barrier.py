@@ -25,12 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _mnist1d import evaluate, make_data, make_model, train  # noqa: E402
 
-from pymerge.align import (  # noqa: E402
-    align_to_anchor,
-    average_aligned,
-    merge_many,
-    weight_matching,
-)
+from pymerge import interpolate  # noqa: E402
+from pymerge.align import align_to_anchor, merge_many, weight_matching  # noqa: E402
 from pymerge.landscape import (  # noqa: E402
     BARRIER_KINDS,
     error_barrier,
@@ -67,7 +63,6 @@ def run(
     spec = make_model(width, depth).spec()
     a, b = states[:2]
     res = weight_matching(spec, a, b, seed=0)
-    b_aligned = apply_permutation(spec, res.perm, b)
     model = make_model(width, depth)
 
     def eval_fn(m):
@@ -78,8 +73,9 @@ def run(
         "wm_seconds": res.history.total_seconds,
         "wm_iterations": res.history.iterations,
     }
-    for name, other in (("naive", b), ("weight matching", b_aligned)):
-        curve = interpolation_curve(model, a, other, eval_fn, points)
+    for name, perm in (("naive", None), ("weight matching", res.perm)):
+        # the aligned curve runs on the fused permuted path: π(B) is never built
+        curve = interpolation_curve(model, a, b, eval_fn, points, spec=spec, perm=perm)
         out[name] = {
             "endpoint_loss": (float(curve["loss"][0]), float(curve["loss"][-1])),
             "endpoint_acc": (float(curve["accuracy"][0]), float(curve["accuracy"][-1])),
@@ -127,17 +123,19 @@ def run(
 def _three_models(spec, states, model, eval_fn, points):
     """Ito et al.'s setting: B and C matched to anchor A only; then the barrier between the
     aligned B and C (never matched to each other), and merges of all three."""
-    perms = align_to_anchor(spec, states, anchor=0)
+    perms = align_to_anchor(spec, states, anchor=0).perms
     b_al, c_al = (apply_permutation(spec, p, s) for p, s in zip(perms[1:], states[1:], strict=True))
     out = {}
     for name, (x, y) in (("B-C naive", (states[1], states[2])), ("B-C via anchor", (b_al, c_al))):
         curve = interpolation_curve(model, x, y, eval_fn, points)
         out[name] = {"loss_rebasin": loss_barrier(curve), "error_rebasin": error_barrier(curve)}
     mm = merge_many(spec, states, seed=0)
+    thirds = [1 / 3] * 3
+    anchored = [apply_permutation(spec, p, s) for p, s in zip(perms, states, strict=True)]
     for name, merged in (
-        ("average, unaligned", average_aligned(spec, states)),
-        ("average, anchored WM", average_aligned(spec, states, perms)),
-        ("MergeMany", mm.merged_state),
+        ("average, unaligned", interpolate(states, thirds)),
+        ("average, anchored WM", interpolate(anchored, thirds)),
+        ("MergeMany", mm.extras["merged_state"]),
     ):
         model.load_state_dict(merged)
         out[name] = eval_fn(model)

@@ -44,20 +44,19 @@ _EXPORTS: dict[str, str] = {
     "resnet_spec": "pymerge.spec",
     "vgg_spec": "pymerge.spec",
     "transformer_spec": "pymerge.spec",
+    "aligned_interpolate": "pymerge.spec",
     # alignment (issue 4)
     "weight_matching": "pymerge.align",
-    "WeightMatchingResult": "pymerge.align",
     "activation_matching": "pymerge.align",
-    "ActivationMatchingResult": "pymerge.align",
     "ste_matching": "pymerge.align",
     "align_to_anchor": "pymerge.align",
     "merge_many": "pymerge.align",
+    "matching_objective": "pymerge.align",
+    "AlignmentResult": "pymerge.align",
+    "AlignmentHistory": "pymerge.align",
+    "MultiAlignmentResult": "pymerge.align",
     "repair": "pymerge.align",
     "reset_bn_stats": "pymerge.align",
-    "matching_objective": "pymerge.align",
-    "average_aligned": "pymerge.align",
-    "MergeManyResult": "pymerge.align",
-    "SteResult": "pymerge.align",
     "interpolation_curve": "pymerge.landscape",
     "Curve": "pymerge.landscape",
     "loss_barrier": "pymerge.landscape",
@@ -65,6 +64,27 @@ _EXPORTS: dict[str, str] = {
 }
 
 _SUBMODULES = ("ops", "spec", "align", "kernels", "landscape", "testing", "cli")
+
+# names of 0.1 that changed in 0.2: old name -> (new public name or None, what to do)
+_DEPRECATED: dict[str, tuple[str | None, str]] = {
+    "WeightMatchingResult": ("AlignmentResult", "alignment functions return AlignmentResult"),
+    "ActivationMatchingResult": (
+        "AlignmentResult",
+        "alignment functions return AlignmentResult (correlations/stats are in .extras)",
+    ),
+    "SteResult": ("AlignmentResult", "ste_matching returns AlignmentResult"),
+    "MergeManyResult": ("MultiAlignmentResult", "merge_many returns MultiAlignmentResult"),
+    "average_aligned": (
+        None,
+        "use pymerge.interpolate([apply_permutation(spec, p, s) for p, s in zip(perms, "
+        "states)], weights), the one averaging entry point",
+    ),
+    "interpolate_state": (
+        None,
+        "use pymerge.interpolate([state_a, state_b], [1 - lam, lam]) or "
+        "pymerge.aligned_interpolate(spec, perm, state_a, state_b, lam)",
+    ),
+}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
@@ -78,6 +98,14 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f"pymerge.{name}")
         globals()[name] = module
         return module
+    if name in _DEPRECATED:
+        new, how = _DEPRECATED[name]
+        if new is None:
+            raise AttributeError(f"pymerge.{name} was removed in 0.2: {how}")
+        import warnings
+
+        warnings.warn(f"pymerge.{name} is deprecated: {how}", DeprecationWarning, stacklevel=2)
+        return __getattr__(new)
     raise AttributeError(f"module 'pymerge' has no attribute {name!r}")
 
 

@@ -142,21 +142,21 @@ def test_recovers_known_permutation(kind):
     model_a, spec = build(0)
     model_b, rp = _permuted_copy(model_a, spec, seed=11)
     batches = [(x, torch.zeros(len(x))) for x in _data(shape)]
-    res = activation_matching(model_a, model_b, batches, spec)
+    res = activation_matching(spec, model_a, model_b, batches)
     inv = invert_permutation(rp)
     for g in spec.groups():
         assert torch.equal(res.perm[g], inv[g]), g
-        corr = res.correlations[g]
+        corr = res.extras["correlations"][g]
         n = corr.shape[0]
         matched = corr[torch.arange(n), res.perm[g]]
         torch.testing.assert_close(matched, torch.ones(n, dtype=torch.float64))
-        assert res.stats[g]["method"] == "activation"
-        assert res.stats[g]["mean_corr_matched"] == pytest.approx(1.0)
+        assert res.extras["stats"][g]["method"] == "activation"
+        assert res.extras["stats"][g]["mean_corr_matched"] == pytest.approx(1.0)
     aligned = apply_permutation(spec, res.perm, model_b.state_dict())
     for k, v in model_a.state_dict().items():
         assert torch.equal(aligned[k], v), k
-    assert res.history["num_batches"] == 3
-    assert res.history["fallback_groups"] == []
+    assert res.extras["num_batches"] == 3
+    assert res.extras["fallback_groups"] == []
 
 
 # ----------------------------------------------------------------------------- reference
@@ -212,7 +212,7 @@ def test_matches_float64_scipy_reference_on_random_nets(kind, seed):
     model_a, spec = build(seed)
     model_b, _ = build(seed + 100)  # independent weights: a genuine matching problem
     batches = _data(shape, seed=seed)
-    res = activation_matching(model_a, model_b, batches, spec)
+    res = activation_matching(spec, model_a, model_b, batches)
     corrs = {
         g: _reference_corr(model_a, model_b, spec.activation_points[g], batches)
         for g in spec.groups()
@@ -223,7 +223,7 @@ def test_matches_float64_scipy_reference_on_random_nets(kind, seed):
     else:
         ref = {g: scipy_lsa(c, maximize=True)[1] for g, c in corrs.items()}
     for g in spec.groups():
-        np.testing.assert_allclose(res.correlations[g].numpy(), corrs[g], atol=1e-6)
+        np.testing.assert_allclose(res.extras["correlations"][g].numpy(), corrs[g], atol=1e-6)
         assert res.perm[g].tolist() == list(ref[g]), g
 
 
@@ -235,11 +235,14 @@ def test_matches_float64_scipy_reference_on_random_nets(kind, seed):
     seed=st.integers(0, 2**16),
 )
 def test_head_assignment_is_optimal_property(h, d, n_groups, seed):
-    from pymerge.align.activation_matching import _solve_heads, _Solver
+    # the solve step shared by activation and weight matching
+    from pymerge.align._solve import Solver
+    from pymerge.spec import HeadStructure
 
     rng = np.random.default_rng(seed)
     corrs = {f"g{i}": rng.normal(size=(h * d, h * d)) for i in range(n_groups)}
-    got = _solve_heads({g: torch.tensor(c) for g, c in corrs.items()}, h, d, _Solver(None))
+    hs = HeadStructure(h, d, tuple(corrs))
+    got = Solver(None).heads(hs, {g: torch.tensor(c) for g, c in corrs.items()})
     ref = _reference_heads(corrs, h, d)
     total = sum(c[np.arange(h * d), got[g].numpy()].sum() for g, c in corrs.items())
     best = sum(c[np.arange(h * d), ref[g]].sum() for g, c in corrs.items())
@@ -262,14 +265,14 @@ def test_group_without_point_falls_back_to_weights_or_errors():
     model_b, rp = _permuted_copy(model_a, partial, seed=5)
     batches = _data((30, 6))
     with pytest.raises(ValueError, match="'?h0'?"):
-        activation_matching(model_a, model_b, batches, partial, fallback="error")
-    res = activation_matching(model_a, model_b, batches, partial)
+        activation_matching(partial, model_a, model_b, batches, fallback="error")
+    res = activation_matching(partial, model_a, model_b, batches)
     inv = invert_permutation(rp)
     for g in ("h0", "h1"):
         assert torch.equal(res.perm[g], inv[g]), g
-    assert res.history["fallback_groups"] == ["h0"]
-    assert res.stats["h0"]["method"] == "weights"
-    assert "h0" not in res.correlations
+    assert res.extras["fallback_groups"] == ["h0"]
+    assert res.extras["stats"]["h0"]["method"] == "weights"
+    assert "h0" not in res.extras["correlations"]
 
 
 def test_head_structure_without_points_falls_back_as_a_whole():
@@ -281,8 +284,8 @@ def test_head_structure_without_points_falls_back_as_a_whole():
         activation_points={"g1": ("1", 1)},  # g2 unobserved: the whole structure by weights
     )
     model_b, rp = _permuted_copy(model_a, partial, seed=8)
-    res = activation_matching(model_a, model_b, _data((20, 5)), partial)
-    assert sorted(res.history["fallback_groups"]) == ["g1", "g2"]
+    res = activation_matching(partial, model_a, model_b, _data((20, 5)))
+    assert sorted(res.extras["fallback_groups"]) == ["g1", "g2"]
     inv = invert_permutation(rp)
     for g in ("g1", "g2"):
         assert torch.equal(res.perm[g], inv[g]), g
@@ -314,9 +317,9 @@ def test_point_module_run_twice_is_not_used_for_activations():
     model_b, rp = _permuted_copy(model_a, spec, seed=2)
     data = _data((30, 6))
     with pytest.raises(ValueError, match="'relu' runs 2 times"):
-        activation_matching(model_a, model_b, data, spec, fallback="error")
-    res = activation_matching(model_a, model_b, data, spec)
-    assert res.history["fallback_groups"] == ["h0", "h1"]
+        activation_matching(spec, model_a, model_b, data, fallback="error")
+    res = activation_matching(spec, model_a, model_b, data)
+    assert res.extras["fallback_groups"] == ["h0", "h1"]
     inv = invert_permutation(rp)
     for g in ("h0", "h1"):
         assert torch.equal(res.perm[g], inv[g]), g
@@ -337,7 +340,7 @@ def test_models_not_mutated_and_modes_restored():
     model_b[2].train()  # a mixed set of flags must come back as it was
     flags = [[m.training for m in x.modules()] for x in (model_a, model_b)]
     states = [{k: v.clone() for k, v in x.state_dict().items()} for x in (model_a, model_b)]
-    activation_matching(model_a, model_b, _data((4, 3, 4, 4)), spec, max_batches=2, progress=False)
+    activation_matching(spec, model_a, model_b, _data((4, 3, 4, 4)), max_batches=2, progress=False)
     for x, fl, saved in zip((model_a, model_b), flags, states, strict=True):
         assert [m.training for m in x.modules()] == fl
         for k, v in x.state_dict().items():
@@ -351,7 +354,7 @@ def test_hooks_removed_and_modes_restored_on_error():
     model_a.train()
     bad = [torch.randn(5, 6), torch.randn(5, 7)]  # second batch has the wrong width
     with pytest.raises(RuntimeError):
-        activation_matching(model_a, model_b, bad, spec)
+        activation_matching(spec, model_a, model_b, bad)
     assert _hooks_left(model_a) == 0 and _hooks_left(model_b) == 0
     assert all(m.training for m in model_a.modules())
 
@@ -360,10 +363,10 @@ def test_max_batches_and_iterator_input():
     model_a, spec = _mlp(0)
     model_b, _ = _mlp(1)
     data = _data((10, 6), n_batches=4)
-    res = activation_matching(model_a, model_b, iter(data), spec, max_batches=2, progress=True)
-    assert res.history["num_batches"] == 2
+    res = activation_matching(spec, model_a, model_b, iter(data), max_batches=2, progress=True)
+    assert res.extras["num_batches"] == 2
     ref = _reference_corr(model_a, model_b, spec.activation_points["h0"], data[:2])
-    np.testing.assert_allclose(res.correlations["h0"].numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(res.extras["correlations"]["h0"].numpy(), ref, atol=1e-6)
 
 
 def test_errors():
@@ -374,29 +377,29 @@ def test_errors():
         nn.Linear(6, 11), nn.ReLU(), nn.Linear(11, 12), nn.ReLU(), nn.Linear(12, 4)
     )
     with pytest.raises(ValueError, match=r"'0\.weight'"):
-        activation_matching(model_a, wide, data, spec)
+        activation_matching(spec, model_a, wide, data)
     with pytest.raises(ValueError, match="model_b"):
-        activation_matching(model_a, nn.Sequential(nn.Linear(6, 4)), data, spec)
+        activation_matching(spec, model_a, nn.Sequential(nn.Linear(6, 4)), data)
     bad_module = PermutationSpec(
         spec.perm_to_axes, free=spec.free, activation_points={"h0": ("9", 1), "h1": ("3", 1)}
     )
     with pytest.raises(ValueError, match="'h0'.*'9'"):
-        activation_matching(model_a, model_b, data, bad_module)
+        activation_matching(bad_module, model_a, model_b, data)
     wrong_size = PermutationSpec(
         spec.perm_to_axes, free=spec.free, activation_points={"h0": ("3", 1), "h1": ("3", 1)}
     )
     with pytest.raises(ValueError, match="'h0'.*12.*size 10"):
-        activation_matching(model_a, model_b, data, wrong_size)
+        activation_matching(wrong_size, model_a, model_b, data)
     with pytest.raises(ValueError, match="empty"):
-        activation_matching(model_a, model_b, [], spec)
+        activation_matching(spec, model_a, model_b, [])
     with pytest.raises(TypeError, match="single tensor"):
-        activation_matching(model_a, model_b, data[0], spec)
+        activation_matching(spec, model_a, model_b, data[0])
     with pytest.raises(TypeError, match="PermutationSpec"):
-        activation_matching(model_a, model_b, data, {"h0": []})
+        activation_matching({"h0": []}, model_a, model_b, data)
     with pytest.raises(TypeError, match="nn.Module"):
-        activation_matching(model_a.state_dict(), model_b, data, spec)
+        activation_matching(spec, model_a.state_dict(), model_b, data)
     with pytest.raises(ValueError, match="fallback"):
-        activation_matching(model_a, model_b, data, spec, fallback="guess")
+        activation_matching(spec, model_a, model_b, data, fallback="guess")
 
 
 # ----------------------------------------------------------------------------- reference models
@@ -435,7 +438,7 @@ def test_recovers_permutation_of_reference_models(name):
         data = [torch.randint(0, 16, (4, 8), generator=g) for _ in range(2)]
     else:
         data = [torch.randn(*shape, generator=g) for _ in range(2)]
-    res = activation_matching(model_a, model_b, data, spec)
+    res = activation_matching(spec, model_a, model_b, data)
     inv = invert_permutation(rp)
     for grp in spec.groups():
         assert torch.equal(res.perm[grp], inv[grp]), grp
@@ -445,9 +448,9 @@ def test_recovers_permutation_of_reference_models(name):
     for h in spec.heads.values():
         if any(g not in aps for g in h.groups):
             expect_fallback |= set(h.groups)
-    assert sorted(res.history["fallback_groups"]) == sorted(expect_fallback)
+    assert sorted(res.extras["fallback_groups"]) == sorted(expect_fallback)
     if name == "TinyGPT":
-        assert res.history["fallback_groups"]
+        assert res.extras["fallback_groups"]
 
 
 @pytest.mark.parametrize("name", ["MLP", "CNN-bn"])
@@ -460,8 +463,8 @@ def test_spec_traced_when_not_given(name):
     data = _data(shape, n_batches=2)
     traced = spec_from_model(model_a, data[0])
     model_b, rp = _permuted_copy(model_a, traced, seed=4)
-    res = activation_matching(model_a, model_b, data)  # traced on the first batch
-    res2 = activation_matching(model_a, model_b, data, example_inputs=data[1][:2])
+    res = activation_matching(None, model_a, model_b, data)  # traced on the first batch
+    res2 = activation_matching(None, model_a, model_b, data, example_inputs=data[1][:2])
     inv = invert_permutation(rp)
     assert sorted(res.perm) == traced.groups()
     for grp in traced.groups():
@@ -477,8 +480,8 @@ def test_cuda_device_matches_cpu():
     model_a, spec = _cnn(1)
     model_b, _ = _cnn(2)
     data = _data((8, 3, 4, 4), seed=1)
-    cpu = activation_matching(model_a, model_b, data, spec)
-    gpu = activation_matching(model_a, model_b, data, spec, device="cuda")
+    cpu = activation_matching(spec, model_a, model_b, data)
+    gpu = activation_matching(spec, model_a, model_b, data, device="cuda")
     assert next(model_a.parameters()).device.type == "cpu"  # copied, not moved
     for g in spec.groups():
         assert torch.equal(cpu.perm[g], gpu.perm[g]), g

@@ -17,7 +17,6 @@ from pymerge.landscape import (
     Curve,
     barrier,
     error_barrier,
-    interpolate_state,
     interpolation_curve,
     loss_barrier,
 )
@@ -66,6 +65,8 @@ def test_barrier_errors():
         barrier(np.zeros(3), lam)
     with pytest.raises(ValueError, match="start at 0"):
         barrier(np.zeros(3), np.array([0.1, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="increasing.*0.75 then 0.5"):
+        barrier(np.zeros(4), np.array([0.0, 0.75, 0.5, 1.0]))
     curve = Curve(lambdas=np.linspace(0, 1, 3), metrics={"loss": np.zeros(3)})
     with pytest.raises(ValueError, match="accuracy"):
         error_barrier(curve)
@@ -82,32 +83,71 @@ def _tiny():
     return model, a, b
 
 
-def test_interpolate_state_direct_and_exact_endpoints():
-    _, a, b = _tiny()
-    for lam in (0.0, 0.3, 0.5, 1.0):
-        th = interpolate_state(a, b, lam)
-        for k in a:
-            if a[k].is_floating_point():
-                ref = ((1 - lam) * a[k].double() + lam * b[k].double()).to(a[k].dtype)
-                assert torch.allclose(th[k], ref, atol=1e-6), k
-            else:
-                assert torch.equal(th[k], a[k])
-    assert all(torch.equal(interpolate_state(a, b, 0.0)[k], a[k]) for k in a)
-    assert all(
-        torch.equal(interpolate_state(a, b, 1.0)[k], b[k]) for k in a if a[k].is_floating_point()
-    )
-    # mixed dtypes take the lerp path, in A's dtype
-    b64 = {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
-    mixed = interpolate_state(a, b64, 0.25)
-    for k in a:
-        assert mixed[k].dtype == a[k].dtype
-        if a[k].is_floating_point():
-            ref = (0.75 * a[k].double() + 0.25 * b64[k]).to(a[k].dtype)
-            assert torch.allclose(mixed[k], ref, atol=1e-6), k
+def _lerp_ref(a, b, lam):
+    """Plain float64 reference of θ(λ), cast back (non-floating entries from A)."""
+    return {
+        k: ((1 - lam) * a[k].double() + lam * b[k].double()).to(a[k].dtype)
+        if a[k].is_floating_point()
+        else a[k]
+        for k in a
+    }
+
+
+def _eval_loss(x):
+    def eval_fn(m):
+        m.eval()
+        with torch.no_grad():
+            return float(m(x).double().pow(2).mean())
+
+    return eval_fn
+
+
+def test_curve_along_permuted_path_equals_materialised_reference():
+    """The fused path (π(B) never built) gives the losses of materialise-then-interpolate,
+    for every λ in several passes, with exact endpoints."""
+    from pymerge.spec import apply_permutation, random_permutation, spec_from_model
+
+    model, a, b = _tiny()
+    x = torch.randn(16, 3)
+    spec = spec_from_model(model, x[:2])
+    perm = random_permutation(spec, b, seed=3)
+    pb = apply_permutation(spec, perm, b)
+    lambdas = np.linspace(0, 1, 19)  # more than one pass of the fused path
+    curve = interpolation_curve(model, a, b, _eval_loss(x), lambdas, spec=spec, perm=perm)
+    ref = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    for lam, val in zip(lambdas, curve["loss"], strict=True):
+        ref.load_state_dict(_lerp_ref(a, pb, float(lam)))
+        assert val == pytest.approx(_eval_loss(x)(ref), rel=1e-5), lam
+    ref.load_state_dict(pb)
+    assert curve["loss"][-1] == _eval_loss(x)(ref)  # exact endpoint
+    assert curve.flags == {}
+    with pytest.raises(TypeError, match="spec"):
+        interpolation_curve(model, a, b, _eval_loss(x), 3, perm=perm)
+
+
+def test_nan_losses_are_kept_and_flagged():
+    model, a, b = _tiny()
+    calls = iter([1.0, float("nan"), 2.0, float("inf"), 1.5])
+    curve = interpolation_curve(model, a, b, lambda m: next(calls), 5)
+    assert np.isnan(curve["loss"][1]) and np.isinf(curve["loss"][3])
+    assert curve.flags["nonfinite"] == {"loss": [0.25, 0.75]}
+    with pytest.warns(RuntimeWarning, match="non-finite values at λ = 0.25, 0.75"):
+        assert np.isnan(loss_barrier(curve))
+
+
+def test_eval_fn_errors_name_eval_fn():
+    model, a, b = _tiny()
+    with pytest.raises(TypeError, match=r"eval_fn returned a tensor of shape \(2,\) at λ=0"):
+        interpolation_curve(model, a, b, lambda m: torch.ones(2), 3)
+    with pytest.raises(TypeError, match=r"eval_fn returned \['acc'\] a str"):
+        interpolation_curve(model, a, b, lambda m: {"acc": "x"}, 3)
+    with pytest.raises(TypeError, match="eval_fn must be callable"):
+        interpolation_curve(model, a, b, 3.0, 3)
+    # a one-element tensor is a number
+    c = interpolation_curve(model, a, b, lambda m: torch.tensor([2.0]), 3)
+    assert c["loss"].tolist() == [2.0, 2.0, 2.0]
     with pytest.raises(ValueError, match="0.weight"):
-        interpolate_state(a, {**b, "0.weight": torch.zeros(2, 2)}, 0.5)
-    with pytest.raises(ValueError, match="3.bias"):
-        interpolate_state(a, {k: v for k, v in b.items() if k != "3.bias"}, 0.5)
+        interpolation_curve(model, a, {**b, "0.weight": torch.zeros(2, 2)}, lambda m: 1.0, 3)
 
 
 def test_interpolation_curve_evaluates_each_lambda():
@@ -132,7 +172,7 @@ def test_interpolation_curve_evaluates_each_lambda():
     # values equal a direct evaluation of theta(lambda)
     ref = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     for lam, val in zip(curve.lambdas, curve["loss"], strict=True):
-        ref.load_state_dict(interpolate_state(a, b, float(lam)))
+        ref.load_state_dict(_lerp_ref(a, b, float(lam)))
         ref.eval()
         with torch.no_grad():
             assert val == pytest.approx(float(ref(x).pow(2).mean()), rel=1e-6)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pymerge.align import align_to_anchor, average_aligned, merge_many, ste_matching
+from pymerge import interpolate
+from pymerge.align import align_to_anchor, merge_many, ste_matching
 from pymerge.spec import apply_permutation, random_permutation
 from pymerge.testing.models import MLP
 
@@ -64,10 +65,12 @@ def test_ste_lowers_midpoint_loss(one_thread):
     b0 = {k: v.clone() for k, v in b.items()}
     params0 = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)]
-    res = ste_matching(model, a, b, batches, F.cross_entropy, spec=spec, epochs=5, lr=0.1)
-    assert len(res.history.loss) == 20
-    assert any(not torch.equal(res.state[k], a[k]) for k in res.state)  # θ̃ was trained
-    assert res.best_loss == min(res.history.loss)
+    res = ste_matching(spec, model, a, b, batches, F.cross_entropy, epochs=5, lr=0.1)
+    assert len(res.history.objective) == 20
+    assert any(
+        not torch.equal(res.extras["state"][k], a[k]) for k in res.extras["state"]
+    )  # θ̃ was trained
+    assert res.extras["best_loss"] == min(res.history.objective)
     # inputs and the model are untouched
     for k in a:
         assert torch.equal(a[k], a0[k]) and torch.equal(b[k], b0[k])
@@ -80,24 +83,24 @@ def test_ste_lowers_midpoint_loss(one_thread):
     for g, p in res.perm.items():
         assert torch.equal(torch.sort(p).values, torch.arange(p.numel())), g
     # deterministic
-    again = ste_matching(model, a, b, batches, F.cross_entropy, spec=spec, epochs=5, lr=0.1)
-    assert again.history.loss == pytest.approx(res.history.loss, rel=1e-6)
+    again = ste_matching(spec, model, a, b, batches, F.cross_entropy, epochs=5, lr=0.1)
+    assert again.history.objective == pytest.approx(res.history.objective, rel=1e-6)
 
 
 def test_ste_errors():
     model, (a, b), x, y = trained_pair(width=8, steps=1)
     spec = model.spec()
     with pytest.raises(ValueError, match="empty"):
-        ste_matching(model, a, b, [], F.cross_entropy, spec=spec)
+        ste_matching(spec, model, a, b, [], F.cross_entropy)
     with pytest.raises(TypeError, match="pair"):
-        ste_matching(model, a, b, [x], F.cross_entropy, spec=spec)
+        ste_matching(spec, model, a, b, [x], F.cross_entropy)
     with pytest.raises(ValueError, match="lr"):
-        ste_matching(model, a, b, [(x, y)], F.cross_entropy, spec=spec, lr=0)
+        ste_matching(spec, model, a, b, [(x, y)], F.cross_entropy, lr=0)
     missing = {k: v for k, v in a.items() if k != "fc0.weight"}
     with pytest.raises(ValueError, match="fc0.weight"):
-        ste_matching(model, missing, b, [(x, y)], F.cross_entropy, spec=spec)
-    res = ste_matching(model, a, b, [(x, y)] * 5, F.cross_entropy, spec=spec, steps=2)
-    assert len(res.history.loss) == 2
+        ste_matching(spec, model, missing, b, [(x, y)], F.cross_entropy)
+    res = ste_matching(spec, model, a, b, [(x, y)] * 5, F.cross_entropy, steps=2)
+    assert len(res.history.objective) == 2
 
 
 # --------------------------------------------------------------------------- multi-model
@@ -113,13 +116,15 @@ def test_align_to_anchor_recovers_permuted_copies():
     spec, a = random_state(0)
     copies = [apply_permutation(spec, random_permutation(spec, a, seed=s), a) for s in (1, 2)]
     states = [copies[0], a, copies[1]]
-    perms = align_to_anchor(spec, states, anchor=1)
+    perms = align_to_anchor(spec, states, anchor=1).perms
     assert all(torch.equal(p, torch.arange(p.numel())) for p in perms[1].values())
     for p, s in zip(perms, states, strict=True):
         aligned = apply_permutation(spec, p, s)
         for k in a:
             assert torch.equal(aligned[k], a[k]), k
-    merged = average_aligned(spec, states, perms)
+    merged = interpolate(
+        [apply_permutation(spec, p, s) for p, s in zip(perms, states, strict=True)], [1 / 3] * 3
+    )
     for k in a:
         assert torch.allclose(merged[k], a[k], atol=1e-6)
 
@@ -135,8 +140,8 @@ def test_merge_many_recovers_consistent_perms():
         for k in a:
             assert torch.equal(other[k], aligned[0][k]), k
     for k in a:
-        assert torch.allclose(res.merged_state[k], states[0][k], atol=1e-6)
-    assert min(res.history.distance) == pytest.approx(0.0, abs=1e-6)
+        assert torch.allclose(res.extras["merged_state"][k], states[0][k], atol=1e-6)
+    assert min(res.history.objective) == pytest.approx(0.0, abs=1e-6)
     for s, s0 in zip(states, states0, strict=True):
         for k in s:
             assert torch.equal(s[k], s0[k])
@@ -147,17 +152,17 @@ def test_merge_many_lowers_distance_on_distinct_models():
     spec = random_state(10)[0]
     res = merge_many(spec, states, seed=1)
     h = res.history
-    assert h.distance and min(h.distance) < h.initial_distance
+    assert h.objective and min(h.objective) < h.initial_objective
     # the reported distance is the one of the returned permutations
     aligned = [apply_permutation(spec, p, s) for p, s in zip(res.perms, states, strict=True)]
     dist = 0.0
     for k in states[0]:
         stack = torch.stack([x[k].double() for x in aligned])
         dist += float(((stack - stack.mean(0)) ** 2).sum())
-    assert dist == pytest.approx(min(h.distance), rel=1e-9)
+    assert dist == pytest.approx(min(h.objective), rel=1e-9)
     # the anchored alignment (to model 0) is a fine start but MergeMany does at least as well
-    anchored = align_to_anchor(spec, states, 0)
-    a2 = [apply_permutation(spec, p, s) for p, s in zip(anchored, states, strict=True)]
+    anchored = align_to_anchor(spec, states, anchor=0)
+    a2 = [apply_permutation(spec, p, s) for p, s in zip(anchored.perms, states, strict=True)]
     d2 = 0.0
     for k in states[0]:
         stack = torch.stack([x[k].double() for x in a2])
@@ -178,10 +183,8 @@ def test_multi_errors():
         merge_many(spec, [a, bad])
     with pytest.raises(ValueError, match="anchor"):
         align_to_anchor(spec, [a, a], anchor=2)
-    with pytest.raises(ValueError, match="weights"):
-        average_aligned(spec, [a, a], weights=[1.0])
-    with pytest.raises(ValueError, match="zero"):
-        average_aligned(spec, [a, a], weights=[1.0, -1.0])
+    with pytest.raises(TypeError, match="spec first"):
+        ste_matching(MLP(7, (20, 20, 20), 3), spec, a, a, [], F.cross_entropy)
 
 
 def test_ste_with_batchnorm_does_not_touch_inputs():
@@ -198,10 +201,10 @@ def test_ste_with_batchnorm_does_not_touch_inputs():
     a0 = {k: v.clone() for k, v in a.items()}
     x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
     model.train()
-    res = ste_matching(model, a, b, [(x, y)] * 3, F.cross_entropy, spec=model.spec())
+    res = ste_matching(model.spec(), model, a, b, [(x, y)] * 3, F.cross_entropy)
     for k in a:
         assert torch.equal(a[k], a0[k]), k
-    assert len(res.history.loss) == 3 and model.training
+    assert len(res.history.objective) == 3 and model.training
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,33 +1,23 @@
-"""Neuron alignment: weight matching, activation matching, STE, multi-model, REPAIR."""
+"""Neuron alignment: weight matching, activation matching, STE, multi-model, REPAIR.
 
-from pymerge.align.activation_matching import ActivationMatchingResult, activation_matching
-from pymerge.align.multi import (
-    MergeManyHistory,
-    MergeManyResult,
-    align_to_anchor,
-    average_aligned,
-    merge_many,
-)
+Every function takes the spec first, then the data, with options keyword-only, and returns
+one result type per family: :class:`AlignmentResult` (one permutation, B onto A) or
+:class:`MultiAlignmentResult` (one permutation per model).
+"""
+
+from pymerge.align.activation_matching import activation_matching
+from pymerge.align.multi import align_to_anchor, merge_many
 from pymerge.align.repair import repair, reset_bn_stats
-from pymerge.align.ste import SteHistory, SteResult, ste_matching
-from pymerge.align.weight_matching import (
-    MatchingHistory,
-    WeightMatchingResult,
-    matching_objective,
-    weight_matching,
-)
+from pymerge.align.result import AlignmentHistory, AlignmentResult, MultiAlignmentResult
+from pymerge.align.ste import ste_matching
+from pymerge.align.weight_matching import matching_objective, weight_matching
 
 __all__ = [
-    "ActivationMatchingResult",
-    "MatchingHistory",
-    "MergeManyHistory",
-    "MergeManyResult",
-    "SteHistory",
-    "SteResult",
-    "WeightMatchingResult",
+    "AlignmentHistory",
+    "AlignmentResult",
+    "MultiAlignmentResult",
     "activation_matching",
     "align_to_anchor",
-    "average_aligned",
     "matching_objective",
     "merge_many",
     "repair",

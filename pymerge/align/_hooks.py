@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pymerge._util.checks import check_state_pair
+
 __all__ = [
     "ChannelStats",
     "StopForward",
@@ -140,26 +142,13 @@ def resolve_module(model: nn.Module, name: str, what: str = "module") -> nn.Modu
 
 
 def check_same_architecture(**models: nn.Module) -> None:
-    """Raise ValueError naming the first state-dict key or shape on which the models differ."""
+    """Raise ValueError naming the first state-dict key or shape on which the models differ
+    (the one state-dict checker, :func:`pymerge._util.checks.check_state_pair`)."""
     items = list(models.items())
     ref_name, ref = items[0]
     ref_state = ref.state_dict()
     for name, other in items[1:]:
-        state = other.state_dict()
-        missing = [k for k in ref_state if k not in state]
-        extra = [k for k in state if k not in ref_state]
-        if missing or extra:
-            key = missing[0] if missing else extra[0]
-            where = f"missing from {name}" if missing else f"missing from {ref_name}"
-            raise ValueError(
-                f"{ref_name} and {name} have different parameters: key {key!r} is {where}"
-            )
-        for k, v in ref_state.items():
-            if v.shape != state[k].shape:
-                raise ValueError(
-                    f"{ref_name} and {name} differ at {k!r}: shape {tuple(v.shape)} vs "
-                    f"{tuple(state[k].shape)}"
-                )
+        check_state_pair(ref_state, other.state_dict(), ref_name, name)
 
 
 @contextlib.contextmanager

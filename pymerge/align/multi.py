@@ -6,32 +6,31 @@
   random order) to the mean of the other aligned models, warm-started from its current
   permutation, until the summed squared distance of the aligned models to their mean stops
   falling. The gauge is fixed at the end so that model 0 keeps the identity.
-* :func:`average_aligned`: (weighted) average of the permuted models.
+
+Both return a :class:`~pymerge.align.result.MultiAlignmentResult`. The (weighted) average of
+the aligned models is ``pymerge.interpolate([apply_permutation(spec, p, s) ...], weights)``
+(the one averaging entry point); ``merge_many`` puts its average in ``extras``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pymerge._util.args import check_int, check_seed
 from pymerge._util.checks import check_state_pair
-from pymerge.align.weight_matching import WeightMatchingResult, weight_matching
-from pymerge.spec import PermutationSpec, apply_permutation
+from pymerge._util.progress import progress_bar
+from pymerge.align.result import AlignmentHistory, AlignmentResult, MultiAlignmentResult
+from pymerge.align.weight_matching import weight_matching
+from pymerge.ops.interpolate import interpolate
+from pymerge.spec.apply import Permutation, apply_permutation
+from pymerge.spec.spec import PermutationSpec
 
-Permutation = dict[str, Tensor]
-
-__all__ = [
-    "MergeManyHistory",
-    "MergeManyResult",
-    "align_to_anchor",
-    "average_aligned",
-    "merge_many",
-]
+__all__ = ["align_to_anchor", "merge_many"]
 
 
 def _check_states(states: Sequence[Mapping[str, Tensor]], minimum: int) -> None:
@@ -46,86 +45,47 @@ def _check_states(states: Sequence[Mapping[str, Tensor]], minimum: int) -> None:
 def align_to_anchor(
     spec: PermutationSpec,
     states: Sequence[Mapping[str, Tensor]],
+    *,
     anchor: int = 0,
     **wm_kwargs: Any,
-) -> list[Permutation]:
+) -> MultiAlignmentResult:
     """Weight-match every state dict to ``states[anchor]``.
 
-    Returns one Permutation per model (identity for the anchor):
-    ``apply_permutation(spec, perms[i], states[i])`` lives in the anchor's basis.
-    ``wm_kwargs`` go to :func:`weight_matching` (``max_iter``, ``seed``, ``backend``...).
+    ``wm_kwargs`` go to :func:`~pymerge.align.weight_matching` (``max_iter``, ``seed``,
+    ``backend``...). Returns a :class:`MultiAlignmentResult` (``method="anchor"``):
+    ``perms[i]`` maps model ``i`` into the anchor's basis (the identity for the anchor);
+    ``history`` has one entry per matched model (its final objective and seconds);
+    ``converged`` is True when every matching converged; ``extras["results"]`` holds the
+    per-model :class:`AlignmentResult` (None for the anchor).
     """
     _check_states(states, 2)
-    if not isinstance(anchor, int) or not -len(states) <= anchor < len(states):
+    if (
+        isinstance(anchor, bool)
+        or not isinstance(anchor, int)
+        or not (-len(states) <= anchor < len(states))
+    ):
         raise ValueError(f"anchor must index states (0..{len(states) - 1}), got {anchor!r}")
     anchor %= len(states)
-    perms: list[Permutation] = []
     sizes = spec.validate(states[anchor])
+    perms: list[Permutation] = []
+    results: list[AlignmentResult | None] = []
+    history = AlignmentHistory()
     for i, s in enumerate(states):
         if i == anchor:
             perms.append({g: torch.arange(n) for g, n in sizes.items()})
-        else:
-            perms.append(weight_matching(spec, states[anchor], s, **wm_kwargs).perm)
-    return perms
-
-
-def average_aligned(
-    spec: PermutationSpec,
-    states: Sequence[Mapping[str, Tensor]],
-    perms: Sequence[Mapping[str, Tensor]] | None = None,
-    weights: Sequence[float] | None = None,
-) -> dict[str, Tensor]:
-    """Σ_i w_i π_i(θ_i) for floating tensors (weights default to 1/K, normalised to sum 1),
-    accumulated in float64 and cast back to each key's dtype; other tensors from states[0]."""
-    _check_states(states, 1)
-    k = len(states)
-    if perms is not None and len(perms) != k:
-        raise ValueError(f"got {len(perms)} permutations for {k} state dicts")
-    if weights is None:
-        w = [1.0 / k] * k
-    else:
-        if len(weights) != k:
-            raise ValueError(f"got {len(weights)} weights for {k} state dicts")
-        total = float(sum(weights))
-        if total == 0.0:
-            raise ValueError("weights sum to zero")
-        w = [float(x) / total for x in weights]
-    aligned = [
-        apply_permutation(spec, p, s) if p is not None else s
-        for s, p in zip(states, perms if perms is not None else [None] * k, strict=True)
-    ]
-    out: dict[str, Tensor] = {}
-    for key, ref in states[0].items():
-        if torch.is_floating_point(ref):
-            acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
-            for wi, s in zip(w, aligned, strict=True):
-                acc += wi * s[key].detach().to(torch.float64)
-            out[key] = acc.to(ref.dtype)
-        else:
-            out[key] = ref.detach().clone()
-    return out
-
-
-@dataclass
-class MergeManyHistory:
-    """``distance[t]``: Σ_i ||π_i(θ_i) − mean||² after sweep t (``initial_distance`` before);
-    ``wm_iterations[t]``: weight-matching sweeps summed over the models; ``seconds[t]``."""
-
-    initial_distance: float = float("nan")
-    distance: list[float] = field(default_factory=list)
-    wm_iterations: list[int] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-
-
-@dataclass
-class MergeManyResult:
-    """``perms[i]`` maps model i into the common basis (``perms[0]`` is the identity);
-    ``merged_state`` is the average of the aligned models."""
-
-    perms: list[Permutation]
-    merged_state: dict[str, Tensor]
-    history: MergeManyHistory
-    converged: bool
+            results.append(None)
+            continue
+        res = weight_matching(spec, states[anchor], s, **wm_kwargs)
+        perms.append(res.perm)
+        results.append(res)
+        history.record(res.objective, res.history.total_seconds, solves=res.history.total_solves)
+    return MultiAlignmentResult(
+        perms=perms,
+        history=history,
+        converged=all(r is None or r.converged for r in results),
+        method="anchor",
+        extras={"results": results, "anchor": anchor},
+    )
 
 
 def _cost_keys(spec: PermutationSpec, state: Mapping[str, Tensor]) -> list[str]:
@@ -144,14 +104,14 @@ def _distance(aligned: list[dict[str, Tensor]], keys: list[str]) -> float:
 def merge_many(
     spec: PermutationSpec,
     states: Sequence[Mapping[str, Tensor]],
+    *,
     max_iter: int = 100,
     seed: int = 0,
-    *,
     wm_max_iter: int = 100,
     rtol: float = 1e-9,
     progress: bool = False,
     backend: str | None = None,
-) -> MergeManyResult:
+) -> MultiAlignmentResult:
     """MergeMany: align K models jointly by matching each to the mean of the others.
 
     Args:
@@ -160,15 +120,19 @@ def merge_many(
         seed: seeds the model order of each sweep and every weight matching.
         wm_max_iter: max sweeps of each weight matching.
         rtol: stop when a sweep lowers the summed distance by no more than ``rtol`` (relative).
-        progress: tqdm bar over sweeps. backend: assignment backend.
+        progress: a progress bar over sweeps. backend: assignment backend.
 
     Returns:
-        :class:`MergeManyResult` with the permutations of the lowest summed distance seen
-        (re-expressed so that model 0 has the identity) and the averaged state.
+        :class:`MultiAlignmentResult` (``method="merge_many"``) with the permutations of the
+        lowest summed distance seen, re-expressed so that model 0 keeps the identity;
+        ``history.objective`` the summed squared distance Σ_i ||π_i(θ_i) − mean||² after
+        each sweep (``initial_objective`` before), ``history.wm_iterations`` the
+        weight-matching sweeps per sweep; ``extras["merged_state"]`` the average of the
+        aligned models.
     """
     _check_states(states, 2)
-    if not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    max_iter = check_int(max_iter, "max_iter", minimum=0)
+    seed = check_seed(seed)
     k = len(states)
     sizes = spec.validate(states[0])
     for i, s in enumerate(states[1:], start=1):
@@ -178,47 +142,34 @@ def merge_many(
             raise ValueError(f"states[{i}]: {exc}") from None
     keys = _cost_keys(spec, states[0])
     perms: list[Permutation] = [{g: torch.arange(n) for g, n in sizes.items()} for _ in states]
-    warm: list[WeightMatchingResult | None] = [None] * k  # first match: greedy start
-    aligned = [
-        {
-            key: s[key].detach().to(torch.float64)
-            for key in states[0]
-            if torch.is_floating_point(s[key])
-        }
-        for s in states
-    ]
-    for i, s in enumerate(states):
-        for key, v in s.items():
-            if not torch.is_floating_point(v):
-                aligned[i][key] = v.detach()
+    warm: list[AlignmentResult | None] = [None] * k
+    aligned = [{key: s[key].detach().to(torch.float64) for key in keys} for s in states]
     total = {key: sum(a[key] for a in aligned) for key in keys}
-    history = MergeManyHistory(initial_distance=_distance(aligned, keys))
-    best = (history.initial_distance, [dict(p) for p in perms])
-    gen = torch.Generator().manual_seed(int(seed))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_iter, desc="MergeMany", unit="sweep")
+    history = AlignmentHistory(initial_objective=_distance(aligned, keys))
+    best = (history.initial_objective, [dict(p) for p in perms])
+    gen = torch.Generator().manual_seed(seed)
     converged = False
-    previous = history.initial_distance
-    try:
+    previous = history.initial_objective
+    with progress_bar(progress, total=max_iter, desc="MergeMany", unit="sweep") as bar:
         for sweep in range(max_iter):
             t0 = time.perf_counter()
-            wm_its = 0
+            wm_its = solves = 0
             for i in torch.randperm(k, generator=gen).tolist():
-                others = {key: (total[key] - aligned[i][key]) / (k - 1) for key in keys}
-                target = {key: others.get(key, aligned[i][key]) for key in aligned[i]}
+                target = {
+                    **states[i],
+                    **{key: (total[key] - aligned[i][key]) / (k - 1) for key in keys},
+                }
                 res = weight_matching(
                     spec,
                     target,
                     states[i],
                     max_iter=wm_max_iter,
                     init=warm[i],
-                    seed=seed + 1000003 * (sweep + 1) + i,
+                    seed=(seed + 1000003 * (sweep + 1) + i) % (2**63),
                     backend=backend,
                 )
                 wm_its += res.history.iterations
+                solves += res.history.total_solves
                 warm[i] = res
                 perms[i] = res.perm
                 new = apply_permutation(spec, res.perm, states[i])
@@ -227,24 +178,26 @@ def merge_many(
                     total[key] = total[key] - aligned[i][key] + v
                     aligned[i][key] = v
             dist = _distance(aligned, keys)
-            history.distance.append(dist)
-            history.wm_iterations.append(wm_its)
-            history.seconds.append(time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(distance=f"{dist:.6g}")
+            history.record(dist, time.perf_counter() - t0, solves=solves, wm_iterations=wm_its)
+            bar.update(1)
+            bar.set_postfix(distance=f"{dist:.6g}")
             if dist < best[0]:
                 best = (dist, [dict(p) for p in perms])
             if not dist < previous - rtol * abs(previous):
                 converged = True
                 break
             previous = dist
-    finally:
-        if bar is not None:
-            bar.close()
     final = _fix_gauge(best[1])
-    merged = average_aligned(spec, states, final)
-    return MergeManyResult(perms=final, merged_state=merged, history=history, converged=converged)
+    merged = interpolate(
+        [apply_permutation(spec, p, s) for p, s in zip(final, states, strict=True)], [1.0 / k] * k
+    )
+    return MultiAlignmentResult(
+        perms=final,
+        history=history,
+        converged=converged,
+        method="merge_many",
+        extras={"merged_state": merged, "best_distance": best[0]},
+    )
 
 
 def _fix_gauge(perms: list[Permutation]) -> list[Permutation]:

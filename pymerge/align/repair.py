@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from pymerge._util.progress import track
 from pymerge.align import _hooks
 
 __all__ = ["repair", "reset_bn_stats"]
@@ -47,14 +48,6 @@ def _set_bn_stats(bn: _BatchNorm, stats: _hooks.ChannelStats, num_batches: int) 
         bn.running_var.copy_(var.to(bn.running_var.dtype))
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.fill_(num_batches)
-
-
-def _progress(it: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
-    if not progress:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc)
 
 
 def reset_bn_stats(
@@ -117,7 +110,7 @@ def reset_bn_stats(
             handles.append(bn.register_forward_pre_hook(make_hook(name)))
         with torch.no_grad(), _hooks.eval_mode(target, train=lambda m: m in bn_set):
             inputs = _hooks.iter_inputs(batches, num_batches, dev)
-            for x in _progress(inputs, progress, "reset BN stats"):
+            for x in track(inputs, progress, desc="reset BN stats"):
                 _hooks.call_model(target, x)
                 count += 1
     finally:
@@ -236,8 +229,8 @@ def repair(
     model_b: nn.Module,
     merged_model: nn.Module,
     batches: Iterable[Any],
-    alpha: float = 0.5,
     *,
+    alpha: float = 0.5,
     points: Sequence[str] | None = None,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -353,7 +346,7 @@ def repair(
         reset_all()  # the points below are measured with sensible BN statistics
     if sequential:
         units = sorted([*pts, *walk_bns], key=order.index)
-        for name in _progress(units, progress, "REPAIR"):
+        for name in track(units, progress, desc="REPAIR"):
             stop = name if calls.get(name) == 1 else None
             if name in walk_bns:
                 s = _output_stats(merged, (), batches, num_batches, stop, inputs_of=(name,))

@@ -13,40 +13,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pymerge.align.weight_matching import WeightMatchingResult, weight_matching
-from pymerge.spec import PermutationSpec, apply_permutation
+from pymerge._util.args import check_int, check_seed
+from pymerge._util.progress import progress_bar
+from pymerge.align.result import AlignmentHistory, AlignmentResult
+from pymerge.align.weight_matching import weight_matching
+from pymerge.spec.apply import Permutation, apply_permutation
+from pymerge.spec.spec import PermutationSpec
 
-Permutation = dict[str, Tensor]
-
-__all__ = ["SteHistory", "SteResult", "ste_matching"]
-
-
-@dataclass
-class SteHistory:
-    """Per step: the task loss at the midpoint, the weight-matching sweeps, wall time."""
-
-    loss: list[float] = field(default_factory=list)
-    wm_iterations: list[int] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-    best_step: int = -1
-
-
-@dataclass
-class SteResult:
-    """``perm``: the permutation with the lowest midpoint loss seen; ``best_loss`` its loss;
-    ``state``: the trained free weights θ̃ (detached copies)."""
-
-    perm: Permutation
-    best_loss: float
-    history: SteHistory
-    state: dict[str, Tensor]
+__all__ = ["ste_matching"]
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:
@@ -59,13 +39,13 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 def ste_matching(
+    spec: PermutationSpec,
     model: nn.Module,
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
     batches: Iterable[Any],
     loss_fn: Callable[[Tensor, Any], Tensor],
     *,
-    spec: PermutationSpec,
     lr: float = 1e-2,
     momentum: float = 0.9,
     optimizer: str = "sgd",
@@ -76,78 +56,72 @@ def ste_matching(
     wm_max_iter: int = 100,
     progress: bool = False,
     backend: str | None = None,
-) -> SteResult:
+) -> AlignmentResult:
     """Learn a permutation of ``state_b`` with the straight-through estimator.
 
     Args:
+        spec: permutation spec of the model.
         model: the architecture (only used through ``functional_call``; not modified).
         state_a, state_b: endpoint state dicts (same keys/shapes); not modified.
         batches: re-iterable of ``(inputs, targets)`` pairs (a list or a DataLoader);
             iterated ``epochs`` times, or until ``steps`` steps.
         loss_fn: ``loss_fn(model(inputs), targets) -> scalar Tensor``.
-        spec: permutation spec of the model.
         lr, momentum: SGD settings (``optimizer="adam"`` uses Adam with ``lr``; the paper's
             alternative is Adam 1e-3).
         epochs, steps: how long to train (``steps`` caps the total number of steps).
-        init: warm start for the first weight matching (a Permutation).
-        seed: seed of the weight matching group order.
+        init: warm start for the first weight matching (a permutation).
+        seed: seed of the weight-matching group order.
         wm_max_iter: max sweeps of each weight matching.
-        progress: tqdm bar over steps.
+        progress: a progress bar over steps.
         backend: assignment backend.
 
     Returns:
-        :class:`SteResult`; ``perm`` is the lowest-loss π (apply it to ``state_b``).
+        :class:`AlignmentResult` with ``method="ste"``: ``perm`` is the permutation with
+        the lowest midpoint loss seen (apply it to ``state_b``); ``history.objective`` the
+        midpoint loss per step (lower is better), ``history.wm_iterations`` the
+        weight-matching sweeps per step; ``extras``: ``best_loss``, ``best_step`` and
+        ``state`` (the trained free weights θ̃, detached copies). ``converged`` is True
+        when training ran every requested step.
     """
-    if lr <= 0:
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            "ste_matching takes the spec first: ste_matching(spec, model, state_a, state_b, "
+            "batches, loss_fn, ...)"
+        )
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1 or None, got {steps}")
+    epochs = check_int(epochs, "epochs", minimum=1)
+    if steps is not None:
+        steps = check_int(steps, "steps", minimum=1)
+    seed = check_seed(seed)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    param_names = {n for n, _ in model.named_parameters()}
-    missing = sorted(param_names - set(state_a))
-    if missing:
-        raise ValueError(f"model parameter {missing[0]!r} is not in state_a")
-    # free weights θ̃: the model's parameters, initialised at θ_A
-    free = {
-        k: state_a[k].detach().clone().requires_grad_(True)
-        for k in state_a
-        if k in param_names and torch.is_floating_point(state_a[k])
-    }
-    a_detached = {k: v.detach() for k, v in state_a.items()}
+    free, a_detached = _free_weights(model, state_a)
     opt: torch.optim.Optimizer
     if optimizer == "sgd":
         opt = torch.optim.SGD(list(free.values()), lr=lr, momentum=momentum)
     else:
         opt = torch.optim.Adam(list(free.values()), lr=lr)
 
-    history = SteHistory()
+    history = AlignmentHistory()
     best_perm: Permutation | None = None
-    best_loss = float("inf")
-    prev: WeightMatchingResult | Mapping[str, Tensor] | None = init
-    total = None
-    if steps is not None:
-        total = steps
-    elif hasattr(batches, "__len__"):
-        total = epochs * len(batches)  # type: ignore[arg-type]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="STE matching", unit="step")
-    step = 0
+    best_loss, best_step = float("inf"), -1
+    prev: AlignmentResult | Mapping[str, Tensor] | None = init
+    total = (
+        steps
+        if steps is not None
+        else (
+            epochs * len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        )
+    )
     was_training = model.training
     try:
-        for _ in range(epochs):
-            for batch in batches:
-                if steps is not None and step >= steps:
-                    break
+        with progress_bar(progress, total=total, desc="STE matching", unit="step") as bar:
+            for x, y in _batches(batches, epochs, steps):
                 t0 = time.perf_counter()
-                x, y = _split_batch(batch)
-                current = dict(a_detached)
-                current.update({k: v.detach() for k, v in free.items()})
+                current = {**a_detached, **{k: v.detach() for k, v in free.items()}}
                 wm = weight_matching(
                     spec,
                     current,
@@ -158,47 +132,99 @@ def ste_matching(
                     backend=backend,
                 )
                 prev = wm
-                proj = apply_permutation(spec, wm.perm, state_b)
-                mid: dict[str, Tensor] = {}
-                for k, a in a_detached.items():
-                    if k in free:
-                        p = proj[k].detach().to(a.dtype)
-                        ste = p + (free[k] - free[k].detach())
-                        mid[k] = 0.5 * (a + ste)
-                    elif torch.is_floating_point(a):
-                        mid[k] = 0.5 * (a + proj[k].detach().to(a.dtype))
-                    else:
-                        mid[k] = a.clone()  # BN may bump num_batches_tracked in place
-                out = functional_call(model, mid, (x,), strict=False)
-                loss = loss_fn(out, y)
-                if not isinstance(loss, Tensor) or loss.dim() != 0:
-                    raise TypeError("loss_fn must return a scalar Tensor")
+                loss = _midpoint_loss(
+                    model, spec, wm.perm, a_detached, free, state_b, x, y, loss_fn
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 value = float(loss.detach())
                 if value < best_loss:
-                    best_loss = value
+                    best_loss, best_step = value, history.iterations
                     best_perm = {g: p.clone() for g, p in wm.perm.items()}
-                    history.best_step = step
-                history.loss.append(value)
-                history.wm_iterations.append(wm.history.iterations)
-                history.seconds.append(time.perf_counter() - t0)
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4g}", best=f"{best_loss:.4g}")
-            if steps is not None and step >= steps:
-                break
+                history.record(
+                    value,
+                    time.perf_counter() - t0,
+                    solves=wm.history.total_solves,
+                    wm_iterations=wm.history.iterations,
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}", best=f"{best_loss:.4g}")
     finally:
-        if bar is not None:
-            bar.close()
         model.train(was_training)
     if best_perm is None:
         raise ValueError("batches is empty: STE matching needs at least one (inputs, targets)")
-    return SteResult(
+    return AlignmentResult(
         perm=best_perm,
-        best_loss=best_loss,
         history=history,
-        state={k: v.detach().clone() for k, v in free.items()},
+        converged=steps is None or history.iterations >= steps,
+        method="ste",
+        extras={
+            "best_loss": best_loss,
+            "best_step": best_step,
+            "state": {k: v.detach().clone() for k, v in free.items()},
+        },
     )
+
+
+def _free_weights(
+    model: nn.Module, state_a: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The free weights θ̃ (the model's floating parameters, initialised at θ_A, requiring
+    grad) and a detached view of ``state_a``."""
+    param_names = {n for n, _ in model.named_parameters()}
+    missing = sorted(param_names - set(state_a))
+    if missing:
+        raise ValueError(f"model parameter {missing[0]!r} is not in state_a")
+    free = {
+        k: state_a[k].detach().clone().requires_grad_(True)
+        for k in state_a
+        if k in param_names and torch.is_floating_point(state_a[k])
+    }
+    return free, {k: v.detach() for k, v in state_a.items()}
+
+
+def _batches(batches: Iterable[Any], epochs: int, steps: int | None):
+    """``(inputs, targets)`` of ``epochs`` passes over ``batches``, at most ``steps``."""
+    done = 0
+    for _ in range(epochs):
+        for batch in batches:
+            if steps is not None and done >= steps:
+                return
+            yield _split_batch(batch)
+            done += 1
+
+
+def _midpoint_loss(
+    model: nn.Module,
+    spec: PermutationSpec,
+    perm: Permutation,
+    a: Mapping[str, Tensor],
+    free: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    x: Any,
+    y: Any,
+    loss_fn: Callable[[Tensor, Any], Tensor],
+) -> Tensor:
+    """Task loss at ½(θ_A + θ_ste), θ_ste = stopgrad(π(θ_B)) + (θ̃ − stopgrad(θ̃))."""
+    proj = apply_permutation(spec, perm, state_b)
+    mid: dict[str, Tensor] = {}
+    for k, t in a.items():
+        if k in free:
+            ste = proj[k].detach().to(t.dtype) + (free[k] - free[k].detach())
+            mid[k] = 0.5 * (t + ste)
+        elif torch.is_floating_point(t):
+            mid[k] = 0.5 * (t + proj[k].detach().to(t.dtype))
+        else:
+            mid[k] = t.clone()  # BN may bump num_batches_tracked in place
+    loss = loss_fn(functional_call(model, mid, (x,), strict=False), y)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise TypeError(
+            "loss_fn must return a scalar Tensor, got "
+            + (
+                f"a tensor of shape {tuple(loss.shape)}"
+                if isinstance(loss, Tensor)
+                else type(loss).__name__
+            )
+        )
+    return loss

@@ -5,7 +5,6 @@ from pymerge.landscape.barrier import (
     Curve,
     barrier,
     error_barrier,
-    interpolate_state,
     interpolation_curve,
     loss_barrier,
 )
@@ -15,7 +14,6 @@ __all__ = [
     "Curve",
     "barrier",
     "error_barrier",
-    "interpolate_state",
     "interpolation_curve",
     "loss_barrier",
 ]

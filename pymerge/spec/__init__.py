@@ -17,6 +17,7 @@ from pymerge.spec.apply import (
     random_permutation,
 )
 from pymerge.spec.builders import cnn_spec, mlp_spec, resnet_spec, transformer_spec, vgg_spec
+from pymerge.spec.interpolate import aligned_interpolate
 from pymerge.spec.spec import ActivationPoint, AxisRef, HeadStructure, PermutationSpec
 from pymerge.spec.trace import spec_from_model
 
@@ -26,6 +27,7 @@ __all__ = [
     "HeadStructure",
     "Permutation",
     "PermutationSpec",
+    "aligned_interpolate",
     "apply_permutation",
     "check_permutation",
     "cnn_spec",

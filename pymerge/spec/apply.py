@@ -24,6 +24,8 @@ __all__ = [
     "check_permutation",
 ]
 
+#: The one permutation type: group name -> int64 index tensor ``[n]``; applying it to a
+#: parameter is ``new = old.index_select(axis, perm[group])`` along every axis of the group.
 Permutation = dict[str, torch.Tensor]
 
 
@@ -205,13 +207,34 @@ def random_permutation(
     return out
 
 
+def _as_index(p: object, where: str) -> torch.Tensor:
+    """``p`` as a 1-D int64 tensor holding a permutation of ``range(len(p))``; ValueError /
+    TypeError naming ``where`` for floats, bools, wrong ranks, out-of-range or repeated
+    entries (nothing is truncated or wrapped)."""
+    t = p if isinstance(p, torch.Tensor) else torch.as_tensor(p)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{where} must hold integers, got dtype {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"{where} must be 1-D, got shape {tuple(t.shape)}")
+    t = t.to(torch.long)
+    n = t.numel()
+    if n and (int(t.min()) < 0 or int(t.max()) >= n):
+        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        raise ValueError(f"{where} has entry {bad} outside range({n})")
+    if not _is_perm(t, n):
+        raise ValueError(f"{where} is not a permutation of range({n}) (repeated entries)")
+    return t
+
+
 def invert_permutation(perm: Mapping[str, torch.Tensor]) -> Permutation:
-    """``inv[g][perm[g][i]] = i``: applying ``perm`` then ``inv`` is the identity."""
+    """``inv[g][perm[g][i]] = i``: applying ``perm`` then ``inv`` is the identity.
+
+    Every entry must be a permutation of ``range(n)`` (integers, no repeats, in range):
+    anything else is a ValueError/TypeError naming the group.
+    """
     out = {}
     for g, p in perm.items():
-        p = torch.as_tensor(p).to(torch.long)
-        if p.ndim != 1 or not _is_perm(p.cpu(), p.numel()):
-            raise ValueError(f"permutation of group {g!r} is not a permutation")
+        p = _as_index(p, f"permutation of group {g!r}")
         inv = torch.empty_like(p)
         inv[p] = torch.arange(p.numel(), device=p.device)
         out[g] = inv
@@ -221,18 +244,22 @@ def invert_permutation(perm: Mapping[str, torch.Tensor]) -> Permutation:
 def compose_permutations(
     spec: PermutationSpec, first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]
 ) -> Permutation:
-    """The permutation equal to applying ``first`` and then ``second``: ``first[g][second[g]]``."""
+    """The permutation equal to applying ``first`` and then ``second``: ``first[g][second[g]]``.
+
+    Both must hold a permutation of the same length for every group of ``spec``
+    (ValueError/TypeError naming the group and which argument is wrong).
+    """
     out = {}
     for g in spec.groups():
         for which, p in (("first", first), ("second", second)):
             if g not in p:
                 raise ValueError(f"{which} permutation is missing group {g!r}")
-        a = torch.as_tensor(first[g]).to(torch.long)
-        b = torch.as_tensor(second[g]).to(torch.long)
-        if a.shape != b.shape or a.ndim != 1:
+        a = _as_index(first[g], f"first permutation of group {g!r}")
+        b = _as_index(second[g], f"second permutation of group {g!r}")
+        if a.shape != b.shape:
             raise ValueError(
-                f"group {g!r}: permutations of shapes {tuple(a.shape)} and "
-                f"{tuple(b.shape)} cannot be composed"
+                f"group {g!r}: permutations of lengths {a.numel()} and {b.numel()} "
+                "cannot be composed"
             )
         out[g] = a[b.to(a.device)]
     return out
