@@ -113,10 +113,60 @@ def __dir__() -> list[str]:
     return __all__
 
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pymerge._backend import backends  # noqa: F401
+if TYPE_CHECKING:  # pragma: no cover  (what the lazy exports resolve to, for IDEs)
+    from pymerge._backend import (  # noqa: F401
+        backends,
+    )
+    from pymerge.align import (  # noqa: F401
+        AlignmentHistory,
+        AlignmentResult,
+        MultiAlignmentResult,
+        activation_matching,
+        align_to_anchor,
+        matching_objective,
+        merge_many,
+        repair,
+        reset_bn_stats,
+        ste_matching,
+        weight_matching,
+    )
+    from pymerge.landscape import (  # noqa: F401
+        Curve,
+        error_barrier,
+        interpolation_curve,
+        loss_barrier,
+    )
+    from pymerge.ops import (  # noqa: F401
+        CorrelationAccumulator,
+        correlation,
+        interpolate,
+        permuted_interpolate,
+    )
     from pymerge.ops.assignment import (  # noqa: F401
         AssignmentResult,
         linear_sum_assignment,
         linear_sum_assignment_batch,
+        solve_assignment,
+    )
+    from pymerge.spec import (  # noqa: F401
+        ActivationPoint,
+        AxisRef,
+        HeadStructure,
+        Permutation,
+        PermutationSpec,
+        aligned_interpolate,
+        apply_permutation,
+        check_permutation,
+        cnn_spec,
+        compose_permutations,
+        identity_permutation,
+        invert_permutation,
+        mlp_spec,
+        permutation_index_map,
+        permute_param,
+        random_permutation,
+        resnet_spec,
+        spec_from_model,
+        transformer_spec,
+        vgg_spec,
     )
