@@ -278,16 +278,7 @@ def repair(
     Returns:
         A new module computing the repaired function (train/eval flags as ``merged_model``).
     """
-    for nm, m in (("model_a", model_a), ("model_b", model_b), ("merged_model", merged_model)):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"{nm} must be an nn.Module, got {type(m).__name__}")
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    _hooks.check_same_architecture(model_a=model_a, model_b=model_b, merged_model=merged_model)
-
+    alpha = _check_args(model_a, model_b, merged_model, alpha, eps)
     batches = _hooks.reiterable(batches, num_batches)
     merged = copy.deepcopy(merged_model)
     if device is not None:
@@ -301,36 +292,9 @@ def repair(
     with _hooks.eval_mode(merged):
         order, calls = _hooks.execution_order(merged, first)
     modules = dict(merged.named_modules())
-
-    if points is None:
-        pts = _default_points(merged, order)
-    else:
-        if isinstance(points, str):
-            raise TypeError("points must be a sequence of module names, not a single string")
-        pts = []
-        for name in points:
-            mod = _hooks.resolve_module(merged, name, "REPAIR point")
-            if not isinstance(mod, _FOLDABLE):
-                raise ValueError(
-                    f"REPAIR point {name!r} is a {type(mod).__name__}; only Linear and "
-                    "Conv1d/2d/3d outputs can be corrected (BatchNorm layers are reset)"
-                )
-            if name not in calls:
-                raise ValueError(f"REPAIR point {name!r} does not run in the model's forward pass")
-            pts.append(name)
-        pts = sorted(set(pts), key=order.index)
+    pts = _resolve_points(merged, points, order, calls)
     bns = [n for n in order if n in _bn_modules(merged)] if reset_bn else []
-
-    if pts:
-        st_a = _output_stats(ma, pts, batches, num_batches)
-        st_b = _output_stats(mb, pts, batches, num_batches)
-        goal = {
-            n: (
-                (1 - alpha) * st_a[n].mean + alpha * st_b[n].mean,
-                (1 - alpha) * st_a[n].std() + alpha * st_b[n].std(),
-            )
-            for n in pts
-        }
+    goal = _goal_stats(ma, mb, pts, batches, num_batches, alpha) if pts else {}
 
     def correct(name: str, s: _hooks.ChannelStats) -> None:
         mu_g, sd_g = goal[name]
@@ -364,3 +328,61 @@ def repair(
     if bns and pts and not (sequential and exact_bn):
         reset_all()  # BN layers downstream of corrected points see their new inputs
     return merged
+
+
+def _check_args(
+    model_a: nn.Module, model_b: nn.Module, merged_model: nn.Module, alpha: Any, eps: float
+) -> float:
+    for nm, m in (("model_a", model_a), ("model_b", model_b), ("merged_model", merged_model)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{nm} must be an nn.Module, got {type(m).__name__}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    _hooks.check_same_architecture(model_a=model_a, model_b=model_b, merged_model=merged_model)
+    return alpha
+
+
+def _resolve_points(
+    merged: nn.Module, points: Sequence[str] | None, order: list[str], calls: dict[str, int]
+) -> list[str]:
+    """The correction points in execution order (the defaults when ``points`` is None),
+    each checked to be a foldable module that runs."""
+    if points is None:
+        return _default_points(merged, order)
+    if isinstance(points, str):
+        raise TypeError("points must be a sequence of module names, not a single string")
+    pts = []
+    for name in points:
+        mod = _hooks.resolve_module(merged, name, "REPAIR point")
+        if not isinstance(mod, _FOLDABLE):
+            raise ValueError(
+                f"REPAIR point {name!r} is a {type(mod).__name__}; only Linear and "
+                "Conv1d/2d/3d outputs can be corrected (BatchNorm layers are reset)"
+            )
+        if name not in calls:
+            raise ValueError(f"REPAIR point {name!r} does not run in the model's forward pass")
+        pts.append(name)
+    return sorted(set(pts), key=order.index)
+
+
+def _goal_stats(
+    ma: nn.Module,
+    mb: nn.Module,
+    pts: list[str],
+    batches: Iterable[Any],
+    num_batches: int | None,
+    alpha: float,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per point: the goal mean and std, interpolated between the endpoints' statistics."""
+    st_a = _output_stats(ma, pts, batches, num_batches)
+    st_b = _output_stats(mb, pts, batches, num_batches)
+    return {
+        n: (
+            (1 - alpha) * st_a[n].mean + alpha * st_b[n].mean,
+            (1 - alpha) * st_a[n].std() + alpha * st_b[n].std(),
+        )
+        for n in pts
+    }
