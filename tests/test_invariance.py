@@ -1,7 +1,7 @@
 """The core invariant: a permuted model computes the same function.
 
 For every reference architecture, with its builder spec and its traced spec:
-``load_state_dict(apply_permutation(spec, random_permutation(spec, sd, seed), sd))`` gives the
+``load_state_dict(apply_permutation(spec, random_permutation(spec, sd, seed=seed), sd))`` gives the
 same outputs in float64 (eval mode, and train mode where BatchNorm matters, including the
 running statistics it updates).
 """
@@ -51,7 +51,7 @@ def check_invariance(
     model.train(train)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sizes = spec.validate(sd)
-    perm = random_permutation(spec, sd, seed)
+    perm = random_permutation(spec, sd, seed=seed)
     # the random permutation must actually move something in every group of size > 1
     for g, n in sizes.items():
         if n > 3:
@@ -156,7 +156,7 @@ def test_wrong_permutation_changes_function() -> None:
     spec = model.spec()
     broken = spec.with_groups({"fc0": [("fc0.weight", 0), ("fc0.bias", 0)]})  # no fc1 input
     sd = model.state_dict()
-    new = apply_permutation(broken, random_permutation(broken, sd, 0), sd)
+    new = apply_permutation(broken, random_permutation(broken, sd, seed=0), sd)
     m2 = copy.deepcopy(model)
     m2.load_state_dict(new)
     x = torch.randn(4, 6, dtype=torch.float64)

@@ -179,3 +179,10 @@ def test_type_checkers_see_every_lazy_export():
     assert not missing, f"lazy exports missing from the TYPE_CHECKING block: {missing}"
     wrong = {n: (seen[n], m) for n, m in pymerge._EXPORTS.items() if seen[n] != m}
     assert not wrong, f"TYPE_CHECKING imports from another module than _EXPORTS: {wrong}"
+
+
+def test_api_reference_names_every_public_name():
+    """docs/api.md, the one page that documents the API, mentions every top-level export."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    missing = sorted(n for n in pymerge._EXPORTS if f"`{n}" not in text)
+    assert not missing, f"public names missing from docs/api.md: {missing}"

@@ -139,7 +139,7 @@ def test_negative_axes_are_resolved() -> None:
         },
         free=["out.bias"],
     )
-    perm = random_permutation(spec, sd, 3)
+    perm = random_permutation(spec, sd, seed=3)
     ref = apply_permutation(mlp_spec(2), perm, sd)
     got = apply_permutation(spec, perm, sd)
     for k in sd:
@@ -154,7 +154,7 @@ def test_negative_axes_are_resolved() -> None:
 def test_bad_permutations_name_the_group() -> None:
     sd = _mlp_state()
     spec = mlp_spec(2)
-    good = random_permutation(spec, sd, 0)
+    good = random_permutation(spec, sd, seed=0)
     cases = [
         ({"fc1": good["fc1"]}, "missing group 'fc0'"),
         ({**good, "zz": torch.arange(2)}, "unknown group 'zz'"),
@@ -178,7 +178,7 @@ def test_head_structure_enforced() -> None:
     )
     sd = {"q": torch.randn(6, 2), "k": torch.randn(6, 2), "v": torch.randn(6, 2)}
     for seed in range(5):
-        p = random_permutation(spec, sd, seed)
+        p = random_permutation(spec, sd, seed=seed)
         apply_permutation(spec, p, sd)  # accepted
         assert torch.equal(p["qk"].view(2, 3) // 3, p["vo"].view(2, 3) // 3)
     split = {"qk": torch.tensor([0, 1, 3, 2, 4, 5]), "vo": torch.arange(6)}
@@ -193,7 +193,7 @@ def test_apply_does_not_mutate_and_matches_manual_indexing() -> None:
     sd = _mlp_state()
     snapshot = {k: v.clone() for k, v in sd.items()}
     spec = mlp_spec(2)
-    perm = random_permutation(spec, sd, 1)
+    perm = random_permutation(spec, sd, seed=1)
     perm_copy = {g: p.clone() for g, p in perm.items()}
     new = apply_permutation(spec, perm, sd)
     for k in sd:
@@ -211,7 +211,7 @@ def test_apply_does_not_mutate_and_matches_manual_indexing() -> None:
 def test_random_permutation_deterministic_and_seeded() -> None:
     sd = CNN(3, (8, 8), 4, "gn", image_size=4, gn_groups=2).state_dict()
     spec = CNN(3, (8, 8), 4, "gn", image_size=4, gn_groups=2).spec()
-    a, b, c = (random_permutation(spec, sd, s) for s in (5, 5, 6))
+    a, b, c = (random_permutation(spec, sd, seed=s) for s in (5, 5, 6))
     assert all(torch.equal(a[g], b[g]) for g in a)
     assert any(not torch.equal(a[g], c[g]) for g in a)
     for g, n in spec.validate(sd).items():
@@ -224,7 +224,7 @@ def test_invert_and_compose() -> None:
     model = TinyGPT(13, 8, 2, 1, 5)
     sd = model.state_dict()
     spec = model.spec()
-    p, q = random_permutation(spec, sd, 1), random_permutation(spec, sd, 2)
+    p, q = random_permutation(spec, sd, seed=1), random_permutation(spec, sd, seed=2)
     back = apply_permutation(spec, invert_permutation(p), apply_permutation(spec, p, sd))
     for k in sd:
         assert torch.equal(back[k], sd[k])
@@ -249,7 +249,7 @@ def test_index_map_and_permute_param_match_apply(make) -> None:
     model = make()
     sd = model.state_dict()
     spec = model.spec()
-    perm = random_permutation(spec, sd, 4)
+    perm = random_permutation(spec, sd, seed=4)
     new = apply_permutation(spec, perm, sd)
     imap = permutation_index_map(spec, perm, sd)
     assert set(imap) == set(spec.axes_to_perm)
@@ -291,7 +291,7 @@ def test_without_groups_with_free_and_merge() -> None:
     x = torch.randn(3, 5, dtype=torch.float64)
     for s in (frozen, free, merged, over):  # all still function-preserving
         other = copy.deepcopy(model)
-        other.load_state_dict(apply_permutation(s, random_permutation(s, sd, 7), sd))
+        other.load_state_dict(apply_permutation(s, random_permutation(s, sd, seed=7), sd))
         torch.testing.assert_close(model(x), other(x), rtol=1e-10, atol=1e-10)
     # a head-structured group freezes its whole structure
     gpt = TinyGPT(7, 8, 2, 1, 4).spec()
@@ -319,7 +319,7 @@ def test_random_mlp_widths_invariance(hidden, din, dout, seed) -> None:
     sd = model.state_dict()
     spec = model.spec()
     assert spec.validate(sd) == {f"fc{i}": h for i, h in enumerate(hidden)}
-    perm = random_permutation(spec, sd, seed)
+    perm = random_permutation(spec, sd, seed=seed)
     other = copy.deepcopy(model)
     other.load_state_dict(apply_permutation(spec, perm, sd))
     x = torch.randn(3, din, dtype=torch.float64)
@@ -334,7 +334,7 @@ def test_apply_on_cuda_state_with_cpu_permutation() -> None:
     model = TinyGPT(13, 8, 2, 1, 5)
     sd = model.state_dict()
     spec = model.spec()
-    perm = random_permutation(spec, sd, 2)
+    perm = random_permutation(spec, sd, seed=2)
     ref = apply_permutation(spec, perm, sd)
     cuda = {k: v.cuda() for k, v in sd.items()}
     got = apply_permutation(spec, perm, cuda)

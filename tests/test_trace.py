@@ -32,7 +32,7 @@ def _same_function(
     model = model.double().train(train)
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    perm = random_permutation(spec, sd, seed)
+    perm = random_permutation(spec, sd, seed=seed)
     new = apply_permutation(spec, perm, sd)
     other = copy.deepcopy(model)
     other.load_state_dict(new)
@@ -207,7 +207,7 @@ def test_tinygpt_traced_heads_and_segments() -> None:
         ("head.weight", 1),
         ("blocks.1.ln2.bias", 0),
     } <= res
-    perm = random_permutation(spec, model.state_dict(), 0)
+    perm = random_permutation(spec, model.state_dict(), seed=0)
     for h in spec.heads.values():  # whole heads move together, same head perm for qk and vo
         hp = [perm[g].view(4, 4) // 4 for g in h.groups]
         assert torch.equal(hp[0], hp[1]) and bool((hp[0] == hp[0][:, :1]).all())

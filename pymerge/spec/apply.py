@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from pymerge._util.args import check_seed
 from pymerge.spec.spec import AxisRef, PermutationSpec
 
 __all__ = [
@@ -183,7 +184,7 @@ def identity_permutation(spec: PermutationSpec, state: Mapping[str, torch.Tensor
 
 
 def random_permutation(
-    spec: PermutationSpec, state: Mapping[str, torch.Tensor], seed: int = 0
+    spec: PermutationSpec, state: Mapping[str, torch.Tensor], *, seed: int = 0
 ) -> Permutation:
     """A uniformly random permutation of every group, deterministic for ``seed``.
 
@@ -191,7 +192,7 @@ def random_permutation(
     and an independent within-head permutation per group and head.
     """
     sizes = spec.validate(state)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     out: Permutation = {}
     for name in sorted(spec.heads):
         h = spec.heads[name]
