@@ -1,0 +1,41 @@
+"""``pymerge info``: the version, where pymerge is imported from, and the backends in use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["add_parser", "run", "installation"]
+
+
+def installation() -> dict[str, str]:
+    """``version``, ``location`` (the imported package's folder) and :func:`pymerge.backends`."""
+    import os
+
+    import pymerge
+
+    location = os.path.dirname(os.path.abspath(pymerge.__file__))
+    return {"version": pymerge.__version__, "location": location, **pymerge.backends()}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "info",
+        help="show the version and the backends in use",
+        description="Show pymerge's version, where it is imported from, and which backend each "
+        "primitive uses (native C++ / NumPy fallback for assignment; Triton, native or torch "
+        "for the tensor kernels).",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    info = installation()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
