@@ -20,6 +20,7 @@ from pymerge.spec.builders import cnn_spec, mlp_spec, resnet_spec, transformer_s
 from pymerge.spec.interpolate import aligned_interpolate
 from pymerge.spec.spec import ActivationPoint, AxisRef, HeadStructure, PermutationSpec
 from pymerge.spec.trace import spec_from_model
+from pymerge.spec.tracing import register_function_rule, register_module_rule
 
 __all__ = [
     "ActivationPoint",
@@ -38,6 +39,8 @@ __all__ = [
     "permutation_index_map",
     "permute_param",
     "random_permutation",
+    "register_function_rule",
+    "register_module_rule",
     "resnet_spec",
     "spec_from_model",
     "transformer_spec",

@@ -7,7 +7,8 @@ the function / method name. The built-in rules are registered through the same A
 
 - :mod:`~pymerge.spec.tracing.modules`: Linear, convolutions, Embedding, PReLU, activations
   and pass-through modules, pooling, Upsample, Flatten;
-- :mod:`~pymerge.spec.tracing.norms`: BatchNorm, InstanceNorm, LayerNorm, GroupNorm;
+- :mod:`~pymerge.spec.tracing.norms`: BatchNorm, InstanceNorm, LayerNorm, ``F.layer_norm``,
+  GroupNorm;
 - :mod:`~pymerge.spec.tracing.attention`: MultiheadAttention, scaled dot-product attention;
 - :mod:`~pymerge.spec.tracing.functions`: elementwise ops, reductions, softmax, matmul,
   ``F.linear``, functional pooling and padding, expand, size queries;

@@ -1,16 +1,18 @@
-"""Norm rules: batch and instance norms (channels), LayerNorm, GroupNorm (head-structured
-channel blocks)."""
+"""Norm rules: batch and instance norms (channels), LayerNorm (module and ``F.layer_norm``),
+GroupNorm (head-structured channel blocks)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from pymerge.spec.tracing.call import Call
 from pymerge.spec.tracing.primitives import passthrough
-from pymerge.spec.tracing.registry import register_module_rule
-from pymerge.spec.tracing.values import Value
+from pymerge.spec.tracing.registry import register_function_rule, register_module_rule
+from pymerge.spec.tracing.values import Pieces, Value
 
 _STATS = ("running_mean", "running_var", "num_batches_tracked")
 _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
@@ -58,6 +60,40 @@ def layer_norm(call: Call) -> Any:
             if mod.bias is not None:
                 call.join(pieces, call.key("bias"), ax)
     return passthrough(call)
+
+
+@register_function_rule(F.layer_norm)
+def layer_norm_fn(call: Call) -> Any:
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` (what a channels-first
+    ``LayerNorm2d`` calls after permuting): as the module, with ``weight`` / ``bias`` read
+    from the graph (parameters join the groups; any other tensor freezes them)."""
+    x = call.x
+    ns = call.arg(1, "normalized_shape")
+    if not isinstance(ns, (int, list, tuple)) or any(isinstance(n, fx.Node) for n in _seq(ns)):
+        return call.unsupported("layer_norm over a non-constant normalized_shape")
+    k = len(_seq(ns))
+    affine = [call.input(2, "weight"), call.input(3, "bias")]
+    affine = [a for a in affine if isinstance(a, Value)]
+    if any(a.tags for a in affine) or x.params:
+        return call.unsupported("layer_norm with computed or permuted affine parameters")
+    for d, pieces in x.tags.items():
+        if d >= x.ndim - k:
+            for a in affine:
+                _join_affine(call, pieces, a, d - (x.ndim - k))
+    return passthrough(call)
+
+
+def _seq(ns: Any) -> tuple:
+    return (ns,) if isinstance(ns, int) else tuple(ns)
+
+
+def _join_affine(call: Call, pieces: Pieces, a: Value, ax: int) -> None:
+    axes = [(key, mp.get(ax)) for key, mp in a.params]
+    if not axes or any(p is None for _, p in axes):  # a constant or a sliced parameter
+        call.freeze_pieces(pieces, f"normalised with unpermuted weights in {call.node.name}")
+    for key, p in axes:
+        if p is not None:
+            call.join(pieces, key, p)
 
 
 @register_module_rule(nn.GroupNorm, kind="norm")
