@@ -3,14 +3,21 @@
 Low-level checks of the module the ``native`` backend of ``pymerge.ops.interpolate`` calls:
 binary16/bfloat16 conversions against torch's on every (or many) values, the scalar and
 AVX2 loops bit-identical for every dtype pair and input count, threaded ranges identical to
-one thread, errors. The front is tested with the other backends in test_interpolate.py.
+one thread, the checked buffers (wrong sizes, dtypes, layouts, maps and scalars passed
+straight to the module are errors that name the buffer, and nothing is written), the GIL
+released during the loops. The front is tested with the other backends in
+test_interpolate.py.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from pymerge._backend import choose_kernels, native_multi_tensor
 
@@ -37,15 +44,19 @@ def _weighted(xs, w, out_dtype, threads=1):
     numels = [x.numel() for x in xs[0]]
     flat = torch.full((sum(numels),), float("nan"), dtype=out_dtype)
     mt.weighted_sum(
-        [[x.data_ptr() for x in row] for row in xs],
-        flat.data_ptr(),
-        numels,
+        [[to_dlpack(x) for x in row] for row in xs],
+        to_dlpack(flat),
         w,
         NAMES[xs[0][0].dtype],
         NAMES[out_dtype],
         threads,
     )
     return list(flat.split(numels))
+
+
+def _np16(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy NumPy view of a tensor; fp16/bf16 as the 16-bit integers of their bits."""
+    return t.view(torch.int16).numpy() if t.element_size() == 2 else t.numpy()
 
 
 @pytest.fixture
@@ -151,29 +162,266 @@ def test_threads_split_ranges_inside_tensors_identically():
         assert _same(p.float(), q.float())
 
 
+def test_numpy_views_give_the_same_bits_as_dlpack_capsules():
+    """Zero-copy NumPy views (16-bit integer views for fp16/bf16) are read like capsules."""
+    for in_dtype in (F32, F16, BF16):
+        xs = _random_lists(3, [0, 5, 1025], in_dtype, seed=3)
+        w = [0.5, -1.25, 3.0]
+        for out_dtype in (F32, F16, BF16):
+            ref = torch.cat(_weighted(xs, w, out_dtype))
+            flat = torch.full((ref.numel(),), float("nan"), dtype=out_dtype)
+            mt.weighted_sum(
+                [[_np16(x) for x in row] for row in xs],
+                _np16(flat),
+                w,
+                NAMES[in_dtype],
+                NAMES[out_dtype],
+            )
+            assert _same(flat.float(), ref.float()), (in_dtype, out_dtype)
+    x = torch.randn(6, dtype=F16)
+    out = torch.empty(6, dtype=F16)
+    mt.weighted_sum([[x.numpy()]], out.numpy(), [1.0], "float16", "float16")  # numpy float16
+    assert torch.equal(out, x)
+
+
+def _guarded(n: int, dtype=F32, guard: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NaN-poisoned buffer of n elements inside a bigger one whose guard elements around
+    it must stay untouched: (whole, the n elements)."""
+    whole = torch.full((n + 2 * guard,), 7.0, dtype=dtype)
+    inner = whole[guard : guard + n]
+    inner.fill_(float("nan"))
+    return whole, inner
+
+
+def _untouched(whole: torch.Tensor, guard: int = 8) -> bool:
+    inner = whole[guard:-guard]
+    return bool((whole[:guard] == 7).all() and (whole[-guard:] == 7).all() and inner.isnan().all())
+
+
+def test_wrong_sizes_are_errors_naming_the_buffer_and_nothing_is_written():
+    x, y = torch.randn(2, 5), torch.randn(10)
+    D = to_dlpack
+    for n in (9, 11, 0):  # out one too small, one too large, empty
+        whole, out = _guarded(n)
+        with pytest.raises(
+            ValueError, match=rf"out has {n} elements, the 1 tensors of inputs\[0\] have 10"
+        ):
+            mt.weighted_sum([[D(x)]], D(out), [1.0], "float32", "float32")
+        assert _untouched(whole)
+    whole, out = _guarded(10)
+    with pytest.raises(
+        ValueError, match=r"inputs\[1\]\[0\] has 9 elements, inputs\[0\]\[0\] has 10"
+    ):
+        mt.weighted_sum([[D(x)], [D(y[:9])]], D(out), [1.0, 1.0], "float32", "float32")
+    with pytest.raises(ValueError, match=r"inputs\[1\] has 2 buffers, inputs\[0\] has 1"):
+        mt.weighted_sum([[D(x)], [D(y), D(y)]], D(out), [1.0, 1.0], "float32", "float32")
+    assert _untouched(whole)
+    # the same through NumPy views
+    with pytest.raises(ValueError, match=r"out has 9 elements"):
+        mt.weighted_sum([[x.numpy()]], np.empty(9, np.float32), [1.0], "float32", "float32")
+    # permuted_lerp: b of another size, out not M rows of the total, a plan of another size
+    whole, out = _guarded(2 * 10)
+    call = lambda **kw: mt.permuted_lerp(  # noqa: E731
+        **{
+            "a": [D(x)],
+            "b": [D(y)],
+            "plans": [None],
+            "out": D(out),
+            "alphas": [0.25, 0.5],
+            "in_dtype": "float32",
+            "out_dtype": "float32",
+            **kw,
+        }
+    )
+    with pytest.raises(ValueError, match=r"b\[0\] has 9 elements, a\[0\] has 10"):
+        call(b=[D(y[:9])])
+    with pytest.raises(
+        ValueError, match=r"out has 20 elements, 3 alphas x 10 elements of a need 30"
+    ):
+        call(alphas=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"plans\[0\] gathers a \[3, 3\] matrix, a\[0\] has 10"):
+        call(plans=[mt.GatherPlan(3, 3, colmap=np.arange(3))])
+    with pytest.raises(TypeError, match=r"plans\[0\] must be None or a GatherPlan, got tuple"):
+        call(plans=[(2, 5, 0, 0, 0, 0)])
+    with pytest.raises(ValueError, match="plans has 2 entries for 1 tensors"):
+        call(plans=[None, None])
+    assert _untouched(whole)
+    call()  # the same arguments with the right sizes work
+    assert torch.equal(
+        out.view(2, 10),
+        torch.stack([0.75 * x.reshape(-1) + 0.25 * y, 0.5 * x.reshape(-1) + 0.5 * y]),
+    )
+
+
+def test_wrong_dtypes_layouts_and_kinds_are_errors():
+    D = to_dlpack
+    x = torch.randn(4, 6)
+    out = torch.empty(24)
+    ws = lambda inp, o=None, i="float32", od="float32": mt.weighted_sum(  # noqa: E731
+        [[inp]], D(out) if o is None else o, [1.0], i, od
+    )
+    with pytest.raises(TypeError, match=r"inputs\[0\]\[0\] has dtype float16, expected bfloat16"):
+        ws(D(x.half()), i="bfloat16")
+    with pytest.raises(TypeError, match=r"inputs\[0\]\[0\] has dtype bfloat16, expected float16"):
+        ws(D(x.bfloat16()), i="float16")
+    with pytest.raises(TypeError, match=r"inputs\[0\]\[0\] has dtype float64, expected float32"):
+        ws(D(x.double()))
+    with pytest.raises(TypeError, match=r"inputs\[0\]\[0\] has dtype int32, expected float32"):
+        ws(np.zeros(24, np.int32))
+    with pytest.raises(TypeError, match=r"has dtype float16, expected int16 or uint16"):
+        ws(np.zeros(24, np.float16), i="bfloat16")  # numpy float16 bits are not bf16
+    with pytest.raises(TypeError, match=r"has dtype >f4, expected float32"):
+        ws(np.zeros(24, ">f4"))  # byte-swapped
+    with pytest.raises(TypeError, match=r"out has dtype float32, expected bfloat16"):
+        ws(D(x), od="bfloat16")
+    assert issubclass(mt.NotContiguousError, ValueError)  # the front retries on it
+    with pytest.raises(
+        mt.NotContiguousError,
+        match=r"inputs\[0\]\[0\] is not contiguous \(shape \(6, 4\), strides \(1, 6\)\)",
+    ):
+        ws(D(x.t()))
+    with pytest.raises(mt.NotContiguousError, match=r"inputs\[0\]\[0\] is not C-contiguous"):
+        ws(np.zeros(48, np.float32)[::2])
+    with pytest.raises(ValueError, match=r"inputs\[0\]\[0\] is not aligned"):
+        ws(np.frombuffer(bytearray(100), np.uint8)[1:97].view(np.float32))
+    ro = np.zeros(24, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        ws(D(x), o=ro)
+    with pytest.raises(
+        TypeError, match=r"inputs\[0\]\[0\] must be a NumPy array or a DLPack capsule.*got Tensor"
+    ):
+        ws(x)
+    with pytest.raises(TypeError, match=r"inputs\[0\] must be a list or tuple, got generator"):
+        mt.weighted_sum([(D(x) for _ in range(1))], D(out), [1.0], "float32", "float32")
+    cap = D(x)
+    torch.utils.dlpack.from_dlpack(cap)  # consumes the capsule
+    with pytest.raises(TypeError, match="'used_dltensor' is not an unconsumed DLPack tensor"):
+        ws(cap)
+    with pytest.raises(ValueError, match=r"out overlaps inputs\[0\]\[0\]"):
+        ws(D(x), o=D(x.view(-1)))  # in place
+    with pytest.raises(TypeError, match=r"weights\[0\] = 'x' is not a number"):
+        mt.weighted_sum([[D(x)]], D(out), ["x"], "float32", "float32")
+    with pytest.raises(TypeError, match="in_dtype must be"):
+        mt.weighted_sum([[D(x)]], D(out), [1.0], "float64", "float32")
+    with pytest.raises(TypeError, match="out_dtype must be"):
+        mt.weighted_sum([[D(x)]], D(out), [1.0], "float32", torch.float32)
+
+
 def test_errors_name_the_problem():
     x = torch.zeros(4)
-    p = x.data_ptr()
+    D = to_dlpack
     with pytest.raises(ValueError, match="2 weights for 1 input lists"):
-        mt.weighted_sum([[p]], p, [4], [1.0, 2.0], "float32", "float32")
-    with pytest.raises(ValueError, match=r"inputs\[0\] has 1 addresses for 2 numels"):
-        mt.weighted_sum([[p]], p, [2, 2], [1.0], "float32", "float32")
-    with pytest.raises(ValueError, match=r"inputs\[1\] has 2 addresses for 1 numels"):
-        mt.weighted_sum([[p], [p, p]], p, [4], [1.0, 1.0], "float32", "float32")
-    with pytest.raises(TypeError, match="in_dtype must be"):
-        mt.weighted_sum([[p]], p, [4], [1.0], "float64", "float32")
-    with pytest.raises(ValueError, match="null address for tensor 0"):
-        mt.weighted_sum([[0]], p, [4], [1.0], "float32", "float32")
-    with pytest.raises(ValueError, match=r"numels\[0\] < 0"):
-        mt.weighted_sum([[p]], p, [-1], [1.0], "float32", "float32")
-    with pytest.raises(ValueError, match="threads"):
-        mt.weighted_sum([[p]], p, [4], [1.0], "float32", "float32", 0)
+        mt.weighted_sum([[D(x)]], D(torch.zeros(4)), [1.0, 2.0], "float32", "float32")
     with pytest.raises(ValueError, match="empty"):
-        mt.weighted_sum([], p, [4], [], "float32", "float32")
+        mt.weighted_sum([], D(x), [], "float32", "float32")
     with pytest.raises(ValueError, match="not available"):
         mt._set_simd("avx9000")
-    # zero-length tensors may have null addresses
-    mt.weighted_sum([[0]], 0, [0], [1.0], "float32", "float32")
+    # zero-length buffers and no tensors at all are fine
+    mt.weighted_sum([[D(torch.zeros(0))]], D(torch.zeros(0)), [1.0], "float32", "float32")
+    mt.weighted_sum([[]], D(torch.zeros(0)), [1.0], "float32", "float32")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**40, 2**70, True, 1.5, "2", None])
+def test_threads_out_of_range_is_a_clear_error(bad):
+    D = to_dlpack
+    x = torch.zeros(4)
+    kind = ValueError if isinstance(bad, int) and not isinstance(bad, bool) else TypeError
+    with pytest.raises(kind, match=r"threads.*\[1, 1024\]") as info:
+        mt.weighted_sum([[D(x)]], D(torch.zeros(4)), [1.0], "float32", "float32", bad)
+    assert "Invoked with" not in str(info.value)  # not pybind's signature dump
+    with pytest.raises(kind, match=r"threads.*\[1, 1024\]"):
+        mt.permuted_lerp(
+            [D(x)], [D(x)], [None], D(torch.zeros(4)), [0.5], "float32", "float32", bad
+        )
+    mt.weighted_sum([[D(x)]], D(torch.zeros(4)), [1.0], "float32", "float32", 1024)
+
+
+def test_gather_plans_are_validated_when_made():
+    with pytest.raises(
+        ValueError,
+        match=r"rowmap\[1\] = 4 is not a row offset \(source row \* 3, source row in \[0, 2\)\)",
+    ):
+        mt.GatherPlan(2, 3, rowmap=np.array([3, 4]))
+    with pytest.raises(ValueError, match=r"rowmap\[0\] = 6 is not a row offset"):
+        mt.GatherPlan(2, 3, rowmap=np.array([6, 0]))  # row 2 of a 2-row matrix
+    with pytest.raises(ValueError, match=r"rowmap\[0\] = -3 is not a row offset"):
+        mt.GatherPlan(2, 3, rowmap=np.array([-3, 0]))
+    with pytest.raises(ValueError, match="rowmap has 3 entries, expected 2"):
+        mt.GatherPlan(2, 3, rowmap=np.array([0, 3, 0]))
+    with pytest.raises(ValueError, match=r"colmap\[2\] = 3 is out of range \[0, 3\)"):
+        mt.GatherPlan(2, 3, colmap=np.array([0, 1, 3]))
+    with pytest.raises(ValueError, match=r"colmap\[0\] = -1 is out of range"):
+        mt.GatherPlan(2, 3, colmap=np.array([-1, 1, 2]))
+    with pytest.raises(TypeError, match="colmap has dtype int32, expected int64"):
+        mt.GatherPlan(2, 3, colmap=np.array([0, 1, 2], np.int32))
+    with pytest.raises(ValueError, match="give colmap or runs, not both"):
+        mt.GatherPlan(1, 3, colmap=np.arange(3), runs=np.array([[0, 0, 3]]))
+    bad_runs = {
+        "gap": [[0, 0, 2], [3, 3, 3]],
+        "overlap": [[0, 0, 4], [3, 3, 3]],
+        "source past the end": [[0, 0, 3], [3, 4, 3]],
+        "zero length": [[0, 0, 0], [0, 0, 6]],
+        "negative source": [[0, -1, 3], [3, 3, 3]],
+    }
+    for why, runs in bad_runs.items():
+        with pytest.raises(ValueError, match="does not continue the runs"):
+            mt.GatherPlan(1, 6, runs=np.array(runs))
+            pytest.fail(why)
+    with pytest.raises(ValueError, match=r"runs cover columns \[0, 3\), not \[0, 6\)"):
+        mt.GatherPlan(1, 6, runs=np.array([[0, 3, 3]]))
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        mt.GatherPlan(1, 6, runs=np.arange(4))
+    with pytest.raises(ValueError, match="rows=-1 is out of range"):
+        mt.GatherPlan(-1, 3)
+    with pytest.raises(ValueError, match="overflows"):
+        mt.GatherPlan(2**40, 2**40)
+    plan = mt.GatherPlan(2, 3, rowmap=np.array([3, 0]), colmap=torch.tensor([2, 0, 1]).numpy())
+    assert (plan.rows, plan.cols, plan.nbytes) == (2, 3, 40)
+    # the plan owns a copy: changing the arrays afterwards changes nothing
+    src = np.array([2, 0, 1])
+    plan = mt.GatherPlan(1, 3, colmap=src)
+    src[:] = 10**9
+    a, b = torch.zeros(3), torch.tensor([1.0, 2.0, 3.0])
+    out = torch.empty(3)
+    mt.permuted_lerp(
+        [to_dlpack(a)], [to_dlpack(b)], [plan], to_dlpack(out), [1.0], "float32", "float32"
+    )
+    assert out.tolist() == [3.0, 1.0, 2.0]
+
+
+def test_the_gil_is_released_during_the_loops():
+    """Python code on another thread runs while the C++ loops do."""
+    n = 1 << 22
+    xs = [[torch.randn(n)] for _ in range(6)]
+    out = torch.empty(n)
+    args = (
+        [[to_dlpack(x) for x in row] for row in xs],
+        to_dlpack(out),
+        [0.1] * 6,
+        "float32",
+        "float32",
+    )
+    mt.weighted_sum(*args)  # warm (first touch of out)
+    window = []
+    started = threading.Event()
+
+    def work():
+        started.set()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            mt.weighted_sum(*args)
+            window.append((t0, time.perf_counter()))
+
+    ticks = []
+    th = threading.Thread(target=work)
+    th.start()
+    started.wait()
+    while th.is_alive():
+        ticks.append(time.perf_counter())
+    th.join()
+    inside = sum(1 for t in ticks for lo, hi in window if lo < t < hi)
+    assert inside > 0, "no Python code ran on another thread during the calls"
 
 
 def test_backend_choice_for_ops_with_and_without_native_loops(monkeypatch):
@@ -192,21 +440,26 @@ def test_backend_choice_for_ops_with_and_without_native_loops(monkeypatch):
 
 
 def _permuted_call(a, b, rmap, cmap, runs, alphas, out_dtype, threads):
-    """permuted_lerp on one list of 2-D tensors (rmap/cmap/runs: tensors or None each)."""
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    """permuted_lerp on one list of 2-D tensors (rmap/cmap/runs: tensors or None each; runs
+    replace the column map when given)."""
+    np_or_none = lambda t: None if t is None else t.numpy()  # noqa: E731
+    plans = [
+        mt.GatherPlan(
+            x.shape[0],
+            x.shape[1],
+            rowmap=np_or_none(r),
+            colmap=np_or_none(c) if ru is None else None,
+            runs=np_or_none(ru),
+        )
+        for x, r, c, ru in zip(a, rmap, cmap, runs, strict=True)
+    ]
     numels = [x.numel() for x in a]
     out = torch.full((len(alphas), sum(numels)), float("nan"), dtype=out_dtype)
-    rows_out = list(out.unbind(0))
     mt.permuted_lerp(
-        [x.data_ptr() for x in a],
-        [x.data_ptr() for x in b],
-        [x.shape[0] for x in a],
-        [x.shape[1] for x in a],
-        [ptr(r) for r in rmap],
-        [ptr(c) for c in cmap],
-        [ptr(r) for r in runs],
-        [0 if r is None else r.shape[0] for r in runs],
-        [o.data_ptr() for o in rows_out],
+        [to_dlpack(x) for x in a],
+        [to_dlpack(x) for x in b],
+        plans,
+        to_dlpack(out),
         alphas,
         NAMES[a[0].dtype],
         NAMES[out_dtype],
@@ -259,37 +512,36 @@ def test_permuted_lerp_gathers_rows_columns_and_runs_like_torch():
 
 def test_permuted_lerp_errors():
     x = torch.zeros(2, 3)
-    p = x.data_ptr()
+    D = to_dlpack
     call = lambda **kw: mt.permuted_lerp(  # noqa: E731
         **{
-            "a": [p],
-            "b": [p],
-            "rows": [2],
-            "cols": [3],
-            "rowmaps": [0],
-            "colmaps": [0],
-            "colruns": [0],
-            "ncolruns": [0],
-            "outs": [p],
+            "a": [D(x)],
+            "b": [D(x)],
+            "plans": [None],
+            "out": D(torch.zeros(2, 3)),
             "alphas": [0.5],
             "in_dtype": "float32",
             "out_dtype": "float32",
             **kw,
         }
     )
-    with pytest.raises(ValueError, match="rows has 2 entries for 1 tensors"):
-        call(rows=[2, 2])
+    with pytest.raises(ValueError, match="b has 2 entries for 1 tensors"):
+        call(b=[D(x), D(x)])
     with pytest.raises(ValueError, match="alphas is empty"):
-        call(alphas=[], outs=[])
-    with pytest.raises(ValueError, match="got 1 outputs for 2 alphas"):
+        call(alphas=[])
+    with pytest.raises(ValueError, match="out has 6 elements, 2 alphas x 6 elements of a need 12"):
         call(alphas=[0.1, 0.2])
-    with pytest.raises(ValueError, match="null address for tensor 0"):
-        call(b=[0])
-    with pytest.raises(ValueError, match="negative shape"):
-        call(cols=[-3])
+    with pytest.raises(TypeError, match=r"b\[0\] has dtype bfloat16, expected float32"):
+        call(b=[D(x.bfloat16())])
+    with pytest.raises(ValueError, match=r"b\[0\] is not contiguous"):
+        call(b=[D(torch.zeros(3, 2).t())])
+    with pytest.raises(ValueError, match=r"out overlaps a\[0\]"):
+        call(out=D(x))
+    with pytest.raises(ValueError, match=r"out overlaps b\[0\]"):
+        call(a=[D(torch.zeros(2, 3))], out=D(x))
     with pytest.raises(TypeError, match="out_dtype must be"):
         call(out_dtype="int8")
     out = torch.full((2, 3), float("nan"))
     ones = torch.ones(2, 3)
-    call(outs=[out.data_ptr()], b=[ones.data_ptr()])
+    call(out=D(out), b=[D(ones)])
     assert torch.equal(out, torch.full((2, 3), 0.5))
