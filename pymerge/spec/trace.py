@@ -3,7 +3,10 @@
 The model is symbolically traced, shapes are propagated on the example inputs, and every
 tensor dimension that carries permutable features gets *tags*: pieces of union-find elements
 (feature groups). Nodes are processed once each in topological order (no recursion), so deep
-networks are fine.
+networks are fine. Each node is handled by the rule registered for its module type, function
+or method (:mod:`pymerge.spec.tracing`; :func:`pymerge.spec.register_module_rule` and
+:func:`pymerge.spec.register_function_rule` add rules, ``docs/tracing.md`` says how). What the
+built-in rules do:
 
 - Linear / Conv / ConvTranspose / Embedding / MultiheadAttention outputs start elements;
   their inputs' feature axes join the producer's element (weight axis 1, ...).
