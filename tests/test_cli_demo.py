@@ -78,14 +78,23 @@ def test_demo_checks_the_png_path_before_any_work(capsys, tmp_path):
     assert "[1/" not in captured.out
 
 
-def test_source_tree_warning_names_the_fix(monkeypatch):
+@pytest.mark.parametrize("in_tree", [True, False])
+def test_missing_compiled_modules_warning_names_the_fix(monkeypatch, in_tree):
     from pymerge import _backend
 
-    assert demo._source_tree_warning() is None or "missing" in demo._source_tree_warning()
     monkeypatch.setattr(_backend, "native_lap", lambda: None)
+    monkeypatch.setattr(demo, "_in_source_tree", lambda where: in_tree)
     text = demo._source_tree_warning()
-    assert "pymerge._lap" in text and "fallback" in text
-    assert "pip install" in text
+    assert "pymerge._lap" in text and "fallback" in text and "pip install" in text
+    assert ("source tree" in text) == in_tree
+
+
+def test_no_warning_when_the_compiled_modules_are_there(monkeypatch):
+    from pymerge import _backend
+
+    monkeypatch.setattr(_backend, "native_lap", lambda: object())
+    monkeypatch.setattr(_backend, "native_multi_tensor", lambda: object())
+    assert demo._source_tree_warning() is None
 
 
 def test_full_demo_sizes_are_the_documented_ones():

@@ -125,7 +125,9 @@ def backend_line() -> str:
 
 
 def _median_time(fn: Callable[[], float], repeat: int) -> tuple[float, float]:
-    times, value = [], float("nan")
+    """Median wall time of ``repeat`` calls after one untimed warm-up call, and the value."""
+    value = fn()
+    times = []
     for _ in range(max(1, repeat)):
         t0 = time.perf_counter()
         value = fn()

@@ -198,6 +198,7 @@ def _matplotlib_missing() -> bool:
 
 
 def _median_ms(fn, repeat: int) -> float:
+    fn()  # warm-up
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -206,33 +207,35 @@ def _median_ms(fn, repeat: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _in_source_tree(package_dir: str) -> bool:
+    """True when ``package_dir`` is the ``pymerge/`` folder of a source checkout."""
+    return os.path.exists(os.path.join(package_dir, os.pardir, "CMakeLists.txt"))
+
+
 def _source_tree_warning() -> str | None:
     """A warning when the compiled modules are missing, naming the fix."""
-    from pymerge._backend import native_lap, native_multi_tensor
+    from pymerge import _backend
 
-    missing = [
-        n
-        for n, m in (("_lap", native_lap()), ("_multi_tensor", native_multi_tensor()))
-        if m is None
-    ]
+    modules = (("_lap", _backend.native_lap()), ("_multi_tensor", _backend.native_multi_tensor()))
+    missing = [name for name, module in modules if module is None]
     if not missing:
         return None
     import pymerge
 
     where = os.path.dirname(os.path.abspath(pymerge.__file__))
-    in_tree = os.path.exists(os.path.join(where, os.pardir, "CMakeLists.txt"))
     text = (
         f"warning: the compiled modules {', '.join('pymerge.' + m for m in missing)} are "
         f"missing, so the slow fallbacks run"
     )
-    if in_tree:
-        text += (
+    if _in_source_tree(where):
+        return text + (
             f" (pymerge was imported from the source tree {where}: install it with "
             f"`pip install .` and run the `pymerge` command, not `python -m pymerge` here)"
         )
-    else:
-        text += " (reinstall pymerge with a C++17 compiler available)"
-    return text
+    return text + (
+        " (reinstall pymerge where a C++17 compiler is available: `pip install --force-reinstall "
+        "--no-deps .` from its source folder)"
+    )
 
 
 # --------------------------------------------------------------------------- the command
