@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pymerge.ops._perm_maps import build_maps, matrix_view  # noqa: F401  (re-exported)
-
 DEFAULT_BR = 4
 DEFAULT_BC = 512
 DEFAULT_SEG = 8192
@@ -144,7 +142,11 @@ def _build_tables(a_list, b_list, maps, out_offsets, br, seg, device):
     n_rt = []
     n_ct = []
     for a, b, (rmap, cmap), oo in zip(a_list, b_list, maps, out_offsets, strict=True):
-        R, C = matrix_view(a.shape)
+        R, C = rmap.numel(), cmap.numel()  # the matrix view [R, C] of the tensor
+        if R * C != a.numel() or b.numel() != a.numel():
+            raise ValueError(
+                f"maps for a [{R}, {C}] matrix, tensors of {a.numel()} and {b.numel()} elements"
+            )
         da = a.data_ptr() - a_base.data_ptr()
         db = b.data_ptr() - b_base.data_ptr()
         if da % a_es or db % b_es:
@@ -193,8 +195,10 @@ def permuted_lerp_(
     Args:
         a_list, b_list: ``T`` contiguous tensors each (one dtype per list, one device);
             ``a_i`` and ``b_i`` have the same shape.
-        maps: per tensor ``(rowmap [R], colmap [C])`` int64 CPU tensors from ``build_maps``
-            (rowmap entries are source row * C). Equal map objects are stored once.
+        maps: per tensor ``(rowmap [R], colmap [C])`` int64 CPU tensors of its matrix view
+            ``[R, C]`` (``R * C`` elements; rowmap entries are source row * C, colmap entries
+            source columns, all in range: the caller validates them). Equal map objects are
+            stored once.
         alphas: fp32 ``[M]`` on the device.
         out: ``[M, L]`` contiguous output buffer; tensor ``i`` goes to
             ``out[:, off_i : off_i + numel_i]``.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -570,28 +569,16 @@ def test_permuted_native_simd_paths_bit_identical():
         mt._set_simd(before)
 
 
-def test_permutation_spec_goes_through_index_map(monkeypatch):
-    a, b, spec, _ = _perm_setup(80)
-    calls = []
+def test_permutation_spec_is_refused_by_ops_with_a_pointer_to_spec():
+    """ops knows nothing of specs: a PermutationSpec goes to pymerge.spec.aligned_interpolate."""
+    from pymerge.testing.models import MLP
 
-    class FakeSpec:
-        perm_to_axes = {"g": []}
-
-    def fake_map(s, perm, state):
-        calls.append((s, perm, state))
-        return spec
-
-    fake = types.ModuleType("pymerge.spec")
-    fake.permutation_index_map = fake_map
-    monkeypatch.setitem(sys.modules, "pymerge.spec", fake)
-    fs, perm = FakeSpec(), {"g": torch.arange(3)}
-    out = permuted_interpolate(a, b, 0.5, fs, perm, backend="torch")
-    assert calls and calls[0][0] is fs and calls[0][1] is perm and calls[0][2] is b
-    ref = permuted_interpolate(a, b, 0.5, spec, backend="torch")
-    for k in a:
-        assert torch.equal(out[k], ref[k])
-    with pytest.raises(TypeError, match="needs perm"):
-        permuted_interpolate(a, b, 0.5, fs)
+    model = MLP(in_dim=3, hidden=(4,), out_dim=2)
+    sd = model.state_dict()
+    with pytest.raises(
+        TypeError, match=r"got PermutationSpec; .*pymerge\.spec\.aligned_interpolate"
+    ):
+        permuted_interpolate(sd, sd, 0.5, model.spec(), {"fc0": torch.arange(4)})
 
 
 def _spec_models():
@@ -606,8 +593,9 @@ def _spec_models():
 @pytest.mark.parametrize("backend", INTERP_BACKENDS)
 @pytest.mark.parametrize("model_index", [0, 1])
 def test_permuted_with_real_permutation_spec(backend, model_index):
-    """PermutationSpec + perm (heads, packed in_proj segments, inner blocks) through
-    pymerge.spec.permutation_index_map: alpha=1 is exactly apply_permutation(spec, perm, B)."""
+    """The spec-level wrapper pymerge.spec.aligned_interpolate (PermutationSpec + perm: heads,
+    packed in_proj segments, inner blocks, through permutation_index_map and the ops' fused
+    path): alpha=1 is exactly apply_permutation(spec, perm, B)."""
     import pymerge.spec as spec_mod
 
     model = list(_spec_models())[model_index]
@@ -620,7 +608,7 @@ def test_permuted_with_real_permutation_spec(backend, model_index):
     }
     perm = spec_mod.random_permutation(spec, b, seed=3)
     pb = spec_mod.apply_permutation(spec, perm, b)
-    out = permuted_interpolate(a, b, [0.0, 0.5, 1.0], spec, perm, backend=backend)
+    out = spec_mod.aligned_interpolate(spec, perm, a, b, [0.0, 0.5, 1.0], backend=backend)
     for k in a:
         assert torch.equal(out[0][k], a[k]), k
         assert torch.equal(out[2][k], pb[k] if a[k].is_floating_point() else a[k]), k

@@ -30,9 +30,14 @@ def normalise_axes(
 ) -> dict[str, list[tuple[int, torch.Tensor]]]:
     """Validated ``key -> [(axis, int64 CPU index)]`` (indices checked to be permutations)."""
     if not isinstance(spec_axes, Mapping):
+        hint = (
+            "; for a PermutationSpec call pymerge.spec.aligned_interpolate(spec, perm, a, b, alpha)"
+            if hasattr(spec_axes, "perm_to_axes")
+            else ""
+        )
         raise TypeError(
-            "spec_axes must be a mapping param -> ((axis, index), ...) or a PermutationSpec, "
-            f"got {type(spec_axes).__name__}"
+            "spec_axes must be a mapping param -> ((axis, index), ...), "
+            f"got {type(spec_axes).__name__}{hint}"
         )
     raw: dict[str, list[tuple[int, Any, str]]] = {}
     for key, entries in spec_axes.items():

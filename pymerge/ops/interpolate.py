@@ -611,9 +611,9 @@ def permuted_interpolate(
         alpha: a float, or a sequence / 1-D tensor of floats (many alphas in one pass).
         spec_axes: mapping ``param -> ((axis, index), ...)`` with full-length integer
             index tensors (permutations of ``range(shape[axis])``); with ``perm`` given,
-            ``param -> ((axis, group), ...)`` and indices come from ``perm[group]``. A
-            ``pymerge.spec.PermutationSpec`` (with ``perm``) is turned into the plain
-            mapping by ``pymerge.spec.permutation_index_map``.
+            ``param -> ((axis, group), ...)`` and indices come from ``perm[group]``. (For a
+            ``PermutationSpec`` use ``pymerge.spec.aligned_interpolate``: this layer knows
+            nothing of specs.)
         perm: group name -> index tensor, see ``spec_axes``.
         backend: ``None``/``"auto"``, ``"torch"``, ``"native"`` (CPU tensors) or
             ``"triton"`` (see ``pymerge._backend``).
@@ -627,13 +627,6 @@ def permuted_interpolate(
             not a permutation (naming the key and axis), unknown group, empty alpha list.
         TypeError: non-integer indices, non-floating permuted params, bad argument types.
     """
-    if hasattr(spec_axes, "perm_to_axes"):
-        if perm is None:
-            raise TypeError("a PermutationSpec needs perm (group -> index tensor)")
-        from pymerge.spec import permutation_index_map
-
-        spec_axes = permutation_index_map(spec_axes, perm, state_b)
-        perm = None
     keys, (la, lb), dtypes, devices = check_states([state_a, state_b], ["state_a", "state_b"])
     many = not isinstance(alpha, (int, float)) and not (
         isinstance(alpha, torch.Tensor) and alpha.dim() == 0
