@@ -168,3 +168,13 @@ def test_console_script_from_the_checkout_imports_the_installed_package():
     assert info["location"] == os.path.dirname(os.path.abspath(pymerge.__file__))
     if _compare.native_lap() is not None:  # built here: the script finds the same build
         assert info["assignment_native"].startswith("built")
+
+
+def test_info_warns_on_stderr_when_compiled_modules_are_missing(monkeypatch, capsys):
+    from pymerge import _backend
+
+    monkeypatch.setattr(_backend, "native_multi_tensor", lambda: None)
+    assert cli.main(["info", "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays JSON
+    assert "pymerge._multi_tensor" in captured.err and "pip install" in captured.err

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pymerge.cli import demo, main
+from pymerge.cli import _compare, demo, main
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def test_missing_compiled_modules_warning_names_the_fix(monkeypatch, in_tree):
     from pymerge import _backend
 
     monkeypatch.setattr(_backend, "native_lap", lambda: None)
-    monkeypatch.setattr(demo, "_in_source_tree", lambda where: in_tree)
-    text = demo._source_tree_warning()
+    monkeypatch.setattr(_compare, "_in_source_tree", lambda where: in_tree)
+    text = _compare.missing_native_warning()
     assert "pymerge._lap" in text and "fallback" in text and "pip install" in text
     assert ("source tree" in text) == in_tree
 
@@ -94,7 +94,7 @@ def test_no_warning_when_the_compiled_modules_are_there(monkeypatch):
 
     monkeypatch.setattr(_backend, "native_lap", lambda: object())
     monkeypatch.setattr(_backend, "native_multi_tensor", lambda: object())
-    assert demo._source_tree_warning() is None
+    assert _compare.missing_native_warning() is None
 
 
 def test_full_demo_sizes_are_the_documented_ones():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ __all__ = [
     "peers",
     "peers_line",
     "backend_line",
+    "missing_native_warning",
     "quick_comparison",
     "format_table",
     "single_solvers",
@@ -122,6 +124,37 @@ def backend_line() -> str:
     else:
         gpu = "no CUDA device"
     return f"backends: assignment {asg} · CPU interpolation {cpu} · GPU kernels {gpu}"
+
+
+def _in_source_tree(package_dir: str) -> bool:
+    """True when ``package_dir`` is the ``pymerge/`` folder of a source checkout."""
+    return os.path.exists(os.path.join(package_dir, os.pardir, "CMakeLists.txt"))
+
+
+def missing_native_warning() -> str | None:
+    """A warning when the compiled modules are missing, naming the fix."""
+    from pymerge import _backend
+
+    modules = (("_lap", _backend.native_lap()), ("_multi_tensor", _backend.native_multi_tensor()))
+    missing = [name for name, module in modules if module is None]
+    if not missing:
+        return None
+    import pymerge
+
+    where = os.path.dirname(os.path.abspath(pymerge.__file__))
+    text = (
+        f"warning: the compiled modules {', '.join('pymerge.' + m for m in missing)} are "
+        f"missing, so the slow fallbacks run"
+    )
+    if _in_source_tree(where):
+        return text + (
+            f" (pymerge was imported from the source tree {where}: install it with "
+            f"`pip install .` and run the `pymerge` command, not `python -m pymerge` here)"
+        )
+    return text + (
+        " (reinstall pymerge where a C++17 compiler is available: `pip install --force-reinstall "
+        "--no-deps .` from its source folder)"
+    )
 
 
 def _median_time(fn: Callable[[], float], repeat: int) -> tuple[float, float]:

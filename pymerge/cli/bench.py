@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     sizes = args.sizes or ([256, 1024, 2048] if args.full else [256, 1024])
     print(_compare.backend_line(), flush=True)
+    warning = _compare.missing_native_warning()
+    if warning:
+        print(warning, flush=True)
     print(_compare.peers_line(), flush=True)
     rows = _compare.quick_comparison(
         sizes,

@@ -207,37 +207,6 @@ def _median_ms(fn, repeat: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _in_source_tree(package_dir: str) -> bool:
-    """True when ``package_dir`` is the ``pymerge/`` folder of a source checkout."""
-    return os.path.exists(os.path.join(package_dir, os.pardir, "CMakeLists.txt"))
-
-
-def _source_tree_warning() -> str | None:
-    """A warning when the compiled modules are missing, naming the fix."""
-    from pymerge import _backend
-
-    modules = (("_lap", _backend.native_lap()), ("_multi_tensor", _backend.native_multi_tensor()))
-    missing = [name for name, module in modules if module is None]
-    if not missing:
-        return None
-    import pymerge
-
-    where = os.path.dirname(os.path.abspath(pymerge.__file__))
-    text = (
-        f"warning: the compiled modules {', '.join('pymerge.' + m for m in missing)} are "
-        f"missing, so the slow fallbacks run"
-    )
-    if _in_source_tree(where):
-        return text + (
-            f" (pymerge was imported from the source tree {where}: install it with "
-            f"`pip install .` and run the `pymerge` command, not `python -m pymerge` here)"
-        )
-    return text + (
-        " (reinstall pymerge where a C++17 compiler is available: `pip install --force-reinstall "
-        "--no-deps .` from its source folder)"
-    )
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -277,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     location = os.path.dirname(os.path.abspath(pymerge.__file__))
     _say(f"pymerge {pymerge.__version__} (imported from {location})")
     _say(_compare.backend_line())
-    warning = _source_tree_warning()
+    warning = _compare.missing_native_warning()
     if warning:
         _say(warning)
     if not args.no_bench:

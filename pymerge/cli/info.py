@@ -31,7 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from pymerge.cli._compare import missing_native_warning
+
     info = installation()
+    warning = missing_native_warning()
+    if warning:
+        print(warning, file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
