@@ -2,18 +2,20 @@
 
 Two families of fast paths exist:
 
-* ``assignment``: the C++ solver ``pymerge._lap`` ("native") or the pure
-  NumPy/torch fallback ("torch").
+* ``assignment``: the C++ solver ``pymerge._lap`` ("native") or the pure NumPy
+  fallback ("numpy").
 * ``kernels``: Triton kernels in ``pymerge.kernels`` ("triton"), C++ loops over CPU
   buffers in ``pymerge._multi_tensor`` ("native", for the ops that have one:
   ``interpolate``) or plain torch ("torch"). Triton is used automatically only for
   CUDA tensors (under ``TRITON_INTERPRET=1`` it can be forced on CPU tensors: the
   test suite does), native for CPU tensors when built, torch otherwise.
 
-The environment variable ``PYMERGE_BACKEND`` (``auto`` | ``torch`` | ``native``
-| ``triton``) or a ``backend=`` argument forces a choice. ``torch`` forces every
-fallback; ``native`` forces the C++ code (the solver, and the CPU loops of the ops
-that have them; other ops use torch); ``triton`` forces the Triton kernels.
+The environment variable ``PYMERGE_BACKEND`` (``auto`` | ``numpy`` | ``torch`` |
+``native`` | ``triton``) or a ``backend=`` argument forces a choice. ``numpy`` and
+``torch`` are the same request, every fallback: the NumPy assignment solver and torch
+ops (``torch`` was the assignment fallback's name before it was ``numpy``: both stay
+accepted everywhere). ``native`` forces the C++ code (the solver, and the CPU loops of
+the ops that have them; other ops use torch); ``triton`` forces the Triton kernels.
 Forcing a backend that is not available raises ``RuntimeError``.
 """
 
@@ -27,9 +29,11 @@ from typing import Literal
 import torch
 
 BACKEND_ENV = "PYMERGE_BACKEND"
-_VALID = ("auto", "torch", "native", "triton")
+_VALID = ("auto", "numpy", "torch", "native", "triton")
+#: requests for the fallbacks (the NumPy assignment solver, torch ops): the same request
+FALLBACKS = ("numpy", "torch")
 
-AssignmentBackend = Literal["native", "torch"]
+AssignmentBackend = Literal["native", "numpy"]
 KernelBackend = Literal["triton", "native", "torch"]
 
 
@@ -78,17 +82,18 @@ def triton_interpret() -> bool:
 
 
 def choose_assignment(backend: str | None = None) -> AssignmentBackend:
-    """Pick the assignment backend: ``"native"`` when built, else ``"torch"``."""
+    """Pick the assignment backend: ``"native"`` when built, else ``"numpy"`` (also for the
+    requests ``"numpy"`` and its alias ``"torch"``)."""
     req = _requested(backend)
-    if req == "torch":
-        return "torch"
+    if req in FALLBACKS:
+        return "numpy"
     if native_lap() is None:
         if req == "native":
             raise RuntimeError(
                 "backend 'native' was requested but pymerge._lap is not built; "
                 "reinstall pymerge with a C++17 compiler available"
             )
-        return "torch"
+        return "numpy"
     return "native"
 
 
@@ -101,10 +106,10 @@ def choose_kernels(
     CPU tensors the C++ loops when the op has them (``native=True``) and they are built;
     torch otherwise. ``triton`` forces Triton (CPU tensors need ``TRITON_INTERPRET=1``);
     ``native`` forces the C++ loops of an op that has them (CPU tensors only) and means
-    torch for an op that has none.
+    torch for an op that has none; ``torch`` and ``numpy`` force torch.
     """
     req = _requested(backend)
-    if req == "torch":
+    if req in FALLBACKS:
         return "torch"
     if req == "native":
         if not native:
@@ -144,7 +149,7 @@ def choose_kernels(
 def backends() -> dict[str, str]:
     """What this installation can run and what ``auto`` picks.
 
-    Returns a dict with ``assignment`` (``native``/``torch``), ``assignment_native``,
+    Returns a dict with ``assignment`` (``native``/``numpy``), ``assignment_native``,
     ``kernels`` for CUDA tensors (``triton``/``torch``), ``kernels_cpu`` for CPU tensors
     of the ops with C++ loops (``native``/``torch``), ``multi_tensor_native``
     (``built (simd)``/``missing``), ``cuda`` (device name or ``none``), ``triton``
@@ -167,7 +172,7 @@ def backends() -> dict[str, str]:
         if lap is not None
         else "missing",
         "kernels": "torch"
-        if req in ("torch", "native")
+        if req in (*FALLBACKS, "native")
         else ("triton" if err is None and torch.cuda.is_available() else "torch"),
         "kernels_cpu": "native" if mt is not None and req in ("auto", "native") else "torch",
         "multi_tensor_native": f"built ({mt.__simd__})" if mt is not None else "missing",

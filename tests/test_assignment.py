@@ -21,7 +21,7 @@ from pymerge.ops.assignment import (
 
 NATIVE_READY = hasattr(_backend.native_lap(), "solve")
 BACKENDS = [
-    "torch",
+    "numpy",
     pytest.param(
         "native",
         marks=pytest.mark.skipif(
@@ -421,10 +421,29 @@ def test_bad_backend_argument():
         linear_sum_assignment(np.ones((2, 2)), backend="cuda-magic")
 
 
-def test_env_forces_fallback(monkeypatch):
-    monkeypatch.setenv("PYMERGE_BACKEND", "torch")
-    assert resolve_backend() == "torch"
-    assert solve_assignment(np.ones((2, 2))).backend == "torch"
+@pytest.mark.parametrize("name", ["numpy", "torch", " NumPy "])
+def test_env_forces_fallback(monkeypatch, name):
+    """The fallback is named "numpy"; "torch" (its former name) stays an accepted alias."""
+    monkeypatch.setenv("PYMERGE_BACKEND", name)
+    assert resolve_backend() == "numpy"
+    assert solve_assignment(np.ones((2, 2))).backend == "numpy"
+    monkeypatch.delenv("PYMERGE_BACKEND")
+    assert solve_assignment(np.ones((2, 2)), backend=name).backend == "numpy"
+    rows, cols = linear_sum_assignment_batch(np.ones((2, 2, 2)), backend=name)
+    assert rows.shape == (2, 2)
+
+
+def test_backends_report_names_the_numpy_fallback(monkeypatch):
+    import pymerge
+
+    for name in ("numpy", "torch"):
+        monkeypatch.setenv("PYMERGE_BACKEND", name)
+        info = pymerge.backends()
+        assert info["assignment"] == "numpy"
+        assert info["kernels"] == info["kernels_cpu"] == "torch"  # the ops' fallback: torch
+        assert info["forced"] == name
+    monkeypatch.delenv("PYMERGE_BACKEND")
+    assert pymerge.backends()["assignment"] == ("native" if NATIVE_READY else "numpy")
 
 
 def test_backend_choice_without_native_solver(monkeypatch):
@@ -433,15 +452,15 @@ def test_backend_choice_without_native_solver(monkeypatch):
 
     monkeypatch.setattr(_backend, "native_lap", lambda: Placeholder())
     monkeypatch.delenv("PYMERGE_BACKEND", raising=False)
-    assert resolve_backend() == "torch"
-    assert solve_assignment(np.ones((2, 2))).backend == "torch"
+    assert resolve_backend() == "numpy"
+    assert solve_assignment(np.ones((2, 2))).backend == "numpy"
     with pytest.raises(RuntimeError, match="native"):
         resolve_backend("native")
 
 
 def test_auto_picks_native_when_built(monkeypatch):
     monkeypatch.delenv("PYMERGE_BACKEND", raising=False)
-    assert resolve_backend() == ("native" if NATIVE_READY else "torch")
+    assert resolve_backend() == ("native" if NATIVE_READY else "numpy")
 
 
 def test_batch_errors_name_the_problem(backend):
@@ -538,7 +557,7 @@ def test_warm_start_crosses_backends():
         c = rng.normal(size=shape)
         nxt = c + 0.05 * rng.normal(size=shape)
         ref = scipy_lsa(nxt, maximize=True)
-        for first, second in [("native", "torch"), ("torch", "native")]:
+        for first, second in [("native", "numpy"), ("numpy", "native"), ("torch", "native")]:
             prev = solve_assignment(c, True, backend=first)
             res = solve_assignment(nxt, True, init=prev, backend=second)
             np.testing.assert_array_equal(res.col_ind, ref[1])
@@ -567,13 +586,13 @@ def test_malformed_warm_starts(backend):
                 0.0,
                 (5, 5),
                 False,
-                "torch",
+                "numpy",
                 np.array([0.0, np.nan, 0, 0, 0]),
             ),
             "col_duals must be finite",
         ),
         (
-            AssignmentResult(res.row_ind, res.col_ind, 0.0, (5, 5), False, "torch", np.zeros(4)),
+            AssignmentResult(res.row_ind, res.col_ind, 0.0, (5, 5), False, "numpy", np.zeros(4)),
             r"col_duals must have shape \(5,\)",
         ),
         ("abc", "col_ind must be 1-D"),

@@ -432,6 +432,7 @@ def test_backend_choice_for_ops_with_and_without_native_loops(monkeypatch):
     assert choose_kernels("native", x) == "torch"
     assert choose_kernels("native", x, native=True) == "native"
     assert choose_kernels("torch", x, native=True) == "torch"
+    assert choose_kernels("numpy", x, native=True) == "torch"  # numpy: every fallback
     monkeypatch.setenv("PYMERGE_BACKEND", "torch")
     assert choose_kernels(None, x, native=True) == "torch"
     meta = torch.zeros(3, device="meta")

@@ -12,8 +12,9 @@ torch ``int64`` outputs on its device). float64 stays float64 and float32 stays 
 native solver keeps float32 costs with float64 duals); float16/bfloat16 become float32, integers
 and bools become float64. The caller's array is never modified.
 
-Backends: ``"native"`` (``pymerge._lap``) when built, else ``"torch"`` (the pure-NumPy fallback
-in :mod:`pymerge.ops._lap_fallback`); force one with ``backend=`` or ``$PYMERGE_BACKEND``.
+Backends: ``"native"`` (``pymerge._lap``) when built, else ``"numpy"`` (the pure-NumPy fallback
+in :mod:`pymerge.ops._lap_fallback`); force one with ``backend=`` or ``$PYMERGE_BACKEND``
+(``"torch"``, the fallback's former name, is an alias of ``"numpy"``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class AssignmentResult:
             also when maximising).
         shape: ``(n_rows, n_cols)`` of the cost matrix.
         maximize: the sense that was solved.
-        backend: ``"native"`` or ``"torch"``.
+        backend: ``"native"`` or ``"numpy"``.
         col_duals: float64 column duals of the problem the solver saw (the transposed
             problem for a tall matrix, negated costs when maximising); opaque, only for
             warm starts.
@@ -81,7 +82,7 @@ _RESOLVED: dict[tuple, str] = {}
 
 
 def resolve_backend(backend: str | None = None) -> str:
-    """The assignment backend that runs: ``"native"`` or ``"torch"``.
+    """The assignment backend that runs: ``"native"`` or ``"numpy"``.
 
     Uses :func:`pymerge._backend.choose_assignment`; a native module without ``solve``
     (a placeholder build) counts as missing.
@@ -97,7 +98,7 @@ def resolve_backend(backend: str | None = None) -> str:
                 "backend 'native' was requested but pymerge._lap has no solver "
                 "(placeholder build); reinstall pymerge with a C++17 compiler available"
             )
-        choice = "torch"
+        choice = "numpy"
     if len(_RESOLVED) > 64:
         _RESOLVED.clear()
     _RESOLVED[key] = choice
@@ -322,7 +323,8 @@ def solve_assignment(
             and sense (its duals and assignment are reused), a ``(row_ind, col_ind)`` pair, or
             a ``col_ind`` array (``n <= m``). It only speeds the solve up: the optimum is the
             same.
-        backend: ``"native"``, ``"torch"`` or ``None`` (``$PYMERGE_BACKEND``, else auto).
+        backend: ``"native"``, ``"numpy"`` (alias ``"torch"``) or ``None``
+            (``$PYMERGE_BACKEND``, else auto).
 
     Returns:
         :class:`AssignmentResult` (``row_ind``/``col_ind`` as scipy returns them).
