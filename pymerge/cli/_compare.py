@@ -32,6 +32,7 @@ __all__ = [
     "peers_line",
     "backend_line",
     "missing_native_warning",
+    "package_dir",
     "quick_comparison",
     "format_table",
     "single_solvers",
@@ -126,6 +127,11 @@ def backend_line() -> str:
     return f"backends: assignment {asg} · CPU interpolation {cpu} · GPU kernels {gpu}"
 
 
+def package_dir() -> str:
+    """The folder of the imported ``pymerge`` package (the parent of this one)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _in_source_tree(package_dir: str) -> bool:
     """True when ``package_dir`` is the ``pymerge/`` folder of a source checkout."""
     return os.path.exists(os.path.join(package_dir, os.pardir, "CMakeLists.txt"))
@@ -139,9 +145,7 @@ def missing_native_warning() -> str | None:
     missing = [name for name, module in modules if module is None]
     if not missing:
         return None
-    import pymerge
-
-    where = os.path.dirname(os.path.abspath(pymerge.__file__))
+    where = package_dir()
     text = (
         f"warning: the compiled modules {', '.join('pymerge.' + m for m in missing)} are "
         f"missing, so the slow fallbacks run"

@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pymerge
+    from pymerge.align import weight_matching
     from pymerge.io import (
         check_output_paths,
         load_spec,
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         state_dict_writer,
         write_all,
     )
+    from pymerge.ops import interpolate
+    from pymerge.spec import apply_permutation
 
     if args.alpha is not None and not args.merge:
         raise ValueError("--alpha sets the weight of --merge; give --merge PATH too")
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             msg = f"the spec {args.spec!r} does not fit {name} {path!r}: {exc}"
             raise ValueError(msg) from None
-    result = pymerge.weight_matching(
+    result = weight_matching(
         spec,
         state_a,
         state_b,
@@ -92,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    aligned = pymerge.apply_permutation(spec, result.perm, state_b)
+    aligned = apply_permutation(spec, result.perm, state_b)
     writers = {args.out: state_dict_writer(aligned, args.out)}
     if args.perm_out:
         writers[args.perm_out] = permutation_writer(result.perm)
     if args.merge:
-        merged = pymerge.interpolate([state_a, aligned], [1.0 - alpha, alpha])
+        merged = interpolate([state_a, aligned], [1.0 - alpha, alpha])
         writers[args.merge] = state_dict_writer(merged, args.merge)
     write_all(writers, protect=inputs, labels={v: k for k, v in outputs.items()})
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -234,8 +233,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cfg = QUICK if args.quick else FULL
-    import pymerge
+    from pymerge import __version__
+    from pymerge._backend import backends
+    from pymerge.align import weight_matching
     from pymerge.io import check_output_paths
+    from pymerge.landscape import error_barrier, interpolation_curve, loss_barrier
+    from pymerge.ops import interpolate
+    from pymerge.spec import apply_permutation
 
     want_png = not args.no_png and not _matplotlib_missing()
     if want_png:  # every output checked before any work
@@ -243,8 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pymerge.cli import _compare
 
-    location = os.path.dirname(os.path.abspath(pymerge.__file__))
-    _say(f"pymerge {pymerge.__version__} (imported from {location})")
+    _say(f"pymerge {__version__} (imported from {_compare.package_dir()})")
     _say(_compare.backend_line())
     warning = _compare.missing_native_warning()
     if warning:
@@ -277,14 +280,12 @@ def run(args: argparse.Namespace) -> int:
 
     spec = model_a.spec()
     assignment = (
-        _compare.native_label()
-        if pymerge.backends()["assignment"] == "native"
-        else ("NumPy fallback")
+        _compare.native_label() if backends()["assignment"] == "native" else ("NumPy fallback")
     )
     t0 = time.perf_counter()
-    result = pymerge.weight_matching(spec, a, b, max_iter=100, seed=0, progress=False)
+    result = weight_matching(spec, a, b, max_iter=100, seed=0, progress=False)
     t_wm = time.perf_counter() - t0
-    b_aligned = pymerge.apply_permutation(spec, result.perm, b)
+    b_aligned = apply_permutation(spec, result.perm, b)
     objective = result.history.objective
     sweeps = len(objective)
     _say(
@@ -299,14 +300,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _threads(1):
         curves = {
-            "naive": pymerge.interpolation_curve(model_a, a, b, eval_fn, lambdas=cfg.points),
-            "aligned": pymerge.interpolation_curve(
-                model_a, a, b_aligned, eval_fn, lambdas=cfg.points
-            ),
+            "naive": interpolation_curve(model_a, a, b, eval_fn, lambdas=cfg.points),
+            "aligned": interpolation_curve(model_a, a, b_aligned, eval_fn, lambdas=cfg.points),
         }
     t_curves = time.perf_counter() - t0
-    barrier = {k: pymerge.loss_barrier(c) for k, c in curves.items()}
-    err = {k: pymerge.error_barrier(c) for k, c in curves.items()}
+    barrier = {k: loss_barrier(c) for k, c in curves.items()}
+    err = {k: error_barrier(c) for k, c in curves.items()}
     _say(
         f"[4/{n_steps}] linear paths (1-λ)·A + λ·B and (1-λ)·A + λ·π(B), {cfg.points} points "
         f"each: pymerge.interpolation_curve in {t_curves:.2f} s"
@@ -323,8 +322,8 @@ def run(args: argparse.Namespace) -> int:
         f"aligned {100 * err['aligned']:.1f} points"
     )
 
-    merged = pymerge.interpolate([a, b_aligned], [0.5, 0.5])
-    naive_mid = pymerge.interpolate([a, b], [0.5, 0.5])
+    merged = interpolate([a, b_aligned], [0.5, 0.5])
+    naive_mid = interpolate([a, b], [0.5, 0.5])
     model = make_model(cfg)
     with _threads(1):
         model.load_state_dict(merged)
@@ -332,10 +331,10 @@ def run(args: argparse.Namespace) -> int:
         model.load_state_dict(naive_mid)
         acc_naive = evaluate(model, data.x_test, data.y_test)["accuracy"]
     timed = []
-    kernels_cpu = pymerge.backends()["kernels_cpu"]
+    kernels_cpu = backends()["kernels_cpu"]
     for backend in (["native"] if kernels_cpu == "native" else []) + ["torch"]:
         ms = _median_ms(
-            lambda be=backend: pymerge.interpolate([a, b_aligned], [0.5, 0.5], backend=be),
+            lambda be=backend: interpolate([a, b_aligned], [0.5, 0.5], backend=be),
             5 if args.quick else 25,
         )
         label = _compare.multi_tensor_label() if backend == "native" else "torch"

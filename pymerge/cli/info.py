@@ -10,12 +10,11 @@ __all__ = ["add_parser", "run", "installation"]
 
 def installation() -> dict[str, str]:
     """``version``, ``location`` (the imported package's folder) and :func:`pymerge.backends`."""
-    import os
+    from pymerge import __version__
+    from pymerge._backend import backends
+    from pymerge.cli._compare import package_dir
 
-    import pymerge
-
-    location = os.path.dirname(os.path.abspath(pymerge.__file__))
-    return {"version": pymerge.__version__, "location": location, **pymerge.backends()}
+    return {"version": __version__, "location": package_dir(), **backends()}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
