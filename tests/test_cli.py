@@ -178,3 +178,15 @@ def test_info_warns_on_stderr_when_compiled_modules_are_missing(monkeypatch, cap
     captured = capsys.readouterr()
     json.loads(captured.out)  # stdout stays JSON
     assert "pymerge._multi_tensor" in captured.err and "pip install" in captured.err
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """`pymerge demo | head`: no error line when the reader goes away."""
+    monkeypatch.setattr(cli, "_EXTRA", {})
+
+    def gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    cli.register("gone", lambda sub: sub.add_parser("gone"), gone)
+    assert cli.main(["gone"]) == 141
+    assert capsys.readouterr().err == ""

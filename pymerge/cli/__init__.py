@@ -13,6 +13,7 @@ status 2; ``PYMERGE_TRACEBACK=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -73,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (`pymerge demo | head`): stop quietly
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except USER_ERRORS as exc:
         if os.environ.get("PYMERGE_TRACEBACK", "") not in ("", "0"):
             raise

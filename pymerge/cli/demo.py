@@ -48,7 +48,7 @@ class DemoConfig:
 
 
 FULL = DemoConfig(32, 6, 1.0, 256, 3, 10, 12_000, 4_000, 11, (1024,), (1000, 64, 64))
-QUICK = DemoConfig(8, 2, 0.5, 16, 2, 4, 600, 300, 5, (24,), (4, 8, 8), repeat=1)
+QUICK = DemoConfig(8, 2, 0.5, 32, 2, 3, 2000, 500, 5, (24,), (4, 8, 8), repeat=1)
 
 SEEDS = (0, 1)
 CLASSES = 10
