@@ -196,7 +196,8 @@ def _load_json(path: PathLike, what: str) -> Any:
         with open(p, encoding="utf-8") as fh:
             return json.load(fh)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(p)!r} is not a JSON {what} file ({_short(exc)})") from None
+        msg = f"{str(p)!r} is not valid JSON ({_short(exc)}); expected a {what}"
+        raise ValueError(msg) from None
 
 
 def load_permutation(path: PathLike) -> dict[str, torch.Tensor]:

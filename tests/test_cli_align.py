@@ -149,7 +149,7 @@ def test_bad_checkpoint_is_one_line_exit_2(files, capsys, name, needle):
         ("[1, 2]", "holds a JSON list"),
         ('"text"', "holds a JSON str"),
         ("{}", "no 'perm_to_axes'"),
-        ("{not json", "not a JSON spec"),
+        ("{not json", "not valid JSON"),
         ('{"perm_to_axes": {"g": [["fc0.weight"]]}}', "not a valid permutation spec"),
     ],
 )
@@ -286,3 +286,16 @@ def test_traceback_on_request(files, monkeypatch):
     monkeypatch.setenv("PYMERGE_TRACEBACK", "1")
     with pytest.raises(ValueError, match="one of the inputs"):
         _align(files, "--out", files["a"])
+
+
+def test_mismatched_checkpoints_are_named_before_any_work(files, capsys):
+    d = files["dir"]
+    half = {k: v.half() for k, v in files["state_a"].items()}
+    save_state_dict(half, d / "half.safetensors")
+    assert _align(files, "--out", d / "o.pt", "--merge", d / "m.pt", b=d / "half.safetensors") == 2
+    _one_line_error(capsys, "dtype", "A ", "B ", "half.safetensors")
+    assert not (d / "o.pt").exists() and not (d / "m.pt").exists()
+    other = MLP(12, hidden=(16, 8), out_dim=5).state_dict()
+    save_state_dict(other, d / "other.safetensors")
+    assert _align(files, "--out", d / "o.pt", b=d / "other.safetensors") == 2
+    _one_line_error(capsys, "shape", "other.safetensors")

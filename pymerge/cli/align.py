@@ -58,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pymerge._util.checks import check_state_pair
     from pymerge.align import weight_matching
     from pymerge.io import (
         check_output_paths,
@@ -80,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     state_a, state_b = load_state_dict(args.a), load_state_dict(args.b)
+    # keys and shapes must agree; dtypes too when merging (checked before any work)
+    check_state_pair(
+        state_a, state_b, f"A {args.a!r}", f"B {args.b!r}", same_dtype=bool(args.merge)
+    )
     for name, path, state in (("A", args.a, state_a), ("B", args.b, state_b)):
         try:
             spec.validate(state)
