@@ -327,6 +327,52 @@ def test_interpolate_nan_inf_propagate(backend):
     assert torch.isnan(out["a"][2, 10])
 
 
+@pytest.mark.parametrize("backend", INTERP_BACKENDS)
+def test_half_sums_accumulate_in_float32_on_every_path(backend):
+    """fp16/bf16 sums of several terms are accumulated in fp32 and rounded once, whichever
+    path runs: partial sums past fp16's 65504 do not become inf, and a cancellation keeps
+    the bits a bf16 partial sum would round away."""
+    n = 37  # a masked tail on every path
+    big = torch.full((n,), 40000.0, dtype=F16, device=DEV)
+    states = [{"w": big.clone()} for _ in range(3)]
+    for w in ([1.0, 1.0, -1.0], [0.9, 0.9, -0.8], [0.5, 1.0, -0.5], [1.5, -0.5]):
+        out = interpolate(states[: len(w)], w, backend=backend)["w"]
+        w32 = [float(torch.tensor(v, dtype=F32)) for v in w]
+        ref = torch.full((n,), sum(v * 40000.0 for v in w32), dtype=torch.float64).to(F16)
+        assert torch.equal(out.cpu(), ref), (w, out[:3])
+    # bf16: (1 + u) + 256 - 256 = 1 + u exactly (a bf16 partial sum 257 + u would lose u)
+    u = torch.arange(n, dtype=F32, device=DEV) % 8 / 128
+    bf = [{"w": (1 + u).to(BF16)}, {"w": torch.full((n,), 256.0, dtype=BF16, device=DEV)}]
+    bf.append({"w": bf[1]["w"].clone()})
+    for w in ([1.0, 1.0, -1.0], [1.0, 0.5, -0.5]):
+        out = interpolate(bf, w, backend=backend)["w"]
+        assert torch.equal(out, (1 + u).to(BF16)), (w, out[:8])
+    # permuted: a lerp computed in fp32 (60000 - 60000 overflows fp16, not fp32)
+    a = {"w": torch.full((4, 9), 60000.0, dtype=F16, device=DEV)}
+    b = {"w": torch.full((4, 9), -60000.0, dtype=F16, device=DEV)}
+    axes = {"w": ((0, torch.tensor([3, 1, 0, 2])),)}
+    outs = permuted_interpolate(a, b, [0.25, 0.5], axes, backend=backend)
+    assert torch.equal(outs[0]["w"].cpu(), torch.full((4, 9), 30000.0, dtype=F16))
+    assert torch.equal(outs[1]["w"].cpu(), torch.zeros(4, 9, dtype=F16))
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_torch_path_rounds_half_sums_once(dtype):
+    """The torch fallback's error for general weights is one rounding of the storage dtype
+    plus fp32 accumulation error (it was up to K roundings of the storage dtype)."""
+    g = _gen(77)
+    K, n = 5, 4099
+    xs = [torch.randn(n, generator=g).mul_(4).to(dtype) for _ in range(K)]
+    w = torch.randn(K, generator=g).tolist()
+    w32 = [float(torch.tensor(v, dtype=F32)) for v in w]
+    out = interpolate([{"x": x} for x in xs], w, backend="torch")["x"].double()
+    ref = sum(wk * x.double() for wk, x in zip(w32, xs, strict=True))
+    scale = sum(abs(wk) * x.double().abs() for wk, x in zip(w32, xs, strict=True))
+    tol = torch.finfo(dtype).eps / 2 * ref.abs() + 2 * K * torch.finfo(F32).eps * scale
+    tiny = torch.finfo(dtype).tiny if dtype == BF16 else 2.0**-24  # subnormal spacing
+    assert ((out - ref).abs() <= tol + tiny).all()
+
+
 def test_interpolate_backends_agree():
     if not _TRITON_OK:
         pytest.skip("triton unavailable here; both paths are checked against float64 elsewhere")
@@ -815,6 +861,7 @@ def test_auto_backend_cost_model_on_cpu(monkeypatch):
     g = _gen(40)
     small = [{"w": torch.randn(20, 30, generator=g), "b": torch.randn(30, generator=g)}] * 3
     big = [{"w": torch.randn(200, 100, generator=g)} for _ in range(3)]
+    small_bf16 = [{k: v.to(BF16) for k, v in sd.items()} for sd in small]
     cases = [
         (small[:1], [0.5], None, "_interp_torch"),  # K = 1: one multiply
         (small[:2], [0.25, 0.75], None, "_interp_torch"),  # a lerp
@@ -823,6 +870,10 @@ def test_auto_backend_cost_model_on_cpu(monkeypatch):
         (small, [1.0, 0.5, 0.5], None, "_interp_torch"),  # task arithmetic, small tensors
         (big, [1.0, 0.5, 0.5], None, "_interp_native"),  # task arithmetic, larger tensors
         (small[:2], [0.25, 0.75], torch.bfloat16, "_interp_torch"),  # lerp + cast, small
+        (small_bf16[:2], [0.25, 0.75], None, "_interp_torch"),  # a bf16 lerp: one op
+        # bf16 sums of several terms: fp32 accumulators (an upcast and a rounding more)
+        (small_bf16, [1.0, 0.5, 0.5], None, "_interp_native"),
+        (small_bf16[:2], [1.0, 0.5], None, "_interp_native"),
         (big[:2], [0.25, 0.75], torch.bfloat16, "_interp_native"),  # lerp + cast, larger
     ]
     for states, w, od, expect in cases:

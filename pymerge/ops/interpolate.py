@@ -17,13 +17,17 @@ state and written once) where torch would need several ops per tensor (see
 Rules shared by both functions:
 
 * **Floating entries** (fp16/bf16/fp32; fp64 and other floating dtypes always take the torch
-  path) are combined. Triton and native compute in fp32 (``acc = 0; acc += w_k * x_k`` in
-  k order) and round once to the output dtype. The torch
-  path computes each op in fp32 (torch's "opmath") and rounds after each op: once for K=1,
-  for K=2 with ``w_0 + w_1 == 1`` (``torch.lerp``) and for ``permuted_interpolate``; for
-  general weights up to K roundings of the storage dtype (fp32 tensors: fp32 throughout;
-  fp16/bf16: torch also rounds the ``alpha`` of ``add`` to the storage dtype, an error of
-  the same size as one rounding per term).
+  path) are combined, **accumulating in fp32 on every path**: no partial sum is rounded to
+  fp16/bf16, so a sum whose value fits the output dtype is finite whichever path runs (an
+  fp16 ``40000 + 40000 - 40000`` is ``40000``, not ``inf``). Triton and native compute
+  ``acc = 0; acc += w_k * x_k`` in fp32 in k order and round once to the output dtype. The
+  torch path computes each op in fp32 (torch's "opmath") and rounds once for K=1, for K=2
+  with ``w_0 + w_1 == 1`` (``torch.lerp``) and for ``permuted_interpolate`` (``lerp``); for
+  other weights it accumulates fp16/bf16 inputs in fp32 tensors (upcast once) and rounds
+  once at the end, and fp32 inputs in fp32 (up to K fp32 roundings, as native). Paths may
+  differ in the last bits (op order, FMA, and ``lerp``'s ``a + w (b - a)`` against
+  ``(1 - w) a + w b``, which also overflows fp32 where ``|b - a|`` exceeds its range, i.e.
+  only for fp32/bf16 values beyond 1.7e38), never in range otherwise.
 * **Weights and alphas** are applied as fp32 values (rounded to fp32 first) on both paths
   (fp64 tensors, which always take the torch path: as fp64 values).
 * **Non-floating entries** (e.g. BatchNorm's ``num_batches_tracked``) are copied (cloned)
@@ -206,34 +210,35 @@ def _scaled(lst: list[torch.Tensor], w: float) -> list[torch.Tensor]:
     return list(torch._foreach_mul(lst, _factor(w, lst)))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) -> list[torch.Tensor]:
     in_dtype = lists[0][0].dtype
-    cdt = torch.promote_types(in_dtype, out_dtype)
-    if cdt != in_dtype:
-        lists = [[t.to(cdt) for t in lst] for lst in lists]
     K = len(lists)
-    if K == 1:
-        res = _scaled(lists[0], w[0])
-    elif K == 2 and w[0] == 1.0 - w[1]:  # interpolation: one op, one rounding
-        res = torch._foreach_lerp(lists[0], lists[1], w[1])
+    lerp = K == 2 and w[0] == 1.0 - w[1]
+    cdt = torch.promote_types(in_dtype, out_dtype)
+    if K == 1 or lerp:  # one op, computed in fp32 (opmath) and rounded once
+        if cdt != in_dtype:
+            lists = [[t.to(cdt) for t in lst] for lst in lists]
+        res = _scaled(lists[0], w[0]) if K == 1 else torch._foreach_lerp(*lists, w[1])
     else:
+        if cdt in _HALF:
+            cdt = torch.float32  # several terms: accumulate in fp32, round once at the end
         # the first term: a plain state when some weight is 1 (task arithmetic: base + sum of
-        # scaled vectors, no multiply), else one that _scaled computes cheaply; then add the
-        # other terms in order (any order gives the documented K roundings at most)
-        order = list(range(K))
-        ones = [k for k in order if w[k] == 1.0]
-        if ones:
-            j = ones[0]
-        else:
-            small = [k for k in order if abs(w[k]) < _LERP_SMALL]
-            j = small[0] if small else 0
-        order.remove(j)
-        if ones:
-            m = order.pop(0)
+        # scaled vectors, no multiply); then the other terms in order
+        j = w.index(1.0) if 1.0 in w else 0
+        rest = [k for k in range(K) if k != j]
+        if cdt != in_dtype:  # fresh accumulators of the compute dtype, updated in place
+            res = [t.to(cdt) for t in lists[j]]
+            if w[j] != 1.0:
+                torch._foreach_mul_(res, w[j])
+        elif w[j] == 1.0:
+            m = rest.pop(0)
             res = torch._foreach_add(lists[j], lists[m], alpha=w[m])
         else:
-            res = _scaled(lists[j], w[j])
-        for k in order:
+            res = torch._foreach_mul(lists[j], _factor(w[j], lists[j]))
+        for k in rest:
             torch._foreach_add_(res, lists[k], alpha=w[k])
     if out_dtype != cdt:
         res = [t.to(out_dtype) for t in res]
@@ -265,11 +270,18 @@ def _native_wins(
     when a weight is 1 (task arithmetic), K otherwise. One op: torch (its per-tensor ops
     beat the C++ path's fixed cost: pointers, one flat output split into views). Three or
     more: the C++ loops (1.2-1.6x faster). Two: the C++ loops for dicts of larger tensors.
-    A dtype conversion (``out_dtype``) adds an op per tensor on the torch path."""
+    A dtype conversion (``out_dtype``) adds an op per tensor on the torch path, and so do
+    the upcast and the final rounding of fp16/bf16 sums of several terms (fp32 accumulators).
+    """
     if not _native_dtypes_fast(in_dtype, out_dtype):
         return False
     K = len(w)
-    ops = 1 if K == 1 or (K == 2 and w[0] == 1.0 - w[1]) else K - (1.0 in w)
+    if K == 1 or (K == 2 and w[0] == 1.0 - w[1]):
+        ops = 1
+    else:
+        ops = K - (1.0 in w)
+        if in_dtype in _HALF:
+            ops += 2  # fp32 accumulators: an upcast and a final rounding per tensor
     ops += in_dtype != out_dtype
     if ops >= 3:
         return True
@@ -326,6 +338,11 @@ def _buffers(lst: list[torch.Tensor]) -> list:
     return list(map(_DLPACK, lst))
 
 
+def _threads(mt) -> int:
+    """torch's intra-op thread count, within what the C++ loops accept."""
+    return min(torch.get_num_threads(), mt._max_threads)
+
+
 def _native_call(fn: Callable[[list], Any], lists: list[list[torch.Tensor]]) -> bool:
     """``fn(capsules of each list)``; False when a tensor has no plain storage to export (the
     caller then takes the torch path). Strided tensors (channels_last, transposes) are found
@@ -372,7 +389,7 @@ def _interp_native(
             w,
             _DTYPE_NAMES[first[0].dtype],
             _DTYPE_NAMES[out_dtype],
-            torch.get_num_threads(),
+            _threads(mt),
         ),
         lists,
     )
@@ -549,7 +566,7 @@ def _perm_native(
             alphas,
             _DTYPE_NAMES[a_list[0].dtype],
             _DTYPE_NAMES[out_dtype],
-            torch.get_num_threads(),
+            _threads(mt),
         ),
         [a_list, b_list],
     )
