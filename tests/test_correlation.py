@@ -441,6 +441,78 @@ def test_non_finite_inputs(backend, bad):
     assert _err(corr[:, keep], _ref(xa, xb[:, keep])["corr"]) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["cross", "self", "joint"])
+def test_overflowing_squares_raise_instead_of_nan(backend, mode):
+    """Finite float32 features whose squares overflow: a clear error suggesting float64,
+    not all-NaN correlations (the finite check of the sums cannot see it)."""
+    xa, xb = _features(64, 4, 3, seed=131)
+    d_b = None if mode == "self" else 3
+    acc = CorrelationAccumulator(4, d_b, backend=backend, joint=mode == "joint")
+    second = None if mode == "self" else xb
+    acc.update(xa[:32], None if second is None else second[:32])
+    before = (acc.mean_a.clone(), acc.var_a().clone(), acc.covariance().clone(), acc.count)
+    huge = xa[32:].clone()
+    huge[:, 2] *= 3e19  # squares ~1e39: past float32's 3.4e38; the sums stay finite
+    assert bool(torch.isfinite(huge.sum(0)).all())
+    name = "x_a/x_b" if mode == "joint" else "x_a"
+    msg = rf"{name} \(32, 4\): its sums of squared deviations overflow torch.float32"
+    msg += r".*dtype=torch\.float64"
+    with pytest.raises(ValueError, match=msg) as info:
+        acc.update(huge, None if second is None else second[32:])
+    if backend == "torch":
+        assert "not updated" in str(info.value)
+        after = (acc.mean_a, acc.var_a(), acc.covariance(), acc.count)
+        assert after[3] == before[3]
+        for u, v in zip(before[:3], after[:3], strict=True):
+            assert torch.equal(u, v)
+    else:  # float32 statistics: the kernel added the cross products already
+        assert "reset()" in str(info.value)
+        with pytest.raises(ValueError, match="reset"):
+            acc.correlation()
+        with pytest.raises(ValueError, match="reset"):
+            acc.update(xa[:32], None if second is None else second[:32])
+        acc.reset()
+        acc.update(xa[:32], None if second is None else second[:32])
+        assert torch.isfinite(acc.correlation()).all()
+    # float64 statistics on the torch path: the same batch is fine and correct
+    wide = CorrelationAccumulator(
+        4, d_b, backend="torch", dtype=torch.float64, joint=mode == "joint"
+    )
+    wide.update(xa[:32], None if second is None else second[:32])
+    wide.update(huge, None if second is None else second[32:])
+    full = torch.cat([xa[:32], huge])
+    corr = wide.correlation()
+    assert torch.isfinite(corr).all()
+    ref = _ref(full, full if mode == "self" else xb)["corr"]
+    assert _err(corr, ref) < 1e-9
+
+
+def test_overflow_over_many_batches_and_in_the_co_moment():
+    """Each batch's sums fit, the running sums of squares do not: the batch that would
+    overflow is refused and the statistics of the earlier ones stay."""
+    g = torch.Generator().manual_seed(5)
+    acc = CorrelationAccumulator(2, 2, backend="torch")
+    seen = 0
+    with pytest.raises(ValueError, match=r"x_b \(16, 2\): its sums of squared deviations overflow"):
+        for _ in range(10):
+            xa = torch.randn(16, 2, generator=g)
+            xb = torch.randn(16, 2, generator=g) * 2e18  # one batch: sum of squares ~6e37
+            acc.update(xa, xb)
+            seen += 16
+    assert acc.count == seen and 0 < seen < 160
+    assert torch.isfinite(acc.correlation()).all()
+    # the co-moment is checked where results are read
+    acc._m2[0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"the co-moment \(2, 2\): its sums of products overflow"):
+        acc.correlation()
+    # check_finite=False: no checks, the overflow propagates as in IEEE arithmetic
+    loose = CorrelationAccumulator(2, backend="torch", check_finite=False)
+    loose.update(torch.tensor([[1e30, 1.0], [-1e30, 2.0]]))
+    assert not torch.isfinite(loose.var_a()).all()
+
+
 def test_mixed_dtypes_promote_and_numpy_inputs():
     xa, xb = _features(30, 4, 3, seed=111)
     got = correlation(xa.half(), xb.float(), backend="torch")

@@ -44,6 +44,14 @@ Conventions
   and leaves the accumulator unchanged; this costs one extra read of the batch and a device
   sync per update on GPU. With ``check_finite=False`` NaN/inf propagate into the statistics
   of the features they touch.
+* Overflow: finite features whose squares or products overflow the accumulator dtype (float32
+  features beyond about 1e19 in magnitude, fewer for large batches) would turn every
+  statistic they touch into inf/NaN. With ``check_finite=True`` ``update`` checks the
+  batch's sums of squared deviations and the merged per-feature moments and raises
+  ``ValueError`` (suggesting ``dtype=torch.float64``) before the accumulator changes (on
+  the Triton path with float32 statistics the kernel has already added the batch's cross
+  products, so the accumulator refuses every later call until :meth:`reset`); results
+  (:meth:`correlation`, :meth:`covariance`, :meth:`gram`) check the co-moment too.
 * Inputs are never modified; they are detached (statistics are not differentiable).
 * Memory: the torch path keeps two work buffers of ``N_batch x (d_a + d_b)`` in the
   accumulator dtype between updates (fresh multi-MB allocations page-fault on every
@@ -60,6 +68,11 @@ import torch
 from pymerge._backend import choose_kernels
 
 __all__ = ["CorrelationAccumulator", "correlation"]
+
+_UNCHANGED = " (the accumulator was not updated)"
+_BROKEN = (
+    " (the batch's cross products were already added on the Triton path: reset() the accumulator)"
+)
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -94,6 +107,24 @@ def _as_samples(x: Any, name: str, feature_dim: int | None) -> torch.Tensor:
             f"{name} must be [N, d], [N, T, d] or [N, C, H, W], got shape {tuple(x.shape)}"
         )
     return x.reshape(-1, x.shape[-1])
+
+
+def _overflow_message(
+    name: str,
+    shape: tuple,
+    x: torch.Tensor | None,
+    dtype: torch.dtype,
+    backend: str | None,
+    what: str = "its sums of squared deviations overflow",
+) -> str:
+    size = "" if x is None else f" (features up to {float(x.abs().max()):.3g} in magnitude)"
+    kernel = " with backend='torch' (the kernel sums each batch in float32)"
+    if dtype == torch.float32:
+        fix = "use CorrelationAccumulator(..., dtype=torch.float64)"
+        fix += (kernel if backend == "triton" else "") + ", or scale the features down"
+    else:
+        fix = "scale the features down" + (" or run" + kernel if backend == "triton" else "")
+    return f"{name} {shape}: {what} {dtype}{size}; {fix}"
 
 
 def _check_finite(s: torch.Tensor, x: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
@@ -172,6 +203,7 @@ class CorrelationAccumulator:
         self._m2_b: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None  # co-moment; self mode: upper triangle valid
         self.last_backend: str | None = None
+        self._broken: str | None = None  # why every call refuses (an overflow after a write)
         self._ws: dict[str, torch.Tensor] = {}  # torch-path buffers reused between updates
         if self.device is not None:
             self._allocate(self.device)
@@ -195,6 +227,7 @@ class CorrelationAccumulator:
         """Forget every sample and free the work buffers (keeps configuration and device)."""
         self._n = 0
         self._eps = torch.finfo(self.dtype).eps
+        self._broken = None
         self._ws.clear()
         if self._m2 is not None:
             self._allocate(self.device)
@@ -257,6 +290,8 @@ class CorrelationAccumulator:
             feature_dim: which dim holds the features (default: last for ``ndim <= 3``,
                 1 for ``ndim >= 4``); the others are flattened into samples.
         """
+        if self._broken is not None:
+            raise ValueError(self._broken)
         xa, xb = self._prepare(x_a, x_b, feature_dim)
         n_b = xa.shape[0]
         if n_b == 0:
@@ -330,8 +365,13 @@ class CorrelationAccumulator:
             sb, qb = self._centred_sums(cb, n_b)
             if self.check_finite:
                 _check_finite(sb, xb, "x_b", tuple(x_b.shape))
+        feats = self._feature_moments(n_b, ka, kb, sa, qa, sb, qb)
+        if self.check_finite:
+            bad = self._overflowing(qa, qb, feats)
+            if bad is not None:
+                raise ValueError(self._overflow(bad, xa, xb, x_a, x_b, "torch") + _UNCHANGED)
         self._m2.addmm_(ca.T, cb)
-        self._merge(n_b, ka, kb, sa, qa, sb, qb, shift_b_in_cross=False)
+        self._merge(n_b, kb, sa, sb, feats, shift_b_in_cross=False)
         self._eps = max(self._eps, torch.finfo(self.dtype).eps)
 
     def _update_triton(self, xa, xb, x_a, x_b) -> None:
@@ -372,53 +412,80 @@ class CorrelationAccumulator:
             allow_tf32=self.allow_tf32,
         )
         center_b = xa.dtype == torch.float32  # the kernel's default
+        dt = self.dtype
+        ka, kb, sa, qa, sb, qb = (t.to(dt) for t in (ka32, kb32, sa, qa, sb, qb))
+        feats = self._feature_moments(n_b, ka, kb, sa, qa, sb, qb)
+        if self.check_finite:
+            bad = self._overflowing(qa, qb, feats)
+            if bad is not None:
+                msg = self._overflow(bad, xa, xb, x_a, x_b, "triton")
+                if accumulate:  # the kernel has added this batch's cross products
+                    self._broken = msg + _BROKEN
+                    raise ValueError(self._broken)
+                raise ValueError(msg + _UNCHANGED)
         if not accumulate:
             if symmetric:
                 cross = torch.triu(cross)  # the rest of the fresh buffer is unset
             self._m2.add_(cross.to(self.dtype))
-        dt = self.dtype
-        self._merge(
-            n_b,
-            ka32.to(dt),
-            kb32.to(dt),
-            sa.to(dt),
-            qa.to(dt),
-            sb.to(dt),
-            qb.to(dt),
-            shift_b_in_cross=not center_b,
-        )
+        self._merge(n_b, kb, sa, sb, feats, shift_b_in_cross=not center_b)
         self._eps = max(self._eps, torch.finfo(torch.float32).eps)
 
-    def _merge(self, n_b, ka, kb, sa, qa, sb, qb, *, shift_b_in_cross: bool) -> None:
-        """Chan's merge; ``_m2`` already holds ``M2_A + (x_a - ka)^T (x_b - c_b)``."""
+    def _feature_moments(self, n_b, ka, kb, sa, qa, sb, qb) -> tuple:
+        """The per-feature part of Chan's merge, computed without touching the state:
+        ``(delta_a, mean_a, m2_a, delta_b, mean_b, m2_b)`` after this batch (``delta`` =
+        batch mean - running mean; the ``b`` entries are ``None`` in self mode)."""
         n_a = self._n
         n = n_a + n_b
-        mean_ba = ka + sa / n_b  # batch means
-        mean_bb = kb + sb / n_b
+        c = n_a * n_b / n
+
+        def side(k, s, q, mean, m2):
+            batch_mean = k + s / n_b
+            delta = batch_mean - mean
+            return delta, mean + delta * (n_b / n), m2 + (q - s * s / n_b + c * delta * delta)
+
+        a = side(ka, sa, qa, self._mean_a, self._m2_a)
+        b = (None,) * 3 if self._self else side(kb, sb, qb, self._mean_b, self._m2_b)
+        return (*a, *b)
+
+    def _overflowing(self, qa, qb, feats) -> str | None:
+        """``"a"``/``"b"`` when that side's sums of squares or merged moments are not finite
+        (one device sync for all of them), else ``None``."""
+        ok = torch.isfinite(qa).all() & torch.isfinite(feats[2]).all()
+        if not self._self:
+            ok = ok & torch.isfinite(qb).all() & torch.isfinite(feats[5]).all()
+        if bool(ok):
+            return None
+        a_ok = bool(torch.isfinite(qa).all() & torch.isfinite(feats[2]).all())
+        return "b" if a_ok else "a"
+
+    def _overflow(self, side, xa, xb, x_a, x_b, backend) -> str:
+        if side == "a" or xb is None:
+            name = "x_a/x_b" if self.joint else "x_a"
+            return _overflow_message(name, tuple(x_a.shape), xa, self.dtype, backend)
+        return _overflow_message("x_b", tuple(x_b.shape), xb, self.dtype, backend)
+
+    def _merge(self, n_b, kb, sa, sb, feats, *, shift_b_in_cross: bool) -> None:
+        """Chan's merge; ``_m2`` already holds ``M2_A + (x_a - ka)^T (x_b - c_b)``."""
+        delta_a, mean_a, m2_a, delta_b, mean_b, m2_b = feats
+        n_a = self._n
+        n = n_a + n_b
         # batch co-moment about the batch means: P - s_a s_b^T / n_B (- s_a k_b^T when the
         # kernel left b uncentred); then Chan's correction n_A n_B / n * delta_a delta_b^T
         right = sb / n_b
         if shift_b_in_cross:
             right = right + kb
         if n_a:
-            delta_a = mean_ba - self._mean_a
-            delta_b = delta_a if self._self else mean_bb - self._mean_b
             c = n_a * n_b / n
             u = torch.stack([sa, delta_a], dim=1)
-            v = torch.stack([-right, c * delta_b], dim=0)
+            v = torch.stack([-right, c * (delta_a if self._self else delta_b)], dim=0)
             self._m2.addmm_(u, v)
-            self._m2_a.add_(qa - sa * sa / n_b + c * delta_a * delta_a)
-            self._mean_a.add_(delta_a * (n_b / n))
-            if not self._self:
-                self._m2_b.add_(qb - sb * sb / n_b + c * delta_b * delta_b)
-                self._mean_b.add_(delta_b * (n_b / n))
         else:
             self._m2.addr_(sa, right, alpha=-1.0)
-            self._m2_a.add_(qa - sa * sa / n_b)
-            self._mean_a.copy_(mean_ba)
-            if not self._self:
-                self._m2_b.add_(qb - sb * sb / n_b)
-                self._mean_b.copy_(mean_bb)
+        self._mean_a.copy_(mean_a)
+        self._m2_a.copy_(m2_a)
+        if not self._self:
+            self._mean_b.copy_(mean_b)
+            self._m2_b.copy_(m2_b)
         self._n = n
 
     def merge(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
@@ -459,6 +526,8 @@ class CorrelationAccumulator:
 
     # ------------------------------------------------------------------ results
     def _need(self, at_least: int = 1) -> None:
+        if self._broken is not None:
+            raise ValueError(self._broken)
         if self._n < at_least:
             raise ValueError(
                 f"need at least {at_least} sample(s), the accumulator has seen {self._n}"
@@ -475,10 +544,23 @@ class CorrelationAccumulator:
     def _full_m2(self, joint: bool) -> torch.Tensor:
         self._check_joint(joint)
         if not self._self:
-            return self._m2.clone()
-        m2 = self._sym_m2()
-        if self.joint and not joint:
-            return m2[: self.d_a, self.d_a :].clone()
+            m2 = self._m2.clone()
+        else:
+            m2 = self._sym_m2()
+            if self.joint and not joint:
+                m2 = m2[: self.d_a, self.d_a :].clone()
+        if self.check_finite and not bool(torch.isfinite(m2).all()):
+            # finite inputs (checked at update): the cross moments overflowed
+            raise ValueError(
+                _overflow_message(
+                    "the co-moment",
+                    tuple(m2.shape),
+                    None,
+                    self.dtype,
+                    self.last_backend,
+                    "its sums of products overflow",
+                )
+            )
         return m2
 
     def _vars_means(self, joint: bool):
