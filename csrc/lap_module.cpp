@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "lap_solver.hpp"
+#include "py_args.hpp"
 
 namespace py = pybind11;
 using namespace pymerge_lap;
@@ -221,7 +222,13 @@ py::tuple solve(const py::array& cost, bool maximize, const py::object& init_col
     return py::make_tuple(col4row, u, v);
 }
 
-py::array_t<int64_t> solve_batch(const py::array& costs, bool maximize, int threads) {
+constexpr long long kMaxThreads = 1024;
+
+py::array_t<int64_t> solve_batch(const py::array& costs, bool maximize, py::handle threads_h) {
+    // checked before any conversion: an out-of-range int must not reach pybind's overload
+    // error, which prints the whole cost array
+    const int threads =
+        static_cast<int>(pymerge_py::checked_int(threads_h, "threads", 0, kMaxThreads));
     bool f32 = check_cost(costs, 3, "costs");
     const int64_t B = costs.shape(0), n64 = costs.shape(1), m64 = costs.shape(2);
     if (n64 > m64)
@@ -229,7 +236,6 @@ py::array_t<int64_t> solve_batch(const py::array& costs, bool maximize, int thre
                               std::to_string(n64) + " > " + std::to_string(m64) +
                               "); transpose the last two axes first");
     if (m64 >= (int64_t{1} << 31) - 1) throw py::value_error("costs has too many columns");
-    if (threads < 0) throw py::value_error("threads must be >= 0");
     const int n = static_cast<int>(n64), m = static_cast<int>(m64);
     py::array_t<int64_t> out({B, n64});
     int64_t* out_p = out.mutable_data();
@@ -302,6 +308,7 @@ PYBIND11_MODULE(_lap, mod) {
     Isa isa = best_isa();
     g_isa = static_cast<int>(isa);
     mod.attr("__simd__") = isa_name(isa);
+    mod.attr("_max_threads") = kMaxThreads;
 
     mod.def("solve", &solve, py::arg("cost"), py::arg("maximize") = false,
             py::arg("init_col4row") = py::none(), py::arg("init_v") = py::none(),
@@ -322,7 +329,7 @@ start, TypeError on a wrong dtype or layout.)doc");
     mod.def("solve_batch", &solve_batch, py::arg("costs"), py::arg("maximize") = false,
             py::arg("threads") = 0,
             R"doc(Solve a stack of problems costs [B, n, m] (n <= m), float32/float64,
-C-contiguous, on `threads` threads (0: $PYMERGE_NUM_THREADS or all cores).
+C-contiguous, on `threads` threads (0 to 1024; 0: $PYMERGE_NUM_THREADS or all cores).
 Returns col4row int64 [B, n]. Errors name the first bad problem.)doc");
     mod.def(
         "_set_simd",

@@ -476,6 +476,23 @@ def test_batch_errors_name_the_problem(backend):
         linear_sum_assignment_batch(np.ones((1, 2, 2)), backend=backend, threads=-1)
 
 
+@pytest.mark.parametrize("bad", [-1, 1025, 2**40, 2**70, np.int64(2**40)])
+def test_batch_threads_out_of_range_is_one_clear_line(backend, bad):
+    """threads=2**40 used to reach pybind's overload error, which prints the signature and
+    the whole cost array; now the value and the valid range, from both backends."""
+    stack = np.random.default_rng(0).random((3, 64, 64))
+    with pytest.raises(ValueError) as info:
+        linear_sum_assignment_batch(stack, backend=backend, threads=bad)
+    msg = str(info.value)
+    assert msg == f"threads={int(bad)} is out of range [0, 1024] (0 or None: all cores)"
+    for bad_type in (True, 1.5, "2"):
+        with pytest.raises(TypeError, match=r"threads must be an int in \[0, 1024\] or None"):
+            linear_sum_assignment_batch(stack, backend=backend, threads=bad_type)
+    for ok in (None, 0, 1, 1024, np.int32(2)):
+        rows, cols = linear_sum_assignment_batch(stack, backend=backend, threads=ok)
+        assert cols.shape == (3, 64)
+
+
 # --------------------------------------------------------------------------- warm start
 
 

@@ -427,6 +427,24 @@ def test_batch_threads_identical():
     assert lap._num_threads() >= 1
 
 
+def test_batch_threads_checked_in_cpp_without_the_signature_dump():
+    costs = np.random.default_rng(9).random((50, 30, 30))
+    for bad in (-1, 1025, 2**40, 2**70, -(2**70)):
+        with pytest.raises(ValueError) as info:
+            lap.solve_batch(costs, threads=bad)
+        assert str(info.value) == f"threads={bad} is out of range [0, 1024]"
+    for bad in (True, 1.5, "2", None):
+        with pytest.raises(
+            TypeError, match=r"threads must be an integer in \[0, 1024\], got"
+        ) as info:
+            lap.solve_batch(costs, threads=bad)
+        assert "Invoked with" not in str(info.value) and len(str(info.value)) < 100
+    assert lap._max_threads == 1024
+    np.testing.assert_array_equal(
+        lap.solve_batch(costs, threads=np.int64(3)), lap.solve_batch(costs, threads=1024)
+    )
+
+
 def test_batch_errors_name_first_bad_problem():
     rng = np.random.default_rng(10)
     costs = rng.random((300, 8, 8))

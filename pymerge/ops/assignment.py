@@ -353,6 +353,22 @@ def linear_sum_assignment(
     return _out(rows, device), _out(cols, device)
 
 
+_MAX_THREADS = 1024  # as pymerge._lap.solve_batch checks it
+
+
+def _check_threads(threads: Any) -> int:
+    """``threads`` as an int in ``[0, _MAX_THREADS]`` (``None``: 0, all cores)."""
+    if threads is None:
+        return 0
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer):
+        raise TypeError(f"threads must be an int in [0, {_MAX_THREADS}] or None, got {threads!r}")
+    if not 0 <= int(threads) <= _MAX_THREADS:
+        raise ValueError(
+            f"threads={int(threads)} is out of range [0, {_MAX_THREADS}] (0 or None: all cores)"
+        )
+    return int(threads)
+
+
 def linear_sum_assignment_batch(
     costs: Array,
     maximize: bool = False,
@@ -364,7 +380,8 @@ def linear_sum_assignment_batch(
     """Solve a stack ``costs [B, n, m]``: ``(row_ind, col_ind)``, each int64 ``[B, k]``.
 
     ``k = min(n, m)``; problem ``b`` gets exactly what :func:`linear_sum_assignment` gives for
-    ``costs[b]``. ``threads`` caps the native solver's threads (``None``/``0``: all cores).
+    ``costs[b]``. ``threads`` caps the native solver's threads, an int in ``[0, 1024]``
+    (``None``/``0``: all cores).
     ``init``, when given, is a sequence of ``B`` warm starts (see :func:`solve_assignment`);
     the problems are then solved one by one.
     """
@@ -372,8 +389,7 @@ def linear_sum_assignment_batch(
     arr = _prepare(arr, 3, "cost stack")
     maximize = bool(maximize)
     which = resolve_backend(backend)
-    if threads is not None and (not isinstance(threads, int | np.integer) or threads < 0):
-        raise ValueError(f"threads must be a non-negative integer or None, got {threads!r}")
+    threads = _check_threads(threads)
     B, n, m = arr.shape
     k = min(n, m)
     if init is not None:
@@ -394,7 +410,7 @@ def linear_sum_assignment_batch(
     elif which == "native":
         c = np.ascontiguousarray(c)
         try:
-            col4row = _backend.native_lap().solve_batch(c, maximize, int(threads or 0))
+            col4row = _backend.native_lap().solve_batch(c, maximize, threads)
         except ValueError as exc:
             _reraise_batch(exc, c, maximize)
             raise
