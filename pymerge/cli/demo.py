@@ -332,17 +332,20 @@ def run(args: argparse.Namespace) -> int:
         acc_naive = evaluate(model, data.x_test, data.y_test)["accuracy"]
     timed = []
     kernels_cpu = backends()["kernels_cpu"]
-    for backend in (["native"] if kernels_cpu == "native" else []) + ["torch"]:
-        ms = _median_ms(
-            lambda be=backend: interpolate([a, b_aligned], [0.5, 0.5], backend=be),
-            5 if args.quick else 25,
-        )
-        label = _compare.multi_tensor_label() if backend == "native" else "torch"
-        timed.append(f"{label} {ms:.3f} ms")
+    # one thread, as for training: on a busy 2-core machine torch's hand-off to a second
+    # thread costs more than this small merge itself
+    with _threads(1):
+        for backend in (["native"] if kernels_cpu == "native" else []) + ["torch"]:
+            ms = _median_ms(
+                lambda be=backend: interpolate([a, b_aligned], [0.5, 0.5], backend=be),
+                5 if args.quick else 25,
+            )
+            label = _compare.multi_tensor_label() if backend == "native" else "torch"
+            timed.append(f"{label} {ms:.3f} ms")
     _say(
         f"[5/{n_steps}] merged: pymerge.interpolate([A, π(B)], [0.5, 0.5]) -> test accuracy "
         f"{_pct(acc_merged)} (the plain average of A and B: {_pct(acc_naive)}); "
-        f"time per merge: {' · '.join(timed)}"
+        f"time per merge on one thread: {' · '.join(timed)}"
     )
     if want_png:
         from pymerge.io import write_all
