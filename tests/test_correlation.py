@@ -664,3 +664,60 @@ def test_lazily_negated_inputs_read_as_their_values(backend):
     got = correlation(lazy, y, backend=backend)
     ref = correlation(x, y, backend=backend)
     assert torch.allclose(got, ref, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- moments
+
+
+def test_one_chan_merge_for_channel_stats_and_the_accumulator():
+    """pymerge.ops.moments holds the library's one per-feature Chan merge: ChannelStats
+    (REPAIR) and CorrelationAccumulator agree with each other and with float64 two-pass
+    statistics over uneven batches, |mean| >> std included."""
+    from pymerge.align import _hooks
+    from pymerge.ops.moments import ChannelStats, chan_merge
+
+    assert ops.ChannelStats is ChannelStats is _hooks.ChannelStats
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(301, 5, generator=g, dtype=torch.float64) * 0.01 + 1e4
+    cuts = [0, 1, 2, 50, 173, 301]
+    st = ChannelStats(5)
+    acc = CorrelationAccumulator(5, dtype=torch.float64, backend="torch")
+    n, mean, m2 = 0, torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        xb = x[lo:hi]
+        st.update(xb)
+        acc.update(xb)
+        mean, m2, _ = chan_merge(n, mean, m2, hi - lo, xb.mean(0), ((xb - xb.mean(0)) ** 2).sum(0))
+        n += hi - lo
+    ref_var = x.var(0, correction=0)
+    assert st.count == acc.count == n == 301
+    for var in (st.var(), acc.var_a(ddof=0), m2 / n):
+        assert torch.allclose(var, ref_var, rtol=1e-9, atol=0)
+    assert torch.allclose(st.mean, x.mean(0), rtol=1e-15)
+    assert torch.allclose(mean, st.mean, rtol=1e-15)
+    assert torch.allclose(st.std(), ref_var.sqrt(), rtol=1e-9)
+    assert torch.allclose(st.var(unbiased=True), x.var(0), rtol=1e-9)
+
+
+def test_channel_stats_layouts_and_errors():
+    from pymerge.ops import ChannelStats
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 6, generator=g).half()  # [N, C, H, W], channels along dim 1
+    st = ChannelStats(3)
+    st.update(x[:1], dim=1)
+    st.update(x[1:], dim=1)
+    flat = x.float().double().movedim(1, -1).reshape(-1, 3)
+    assert torch.allclose(st.mean, flat.mean(0), rtol=1e-6)
+    assert torch.allclose(st.var(), flat.var(0, correction=0), rtol=1e-5)
+    st.update(torch.zeros(0, 3))  # no samples: nothing changes
+    assert st.count == 4 * 5 * 6
+    with pytest.raises(ValueError, match=r"expected 3 channels along dim -1, got shape \(2, 4\)"):
+        st.update(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="no samples"):
+        ChannelStats(2).var()
+    one = ChannelStats(2)
+    one.update(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="two samples"):
+        one.var(unbiased=True)
+    assert "ChannelStats(d=2, count=1" in repr(one)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pymerge._util.checks import check_state_pair
+from pymerge.ops.moments import ChannelStats  # noqa: F401  (re-exported: moved to pymerge.ops)
 
 __all__ = [
     "ChannelStats",
@@ -275,57 +276,3 @@ def call_counts(model: nn.Module, names: Iterable[str], inputs: Any) -> dict[str
         for h in handles:
             h.remove()
     return counts
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-class ChannelStats:
-    """Streaming per-channel count, mean and variance in float64 (Chan et al. merge of
-    per-batch statistics, stable for large counts)."""
-
-    def __init__(self, d: int, device: torch.device | str | None = None) -> None:
-        self.d = d
-        self.count = 0
-        self.mean = torch.zeros(d, dtype=torch.float64, device=device)
-        self._m2 = torch.zeros(d, dtype=torch.float64, device=device)
-
-    def update(self, x: torch.Tensor, dim: int = -1) -> None:
-        """Add the samples of ``x``: channels along ``dim`` (size ``d``), every other axis a
-        sample axis (``[samples, d]``, ``[N, C, H, W]`` with ``dim=1``, ``[N, T, d]``).
-
-        Each batch is reduced in its own dtype (fp16/bf16 in float32) without a copy, then
-        merged in float64.
-        """
-        if x.dim() == 0 or not -x.dim() <= dim < x.dim() or x.shape[dim] != self.d:
-            raise ValueError(
-                f"expected {self.d} channels along dim {dim}, got shape {tuple(x.shape)}"
-            )
-        dim = dim % x.dim()
-        nb = x.numel() // self.d
-        if nb == 0:
-            return
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        axes = [a for a in range(x.dim()) if a != dim]
-        var_b, mean_b = torch.var_mean(x, dim=axes, correction=0)
-        mean_b = mean_b.to(device=self.mean.device, dtype=torch.float64)
-        m2_b = var_b.to(device=self.mean.device, dtype=torch.float64) * nb
-        n = self.count + nb
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self._m2 = self._m2 + m2_b + delta.square() * (self.count * nb / n)
-        self.count = n
-
-    def var(self, unbiased: bool = False) -> torch.Tensor:
-        """Per-channel variance ``[d]`` (float64); biased (divide by count) by default."""
-        if self.count == 0:
-            raise ValueError("no samples were recorded")
-        denom = self.count - 1 if unbiased else self.count
-        if denom <= 0:
-            raise ValueError("an unbiased variance needs at least two samples")
-        return self._m2 / denom
-
-    def std(self) -> torch.Tensor:
-        """Per-channel (biased) standard deviation ``[d]`` (float64)."""
-        return self.var().sqrt()

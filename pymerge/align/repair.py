@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from pymerge._util.progress import track
 from pymerge.align import _hooks
+from pymerge.ops.moments import ChannelStats
 
 __all__ = ["repair", "reset_bn_stats"]
 
@@ -41,7 +42,7 @@ def _bn_modules(model: nn.Module) -> dict[str, _BatchNorm]:
     }
 
 
-def _set_bn_stats(bn: _BatchNorm, stats: _hooks.ChannelStats, num_batches: int) -> None:
+def _set_bn_stats(bn: _BatchNorm, stats: ChannelStats, num_batches: int) -> None:
     with torch.no_grad():
         bn.running_mean.copy_(stats.mean.to(bn.running_mean.dtype))
         var = stats.var(unbiased=stats.count > 1)
@@ -91,14 +92,14 @@ def reset_bn_stats(
     if not bns:
         return target
     dev = _hooks.model_device(target)
-    stats: dict[str, _hooks.ChannelStats] = {}
+    stats: dict[str, ChannelStats] = {}
     handles = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             if name not in stats:
-                stats[name] = _hooks.ChannelStats(x.shape[1], x.device)
+                stats[name] = ChannelStats(x.shape[1], x.device)
             stats[name].update(x, 1)
 
         return hook
@@ -157,7 +158,7 @@ def _output_stats(
         if x.dim() < 2:
             raise ValueError(f"output of {key!r} has shape {tuple(x.shape)}: no channel axis")
         if key not in stats:
-            stats[key] = _hooks.ChannelStats(x.shape[dim], x.device)
+            stats[key] = ChannelStats(x.shape[dim], x.device)
         stats[key].update(x, dim)
 
     def out_hook(name: str):
@@ -296,7 +297,7 @@ def repair(
     bns = [n for n in order if n in _bn_modules(merged)] if reset_bn else []
     goal = _goal_stats(ma, mb, pts, batches, num_batches, alpha) if pts else {}
 
-    def correct(name: str, s: _hooks.ChannelStats) -> None:
+    def correct(name: str, s: ChannelStats) -> None:
         mu_g, sd_g = goal[name]
         scale = sd_g.to(s.mean.device) / (s.var() + eps).sqrt()
         shift = mu_g.to(s.mean.device) - scale * s.mean

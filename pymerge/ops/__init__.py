@@ -17,9 +17,11 @@ from pymerge.ops.assignment import (
 )
 from pymerge.ops.correlation import CorrelationAccumulator, correlation
 from pymerge.ops.interpolate import interpolate, permuted_interpolate
+from pymerge.ops.moments import ChannelStats
 
 __all__ = [
     "AssignmentResult",
+    "ChannelStats",
     "CorrelationAccumulator",
     "correlation",
     "interpolate",

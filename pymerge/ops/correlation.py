@@ -11,7 +11,9 @@ Numerics
 Each batch is reduced around a per-feature *shift* ``k`` (the running mean; for the first
 batch its own mean): ``s = sum(x - k)``, ``q = sum((x - k)^2)``, ``P = (x_a - k_a)^T (x_b - k_b)``.
 The batch co-moment ``M2_B = P - s_a s_b^T / n_B`` is then merged with Chan et al.'s parallel
-update ``M2 = M2_A + M2_B + (n_A n_B / n) d_a d_b^T`` (``d`` = difference of the means). No
+update ``M2 = M2_A + M2_B + (n_A n_B / n) d_a d_b^T`` (``d`` = difference of the means); the
+per-feature means and ``M2`` go through the library's one per-feature merge,
+:func:`pymerge.ops.moments.chan_merge`. No
 quantity of size ``N * mean^2`` is ever formed, so float32 accumulators stay accurate when
 ``|mean| >> std`` (the naive ``E[xy] - E[x]E[y]`` loses everything at ``|mean|/std ~ 1e3``).
 
@@ -66,6 +68,7 @@ import numpy as np
 import torch
 
 from pymerge._backend import choose_kernels
+from pymerge.ops.moments import chan_merge
 
 __all__ = ["CorrelationAccumulator", "correlation"]
 
@@ -435,13 +438,10 @@ class CorrelationAccumulator:
         ``(delta_a, mean_a, m2_a, delta_b, mean_b, m2_b)`` after this batch (``delta`` =
         batch mean - running mean; the ``b`` entries are ``None`` in self mode)."""
         n_a = self._n
-        n = n_a + n_b
-        c = n_a * n_b / n
 
-        def side(k, s, q, mean, m2):
-            batch_mean = k + s / n_b
-            delta = batch_mean - mean
-            return delta, mean + delta * (n_b / n), m2 + (q - s * s / n_b + c * delta * delta)
+        def side(k, s, q, mean, m2):  # the batch's mean and M2 about it, merged
+            new_mean, new_m2, delta = chan_merge(n_a, mean, m2, n_b, k + s / n_b, q - s * s / n_b)
+            return delta, new_mean, new_m2
 
         a = side(ka, sa, qa, self._mean_a, self._m2_a)
         b = (None,) * 3 if self._self else side(kb, sb, qb, self._mean_b, self._m2_b)
@@ -508,18 +508,22 @@ class CorrelationAccumulator:
 
         n_a, n_b = self._n, other._n
         n = n_a + n_b
-        c = n_a * n_b / n
-        da = get(other._mean_a) - self._mean_a
+        # per-feature moments: Chan's merge; the co-moment: M2_A + M2_B + c delta_a delta_b^T
+        mean_a, m2_a, da = chan_merge(
+            n_a, self._mean_a, self._m2_a, n_b, get(other._mean_a), get(other._m2_a)
+        )
         self._m2.add_(get(other._sym_m2() if self._self else other._m2))
-        self._m2_a.add_(get(other._m2_a) + c * da * da)
         if self._self:
-            self._m2.addr_(da, da, alpha=c)
+            db = da
         else:
-            db = get(other._mean_b) - self._mean_b
-            self._m2.addr_(da, db, alpha=c)
-            self._m2_b.add_(get(other._m2_b) + c * db * db)
-            self._mean_b.add_(db * (n_b / n))
-        self._mean_a.add_(da * (n_b / n))
+            mean_b, m2_b, db = chan_merge(
+                n_a, self._mean_b, self._m2_b, n_b, get(other._mean_b), get(other._m2_b)
+            )
+            self._mean_b.copy_(mean_b)
+            self._m2_b.copy_(m2_b)
+        self._m2.addr_(da, db, alpha=n_a * n_b / n)
+        self._mean_a.copy_(mean_a)
+        self._m2_a.copy_(m2_a)
         self._n = n
         self._eps = max(self._eps, other._eps)
         return self
