@@ -279,6 +279,45 @@ def _probe_folder(folder: Path, shown: str) -> None:
     os.unlink(probe)
 
 
+def _output_path(label: str | None, raw: PathLike) -> tuple[str, Path]:
+    """``(how to name it in messages, Path)`` for one output, after the checks that need
+    nothing but the path itself and its folder."""
+    text = os.fspath(raw)
+    shown = f"{label} {text!r}" if label else repr(text)
+    if text == "" or text.isspace():
+        raise ValueError(f"{label or 'output path'}: empty path; name the file to write")
+    if text.endswith(("/", os.sep)):
+        raise ValueError(f"{shown} names a folder; name a file to write in it")
+    p = Path(text)
+    if p.is_dir():
+        raise ValueError(f"{shown} is an existing folder; name a file to write in it")
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{shown} exists and is not a regular file")
+    folder = p.parent
+    if not folder.exists():
+        raise ValueError(f"cannot write {shown}: folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {shown}: {str(folder)!r} is not a folder")
+    return shown, p
+
+
+def _check_distinct(
+    shown: str, p: Path, ins: list[tuple[str | None, PathLike]], seen: list[tuple[str, Path]]
+) -> None:
+    """``p`` is none of the inputs and none of the outputs already checked."""
+    for in_label, in_raw in ins:
+        if os.fspath(in_raw) and _same_file(p, Path(in_raw)):
+            what = f"input {in_label} {os.fspath(in_raw)!r}" if in_label else "input"
+            raise ValueError(
+                f"refusing to write {shown}: it is one of the inputs ({what}); name another file"
+            )
+    for other_shown, other in seen:
+        if _same_file(p, other):
+            raise ValueError(
+                f"{shown} and {other_shown} name the same file; give each output its own path"
+            )
+
+
 def check_output_paths(
     outputs: Mapping[str, PathLike | None] | Iterable[PathLike | None],
     *,
@@ -297,40 +336,13 @@ def check_output_paths(
     outs = _as_labelled(outputs)
     ins = _as_labelled(inputs)
     seen: list[tuple[str, Path]] = []
-    checked_folders: set[Path] = set()
+    probed: set[Path] = set()
     for label, raw in outs:
-        text = os.fspath(raw)
-        shown = f"{label} {text!r}" if label else repr(text)
-        if text == "" or text.isspace():
-            raise ValueError(f"{label or 'output path'}: empty path; name the file to write")
-        if text.endswith(("/", os.sep)):
-            raise ValueError(f"{shown} names a folder; name a file to write in it")
-        p = Path(text)
-        if p.is_dir():
-            raise ValueError(f"{shown} is an existing folder; name a file to write in it")
-        if p.exists() and not p.is_file():
-            raise ValueError(f"{shown} exists and is not a regular file")
-        folder = p.parent if str(p.parent) else Path(".")
-        if not folder.exists():
-            raise ValueError(f"cannot write {shown}: folder {str(folder)!r} does not exist")
-        if not folder.is_dir():
-            raise ValueError(f"cannot write {shown}: {str(folder)!r} is not a folder")
-        for in_label, in_raw in ins:
-            if os.fspath(in_raw) and _same_file(p, Path(in_raw)):
-                what = f"input {in_label} {os.fspath(in_raw)!r}" if in_label else "input"
-                raise ValueError(
-                    f"refusing to write {shown}: it is one of the inputs ({what}); "
-                    f"name another file"
-                )
-        for other_shown, other in seen:
-            if _same_file(p, other):
-                raise ValueError(
-                    f"{shown} and {other_shown} name the same file; give each output its own path"
-                )
-        resolved_folder = folder.resolve()
-        if resolved_folder not in checked_folders:
-            _probe_folder(folder, shown)
-            checked_folders.add(resolved_folder)
+        shown, p = _output_path(label, raw)
+        _check_distinct(shown, p, ins, seen)
+        if p.parent.resolve() not in probed:
+            _probe_folder(p.parent, shown)
+            probed.add(p.parent.resolve())
         seen.append((shown, p))
     paths = [p for _, p in seen]
     if isinstance(outputs, Mapping):
@@ -391,6 +403,52 @@ def _backup(target: Path) -> str | None:
     return name
 
 
+def _stage(targets: list[Path], writers: list[Writer]) -> list[str]:
+    """Write each payload to a temporary file beside its target (mode set, flushed to disk);
+    on failure remove the temporary files and raise."""
+    staged: list[str] = []
+    try:
+        for target, write in zip(targets, writers, strict=True):
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            os.close(fd)
+            staged.append(tmp)
+            write(tmp)
+            os.chmod(tmp, _mode_for(target))
+            _fsync_path(tmp)
+    except BaseException:
+        _remove(staged)
+        raise
+    return staged
+
+
+def _remove(paths: Iterable[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _commit(targets: list[Path], staged: list[str]) -> None:
+    """Move the staged files into place; if one move fails, put back what was there."""
+    replaced: list[tuple[Path, str | None]] = []
+    try:
+        for target, tmp in zip(targets, staged, strict=True):
+            backup = _backup(target)
+            os.replace(tmp, target)
+            replaced.append((target, backup))
+    except BaseException:
+        for target, backup in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if backup is None:
+                    os.unlink(target)
+                else:
+                    os.replace(backup, target)
+        _remove(staged)
+        raise
+    _remove(backup for _, backup in replaced if backup is not None)
+    for folder in {t.parent for t in targets}:
+        _fsync_path(folder, directory=True)
+
+
 def write_all(
     outputs: Mapping[PathLike, Writer],
     *,
@@ -410,47 +468,8 @@ def write_all(
     if len(named) != len(outputs):  # two outputs share a label: fall back to positions
         named = {f"output {i + 1}": path for i, path in enumerate(outputs)}
     checked = check_output_paths(named, inputs=protect)
-    writers = list(outputs.values())
     targets = [checked[label].absolute() for label in named]
-
-    staged: list[str] = []
-    try:
-        for target, write in zip(targets, writers, strict=True):
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            os.close(fd)
-            staged.append(tmp)
-            write(tmp)
-            os.chmod(tmp, _mode_for(target))
-            _fsync_path(tmp)
-    except BaseException:
-        for tmp in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-
-    replaced: list[tuple[Path, str | None]] = []
-    try:
-        for target, tmp in zip(targets, staged, strict=True):
-            backup = _backup(target)
-            os.replace(tmp, target)
-            replaced.append((target, backup))
-    except BaseException:
-        for target, backup in reversed(replaced):  # put back what was there
-            with contextlib.suppress(OSError):
-                if backup is None:
-                    os.unlink(target)
-                else:
-                    os.replace(backup, target)
-        for tmp in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-    for _, backup in replaced:
-        if backup is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(backup)
-    for folder in {t.parent for t in targets}:
-        _fsync_path(folder, directory=True)
+    _commit(targets, _stage(targets, list(outputs.values())))
 
 
 def state_dict_writer(state: Mapping[str, torch.Tensor], path: PathLike) -> Writer:

@@ -230,22 +230,184 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    t_start = time.perf_counter()
-    cfg = QUICK if args.quick else FULL
-    from pymerge import __version__
+@dataclass
+class _Run:
+    """What the steps of one demo run share."""
+
+    cfg: DemoConfig
+    steps: int
+    data: Data | None = None
+    model: object = None  # model A (its architecture is used for the curves)
+    a: dict | None = None
+    b: dict | None = None
+    b_aligned: dict | None = None
+    curves: dict | None = None
+
+    def say(self, step: int, text: str) -> None:
+        _say(f"[{step}/{self.steps}] {text}")
+
+    @property
+    def shape(self) -> str:
+        cfg = self.cfg
+        return "-".join(map(str, (cfg.dim, *(cfg.width,) * cfg.depth, CLASSES)))
+
+    def accuracy(self, state) -> float:
+        model = make_model(self.cfg)
+        model.load_state_dict(state)
+        with _threads(1):
+            return evaluate(model, self.data.x_test, self.data.y_test)["accuracy"]
+
+
+def _step_data(r: _Run) -> None:
+    cfg = r.cfg
+    _say()
+    r.say(
+        1,
+        f"data: {CLASSES} classes, each a mixture of {cfg.blobs} Gaussian blobs in {cfg.dim}-D, "
+        f"made here ({cfg.train_size} training / {cfg.test_size} test points)",
+    )
+    r.data = make_blobs(cfg)
+
+
+def _step_train(r: _Run, progress: bool) -> None:
+    t0 = time.perf_counter()
+    with _threads(1):
+        (r.model, r.a), (_, r.b) = (train_mlp(r.cfg, r.data, s, progress=progress) for s in SEEDS)
+    acc_a, acc_b = r.accuracy(r.a), r.accuracy(r.b)
+    r.say(
+        2,
+        f"trained two MLPs {r.shape} from seeds {SEEDS[0]} and {SEEDS[1]} (Adam, "
+        f"{r.cfg.epochs} epochs) in {time.perf_counter() - t0:.1f} s: test accuracy "
+        f"A {_pct(acc_a)}, B {_pct(acc_b)}",
+    )
+
+
+def _step_align(r: _Run) -> None:
     from pymerge._backend import backends
     from pymerge.align import weight_matching
-    from pymerge.io import check_output_paths
-    from pymerge.landscape import error_barrier, interpolation_curve, loss_barrier
-    from pymerge.ops import interpolate
+    from pymerge.cli._compare import native_label
     from pymerge.spec import apply_permutation
 
-    want_png = not args.no_png and not _matplotlib_missing()
-    if want_png:  # every output checked before any work
-        check_output_paths({"--png": args.png})
+    spec = r.model.spec()
+    assignment = native_label() if backends()["assignment"] == "native" else "NumPy fallback"
+    t0 = time.perf_counter()
+    result = weight_matching(spec, r.a, r.b, max_iter=100, seed=0, progress=False)
+    seconds = time.perf_counter() - t0
+    r.b_aligned = apply_permutation(spec, result.perm, r.b)
+    objective = result.history.objective
+    sweeps = len(objective)
+    final = f", objective {objective[-1]:.4g}" if objective else ""
+    r.say(
+        3,
+        f"aligned B to A: pymerge.weight_matching(spec, A, B) in {seconds:.2f} s, {sweeps} "
+        f"sweep{'s' * (sweeps != 1)}{final} (assignment: {assignment}); "
+        f"pymerge.apply_permutation(spec, perm, B) -> π(B)",
+    )
 
+
+def _step_curves(r: _Run) -> None:
+    from pymerge.landscape import error_barrier, interpolation_curve, loss_barrier
+
+    def eval_fn(model):
+        return evaluate(model, r.data.x_test, r.data.y_test)
+
+    t0 = time.perf_counter()
+    points = r.cfg.points
+    with _threads(1):
+        r.curves = {
+            "naive": interpolation_curve(r.model, r.a, r.b, eval_fn, lambdas=points),
+            "aligned": interpolation_curve(r.model, r.a, r.b_aligned, eval_fn, lambdas=points),
+        }
+    r.say(
+        4,
+        f"linear paths (1-λ)·A + λ·B and (1-λ)·A + λ·π(B), {points} points each: "
+        f"pymerge.interpolation_curve in {time.perf_counter() - t0:.2f} s",
+    )
+    for line in _curve_table(r.curves["naive"].lambdas, r.curves):
+        _say(line)
+    loss = {k: loss_barrier(c) for k, c in r.curves.items()}
+    err = {k: error_barrier(c) for k, c in r.curves.items()}
+    lower = (
+        f" ({100 * (1 - loss['aligned'] / loss['naive']):.0f} % lower)" if loss["naive"] > 0 else ""
+    )
+    _say(
+        f"      loss barrier (pymerge.loss_barrier): naive {loss['naive']:.3f}, aligned "
+        f"{loss['aligned']:.3f}{lower}"
+    )
+    _say(
+        f"      error barrier (pymerge.error_barrier): naive {100 * err['naive']:.1f} points, "
+        f"aligned {100 * err['aligned']:.1f} points"
+    )
+
+
+def _step_merge(r: _Run, repeat: int) -> None:
+    from pymerge._backend import backends
+    from pymerge.cli._compare import multi_tensor_label
+    from pymerge.ops import interpolate
+
+    acc_merged = r.accuracy(interpolate([r.a, r.b_aligned], [0.5, 0.5]))
+    acc_plain = r.accuracy(interpolate([r.a, r.b], [0.5, 0.5]))
+    timed = []
+    native = ["native"] if backends()["kernels_cpu"] == "native" else []
+    # one thread, as for training: on a busy 2-core machine torch's hand-off to a second
+    # thread costs more than this small merge itself
+    with _threads(1):
+        for backend in [*native, "torch"]:
+            ms = _median_ms(
+                lambda be=backend: interpolate([r.a, r.b_aligned], [0.5, 0.5], backend=be),
+                repeat,
+            )
+            label = multi_tensor_label() if backend == "native" else "torch"
+            timed.append(f"{label} {ms:.3f} ms")
+    r.say(
+        5,
+        f"merged: pymerge.interpolate([A, π(B)], [0.5, 0.5]) -> test accuracy "
+        f"{_pct(acc_merged)} (the plain average of A and B: {_pct(acc_plain)}); "
+        f"time per merge on one thread: {' · '.join(timed)}",
+    )
+
+
+def _step_plot(r: _Run, png: str | None) -> None:
+    """Write the PNG (``png`` checked before any work), or say how to get one."""
+    if png is None:
+        _say(
+            "      plot: matplotlib is not installed; add it with `pip install matplotlib` "
+            '(from the checkout: `pip install ".[plot]"`) to get the PNG of the curves'
+        )
+        return
+    from pymerge.io import write_all
+
+    title = f"two MLPs {r.shape}, seeds {SEEDS[0]} and {SEEDS[1]}: naive vs weight-matched"
+    write_all({png: _plot_writer(r.curves, title)}, labels={png: "--png"})
+    _say(f"      plot: wrote {png}")
+
+
+def _step_bench(r: _Run) -> bool:
     from pymerge.cli import _compare
+
+    _say()
+    r.say(6, "assignment solvers on this machine (`pymerge bench` for more cases):")
+    cfg = r.cfg
+    rows = _compare.quick_comparison(
+        cfg.sizes, repeat=cfg.repeat, batch=cfg.batch, warm_n=None, kinds=("wm32",)
+    )
+    _say(_compare.format_table(rows))
+    _say(_compare.TABLE_NOTE)
+    if not all(row.ok for row in rows):
+        _say("error: a solver's optimum disagrees with pymerge's (see the note column)")
+        return False
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    from pymerge import __version__
+    from pymerge.cli import _compare
+    from pymerge.io import check_output_paths
+
+    png = None if args.no_png or _matplotlib_missing() else args.png
+    if png is not None:  # every output checked before any work
+        check_output_paths({"--png": png})
 
     _say(f"pymerge {__version__} (imported from {_compare.package_dir()})")
     _say(_compare.backend_line())
@@ -255,125 +417,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_bench:
         _say(_compare.peers_line())
 
-    progress = sys.stderr.isatty() and not args.quick
-    shape = "-".join(map(str, (cfg.dim, *(cfg.width,) * cfg.depth, CLASSES)))
-    n_steps = 6 if not args.no_bench else 5
-
-    _say(
-        f"\n[1/{n_steps}] data: {CLASSES} classes, each a mixture of {cfg.blobs} Gaussian blobs "
-        f"in {cfg.dim}-D, made here ({cfg.train_size} training / {cfg.test_size} test points)"
-    )
-    data = make_blobs(cfg)
-
-    t0 = time.perf_counter()
-    with _threads(1):
-        (model_a, a), (model_b, b) = (
-            train_mlp(cfg, data, seed, progress=progress) for seed in SEEDS
-        )
-        end_a = evaluate(model_a, data.x_test, data.y_test)
-        end_b = evaluate(model_b, data.x_test, data.y_test)
-    _say(
-        f"[2/{n_steps}] trained two MLPs {shape} from seeds {SEEDS[0]} and {SEEDS[1]} "
-        f"(Adam, {cfg.epochs} epochs) in {time.perf_counter() - t0:.1f} s: test accuracy "
-        f"A {_pct(end_a['accuracy'])}, B {_pct(end_b['accuracy'])}"
-    )
-
-    spec = model_a.spec()
-    assignment = (
-        _compare.native_label() if backends()["assignment"] == "native" else ("NumPy fallback")
-    )
-    t0 = time.perf_counter()
-    result = weight_matching(spec, a, b, max_iter=100, seed=0, progress=False)
-    t_wm = time.perf_counter() - t0
-    b_aligned = apply_permutation(spec, result.perm, b)
-    objective = result.history.objective
-    sweeps = len(objective)
-    _say(
-        f"[3/{n_steps}] aligned B to A: pymerge.weight_matching(spec, A, B) in {t_wm:.2f} s, "
-        f"{sweeps} sweep{'s' * (sweeps != 1)}, objective {objective[-1]:.4g} "
-        f"(assignment: {assignment}); pymerge.apply_permutation(spec, perm, B) -> π(B)"
-    )
-
-    def eval_fn(model):
-        return evaluate(model, data.x_test, data.y_test)
-
-    t0 = time.perf_counter()
-    with _threads(1):
-        curves = {
-            "naive": interpolation_curve(model_a, a, b, eval_fn, lambdas=cfg.points),
-            "aligned": interpolation_curve(model_a, a, b_aligned, eval_fn, lambdas=cfg.points),
-        }
-    t_curves = time.perf_counter() - t0
-    barrier = {k: loss_barrier(c) for k, c in curves.items()}
-    err = {k: error_barrier(c) for k, c in curves.items()}
-    _say(
-        f"[4/{n_steps}] linear paths (1-λ)·A + λ·B and (1-λ)·A + λ·π(B), {cfg.points} points "
-        f"each: pymerge.interpolation_curve in {t_curves:.2f} s"
-    )
-    for line in _curve_table(curves["naive"].lambdas, curves):
-        _say(line)
-    drop = 1 - barrier["aligned"] / barrier["naive"] if barrier["naive"] > 0 else float("nan")
-    _say(
-        f"      loss barrier (pymerge.loss_barrier): naive {barrier['naive']:.3f}, aligned "
-        f"{barrier['aligned']:.3f}" + (f" ({100 * drop:.0f} % lower)" if drop == drop else "")
-    )
-    _say(
-        f"      error barrier (pymerge.error_barrier): naive {100 * err['naive']:.1f} points, "
-        f"aligned {100 * err['aligned']:.1f} points"
-    )
-
-    merged = interpolate([a, b_aligned], [0.5, 0.5])
-    naive_mid = interpolate([a, b], [0.5, 0.5])
-    model = make_model(cfg)
-    with _threads(1):
-        model.load_state_dict(merged)
-        acc_merged = evaluate(model, data.x_test, data.y_test)["accuracy"]
-        model.load_state_dict(naive_mid)
-        acc_naive = evaluate(model, data.x_test, data.y_test)["accuracy"]
-    timed = []
-    kernels_cpu = backends()["kernels_cpu"]
-    # one thread, as for training: on a busy 2-core machine torch's hand-off to a second
-    # thread costs more than this small merge itself
-    with _threads(1):
-        for backend in (["native"] if kernels_cpu == "native" else []) + ["torch"]:
-            ms = _median_ms(
-                lambda be=backend: interpolate([a, b_aligned], [0.5, 0.5], backend=be),
-                5 if args.quick else 25,
-            )
-            label = _compare.multi_tensor_label() if backend == "native" else "torch"
-            timed.append(f"{label} {ms:.3f} ms")
-    _say(
-        f"[5/{n_steps}] merged: pymerge.interpolate([A, π(B)], [0.5, 0.5]) -> test accuracy "
-        f"{_pct(acc_merged)} (the plain average of A and B: {_pct(acc_naive)}); "
-        f"time per merge on one thread: {' · '.join(timed)}"
-    )
-    if want_png:
-        from pymerge.io import write_all
-
-        title = f"two MLPs {shape}, seeds {SEEDS[0]} and {SEEDS[1]}: naive vs weight-matched"
-        write_all({args.png: _plot_writer(curves, title)}, labels={args.png: "--png"})
-        _say(f"      plot: wrote {args.png}")
-    elif not args.no_png:
-        _say(
-            "      plot: matplotlib is not installed; add it with `pip install matplotlib` "
-            '(from the checkout: `pip install ".[plot]"`) to get the PNG of the curves'
-        )
-
-    if not args.no_bench:
-        _say(
-            f"\n[6/{n_steps}] assignment solvers on this machine (`pymerge bench` for more cases):"
-        )
-        rows = _compare.quick_comparison(
-            cfg.sizes,
-            repeat=cfg.repeat,
-            batch=cfg.batch,
-            warm_n=None,
-            kinds=("wm32",),
-        )
-        _say(_compare.format_table(rows))
-        _say(_compare.TABLE_NOTE)
-        if not all(r.ok for r in rows):
-            _say("error: a solver's optimum disagrees with pymerge's (see the note column)")
-            return 1
+    r = _Run(QUICK if args.quick else FULL, steps=5 if args.no_bench else 6)
+    _step_data(r)
+    _step_train(r, progress=sys.stderr.isatty() and not args.quick)
+    _step_align(r)
+    _step_curves(r)
+    _step_merge(r, repeat=5 if args.quick else 25)
+    if not args.no_png:
+        _step_plot(r, png)
+    if not args.no_bench and not _step_bench(r):
+        return 1
     _say(f"\ndone in {time.perf_counter() - t_start:.1f} s")
     return 0
