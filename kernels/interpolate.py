@@ -10,9 +10,11 @@ vectorised path; only the last chunk of a tensor is masked.
 Bytes moved: K reads + 1 write per element, nothing else (the tables are tiny), so
 the kernel is bandwidth bound; arithmetic is fp32 whatever the storage dtype.
 
-Tables depend only on data pointers, sizes and dtypes, so they are cached (a
-small LRU) and repeated calls on the same tensors (e.g. a sweep over weights)
-only pay for the launch.
+Tables depend only on data pointers, sizes and dtypes, so a caller may keep them in a
+cache it passes in (``cache=``: any object with ``get(key)`` and ``put(key, value)``; the
+front passes its LRU cache, this module keeps none and imports nothing of pymerge), and
+repeated calls on the same tensors (e.g. a sweep over weights) then only pay for the
+launch.
 
 Nothing here knows about state dicts: the front ``pymerge.ops.interpolate``
 groups tensors and validates input.
@@ -20,8 +22,8 @@ groups tensors and validates input.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -32,7 +34,6 @@ DEFAULT_BLOCK = 4096
 DEFAULT_NUM_WARPS = 8
 #: required alignment of every input/output start, in bytes (vector width)
 ALIGN_BYTES = 16
-_CACHE_SIZE = 16
 
 
 @triton.jit
@@ -75,28 +76,6 @@ def _weighted_sum_kernel(
         tl.store(out_ptr + (oo + start) + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_tables: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
-
-
-def _cache_get(key: tuple):
-    hit = _tables.get(key)
-    if hit is not None:
-        _tables.move_to_end(key)
-    return hit
-
-
-def _cache_put(key: tuple, value: tuple) -> None:
-    _tables[key] = value
-    _tables.move_to_end(key)
-    while len(_tables) > _CACHE_SIZE:
-        _tables.popitem(last=False)
-
-
-def clear_cache() -> None:
-    """Forget every cached launch table."""
-    _tables.clear()
-
-
 def aligned(t: torch.Tensor) -> bool:
     """Whether ``t`` starts on an ``ALIGN_BYTES`` boundary (kernel requirement)."""
     return t.data_ptr() % ALIGN_BYTES == 0
@@ -109,11 +88,14 @@ def _tables_for(
     elsize: int,
     block: int,
     device: torch.device,
+    cache: Any,
 ) -> tuple[torch.Tensor, ...]:
-    key = (device, elsize, block, tuple(numels), tuple(out_offsets), tuple(map(tuple, ptrs)))
-    hit = _cache_get(key)
-    if hit is not None:
-        return hit
+    key = None
+    if cache is not None:
+        key = (device, elsize, block, tuple(numels), tuple(out_offsets), tuple(map(tuple, ptrs)))
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
     T = len(numels)
     K = len(ptrs[0])
     base = ptrs[0][0]
@@ -137,7 +119,8 @@ def _tables_for(
         packed[T * K + 2 * T : T * K + 3 * T],
         packed[T * K + 3 * T :],
     )
-    _cache_put(key, value)
+    if cache is not None:
+        cache.put(key, value)
     return value
 
 
@@ -149,6 +132,7 @@ def weighted_sum_(
     *,
     block: int | None = None,
     num_warps: int | None = None,
+    cache: Any = None,
 ) -> torch.Tensor:
     """Write ``sum_k weights[k] * inputs[i][k]`` into ``out_flat`` for every tensor ``i``.
 
@@ -160,6 +144,8 @@ def weighted_sum_(
         out_flat: 1-D contiguous output buffer (fp32/fp16/bf16); tensor ``i`` is written
             to ``out_flat[out_offsets[i] : out_offsets[i] + numel_i]``; offsets must be
             multiples of ``ALIGN_BYTES / out_flat.element_size()`` elements.
+        cache: where to keep the launch tables between calls (``get``/``put``); ``None``
+            builds them for this call only.
     Returns:
         ``out_flat``. One kernel launch whatever ``T``.
     """
@@ -182,7 +168,7 @@ def weighted_sum_(
     numels = [row[0].numel() for row in inputs]
     ptrs = [[x.data_ptr() for x in row] for row in inputs]
     deltas, numel_t, outoff, first, chunk = _tables_for(
-        ptrs, numels, list(out_offsets), elsize, block, device
+        ptrs, numels, list(out_offsets), elsize, block, device, cache
     )
     grid = (chunk.numel(),)
     if grid[0] == 0:

@@ -16,8 +16,8 @@ all ``M`` outputs (loss-barrier curves use many alphas). Arithmetic is fp32.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -29,7 +29,6 @@ DEFAULT_SEG = 8192
 DEFAULT_NUM_WARPS = 4
 #: every input and output start must be aligned to this many bytes (the front ensures it)
 ALIGN_BYTES = 16
-_CACHE_SIZE = 8
 _NF = 8  # fields per tensor: da, db, out offset, R, C, rowmap off, colmap off, flags
 
 
@@ -109,16 +108,6 @@ def _perm_lerp_kernel(
                 )
 
 
-# launch tables by (pointers, shapes, map objects); each entry holds its maps, so their ids
-# cannot be reused by other objects while it lives
-_tables: OrderedDict[tuple, tuple] = OrderedDict()
-
-
-def clear_cache() -> None:
-    """Forget every cached launch table."""
-    _tables.clear()
-
-
 def _build_tables(a_list, b_list, maps, out_offsets, br, seg, device):
     """Per-tensor table, tile table and concatenated maps, on ``device``."""
     T = len(a_list)
@@ -189,6 +178,7 @@ def permuted_lerp_(
     bc: int | None = None,
     seg: int | None = None,
     num_warps: int | None = None,
+    cache: Any = None,
 ) -> torch.Tensor:
     """``out[m, off_i : off_i + numel_i] = (1 - alphas[m]) * a_i + alphas[m] * pi_i(b_i)``.
 
@@ -202,6 +192,10 @@ def permuted_lerp_(
         alphas: fp32 ``[M]`` on the device.
         out: ``[M, L]`` contiguous output buffer; tensor ``i`` goes to
             ``out[:, off_i : off_i + numel_i]``.
+        cache: where to keep the launch tables between calls (any object with ``get(key)``
+            and ``put(key, value)``), keyed by pointers, shapes and map objects (each entry
+            holds its maps, so their ids cannot be reused while it lives); ``None`` builds
+            them for this call only.
     Returns:
         ``out``. One kernel launch whatever ``T`` and ``M``.
     """
@@ -225,26 +219,26 @@ def permuted_lerp_(
     ):
         raise ValueError(f"inputs, outputs and out offsets must be {ALIGN_BYTES}-byte aligned")
     a_base, b_base = a_list[0], b_list[0]
-    key = (
-        device,
-        br,
-        bc,
-        seg,
-        a_base.element_size(),
-        b_base.element_size(),
-        tuple(t.data_ptr() for t in a_list),
-        tuple(t.data_ptr() for t in b_list),
-        tuple(tuple(t.shape) for t in a_list),
-        tuple(out_offsets),
-        tuple((id(r), id(c)) for r, c in maps),
-    )
-    hit = _tables.get(key)
+    key = hit = None
+    if cache is not None:
+        key = (
+            device,
+            br,
+            bc,
+            seg,
+            a_base.element_size(),
+            b_base.element_size(),
+            tuple(t.data_ptr() for t in a_list),
+            tuple(t.data_ptr() for t in b_list),
+            tuple(tuple(t.shape) for t in a_list),
+            tuple(out_offsets),
+            tuple((id(r), id(c)) for r, c in maps),
+        )
+        hit = cache.get(key)
     if hit is None:
         hit = (list(maps), *_build_tables(a_list, b_list, maps, out_offsets, br, seg, device))
-        _tables[key] = hit
-        while len(_tables) > _CACHE_SIZE:
-            _tables.popitem(last=False)
-    _tables.move_to_end(key)
+        if cache is not None:
+            cache.put(key, hit)
     _, tab_d, tiles_d, maps_d, total = hit
     if total == 0:
         return out

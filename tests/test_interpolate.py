@@ -918,3 +918,42 @@ def test_auto_without_the_cpp_loops_uses_torch(monkeypatch):
         out = permuted_interpolate(states[0], states[1], 0.3, perm)
         ref = permuted_interpolate(states[0], states[1], 0.3, perm, backend="torch")
         assert torch.equal(out["w"], ref["w"]), dt
+
+
+def test_the_one_lru_cache_helper():
+    """pymerge._util.cache.LRUCache: item limit, cost budget (the newest entry stays even
+    when it alone is over budget), recency on get, replacement, clear."""
+    from pymerge._util.cache import LRUCache
+
+    c = LRUCache(3)
+    for k in "abcd":
+        c.put(k, k.upper())
+    assert len(c) == 3 and "a" not in c and c.get("a", 0) == 0
+    assert c.get("b") == "B"  # b is now the most recent: c goes next
+    c.put("e", "E")
+    assert "c" not in c and {"b", "d", "e"} == {k for k in "bcde" if k in c}
+    sized = LRUCache(100, max_cost=10, cost=len)
+    sized.put(1, "xxxx")
+    sized.put(2, "yyyy")
+    sized.put(1, "zz")  # replacing an entry re-counts its cost
+    assert sized.total_cost == 6 and sized.get(2) == "yyyy"
+    sized.put(3, "wwwww")  # 11 > 10: the least recent (1) goes
+    assert 1 not in sized and sized.total_cost == 9
+    sized.put(4, "v" * 50)  # over budget alone: kept, everything else dropped
+    assert len(sized) == 1 and sized.get(4) is not None and sized.total_cost == 50
+    sized.clear()
+    assert len(sized) == 0 and sized.total_cost == 0
+    with pytest.raises(ValueError, match="max_items"):
+        LRUCache(0)
+    with pytest.raises(ValueError, match="cost"):
+        LRUCache(2, max_cost=5)
+    # the ops' caches are all of this one kind, and clear_caches empties them
+    from pymerge.ops import _perm_axes
+
+    caches = [front._FLOATS, front._MAPS, _perm_axes._INDEX, *front._KERNEL_TABLES.values()]
+    assert all(isinstance(x, LRUCache) for x in caches)
+    a, b, spec, _ = _perm_setup(81)
+    permuted_interpolate(a, b, 0.5, spec)
+    assert len(_perm_axes._INDEX) > 0
+    front.clear_caches()
+    assert all(len(x) == 0 for x in caches)

@@ -4,18 +4,16 @@ int64 CPU permutations, each distinct index checked once and cached while it is 
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from pymerge._util.cache import lru_put
+from pymerge._util.cache import LRUCache
 from pymerge._util.checks import StateDict
 
-_INDEX_CACHE_SIZE = 4096
 # id(index) -> (weakref, version, axis size, validated int64 CPU copy)
-_INDEX: OrderedDict[int, tuple[Any, int, int, torch.Tensor]] = OrderedDict()
+_INDEX = LRUCache(4096)
 
 
 def clear_cache() -> None:
@@ -120,11 +118,10 @@ def _check_index(idx: Any, n: int, label: Any) -> torch.Tensor:
     if version is not None:
         hit = _INDEX.get(id(idx))
         if hit is not None and hit[0]() is idx and hit[1] == version and hit[2] == n:
-            _INDEX.move_to_end(id(idx))
             return hit[3]
     cpu = _validate_index(idx, n, label)
     if version is not None:
-        lru_put(_INDEX, id(idx), (weakref.ref(idx), version, n, cpu), _INDEX_CACHE_SIZE)
+        _INDEX.put(id(idx), (weakref.ref(idx), version, n, cpu))
     return cpu
 
 

@@ -78,19 +78,12 @@ def _forced_native(backend: str | None) -> bool:
     return (value or "auto").strip().lower() == "native"
 
 
-_RESOLVED: dict[tuple, str] = {}
-
-
 def resolve_backend(backend: str | None = None) -> str:
     """The assignment backend that runs: ``"native"`` or ``"numpy"``.
 
     Uses :func:`pymerge._backend.choose_assignment`; a native module without ``solve``
     (a placeholder build) counts as missing.
     """
-    key = (backend, os.environ.get(_backend.BACKEND_ENV), _backend.native_lap)
-    choice = _RESOLVED.get(key)
-    if choice is not None:
-        return choice
     choice = _backend.choose_assignment(backend)
     if choice == "native" and not hasattr(_backend.native_lap(), "solve"):
         if _forced_native(backend):
@@ -99,9 +92,6 @@ def resolve_backend(backend: str | None = None) -> str:
                 "(placeholder build); reinstall pymerge with a C++17 compiler available"
             )
         choice = "numpy"
-    if len(_RESOLVED) > 64:
-        _RESOLVED.clear()
-    _RESOLVED[key] = choice
     return choice
 
 

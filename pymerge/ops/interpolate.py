@@ -45,8 +45,6 @@ Rules shared by both functions:
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from itertools import compress
@@ -56,7 +54,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from pymerge._backend import _requested, choose_kernels, native_multi_tensor
-from pymerge._util.cache import lru_get, lru_put
+from pymerge._util.cache import LRUCache
 from pymerge._util.checks import StateDict, check_states
 from pymerge.ops._groups import as_floats, check_out_dtype, copies, group
 from pymerge.ops._perm_axes import clear_cache as clear_index_cache
@@ -90,54 +88,40 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _map_entries(value: tuple) -> int:
+    """int64 entries held by a ``_MAPS`` value ``(indices, (rowmap, colmap), runs, plan)``."""
+    _, (r, c), runs, plan = value
+    n = r.numel() + c.numel() + (0 if runs is None else runs.numel())
+    return n + (0 if plan is None else plan.nbytes // 8)
+
+
 # (device, values) -> fp32 device tensor: repeated calls with the same weights/alphas
-_FLOATS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_FLOATS = LRUCache(64)
 # (shape, ((axis, id(cpu index)), ...)) -> (cpu indices kept alive, (rowmap, colmap), runs,
-# native plan)
-_MAPS: OrderedDict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-
-
-_MAP_BUDGET = 1 << 25  # cached map entries (int64) kept at most: 256 MiB
-_map_total = 0
-
-
-def _entry_size(value: tuple) -> int:
-    """int64 entries held by a ``_MAPS`` value ``(indices, (rowmap, colmap), runs)``."""
-    _, (r, c), runs, _ = value
-    return r.numel() + c.numel() + (0 if runs is None else runs.numel())
-
-
-def _put_map(key: tuple, value: tuple) -> None:
-    global _map_total
-    _MAPS[key] = value
-    _map_total += _entry_size(value)
-    while _map_total > _MAP_BUDGET and len(_MAPS) > 1:
-        _map_total -= _entry_size(_MAPS.popitem(last=False)[1])
+# native plan); at most 2**25 int64 entries (256 MiB) of maps
+_MAPS = LRUCache(1 << 16, max_cost=1 << 25, cost=_map_entries)
+# the Triton kernels' launch tables (the kernels keep no cache of their own)
+_KERNEL_TABLES = {"weighted": LRUCache(16), "permuted": LRUCache(8)}
 
 
 def clear_caches() -> None:
-    """Forget cached weights, validated indices and gather maps (and the kernels' tables)."""
-    _FLOATS.clear()
+    """Forget cached weights, validated indices, gather maps and kernel launch tables."""
+    for cache in (_FLOATS, _MAPS, *_KERNEL_TABLES.values()):
+        cache.clear()
     clear_index_cache()
-    _MAPS.clear()
-    global _map_total
-    _map_total = 0
-    for mod in ("pymerge.kernels.interpolate", "pymerge.kernels.permuted_interpolate"):
-        if mod in sys.modules:
-            sys.modules[mod].clear_cache()
 
 
 def _device_floats(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """fp32 tensor of ``values`` on ``device``; cached, and copied asynchronously from pinned
     memory on CUDA (a pageable host-to-device copy would wait for the stream)."""
     key = (device, tuple(values))
-    hit = lru_get(_FLOATS, key)
+    hit = _FLOATS.get(key)
     if hit is None:
         host = torch.tensor(values, dtype=torch.float32)
         if device.type == "cuda":
             host = host.pin_memory()
         hit = host.to(device, non_blocking=True)
-        lru_put(_FLOATS, key, hit, 64)
+        _FLOATS.put(key, hit)
     return hit
 
 
@@ -185,31 +169,6 @@ def _factor(w: float, tensors: Sequence[torch.Tensor]) -> float | torch.Tensor:
     return w
 
 
-# |w| below this stays below 0.5 once rounded to fp32 (the branch test of torch.lerp)
-_LERP_SMALL = 0.5 - 2.0**-20
-# lerp-from-zero saves ~0.7 us per tensor and costs ~0.03 ns per element (AVX-512 CPU)
-_LERP_MAX_MEAN_NUMEL = 16384
-
-
-def _scaled(lst: list[torch.Tensor], w: float) -> list[torch.Tensor]:
-    """New tensors ``w * lst[i]``, each computed in fp32 (opmath) and rounded once.
-
-    fp16/bf16 on CPU with ``|w| < 0.5``: ``lerp(0, x, w)`` (0-d zero start), which torch
-    evaluates as ``0 + w * (x - 0)`` in fp32, the same value as the fp32 product, with less
-    fixed cost per tensor than a multiply by an fp32 factor (a mixed-dtype op) but more
-    per element: used for small tensors (on average)."""
-    like = lst[0]
-    if (
-        like.dtype in (torch.float16, torch.bfloat16)
-        and like.is_cpu
-        and abs(w) < _LERP_SMALL
-        and sum(map(torch.Tensor.numel, lst)) <= _LERP_MAX_MEAN_NUMEL * len(lst)
-    ):
-        zero = torch.zeros((), dtype=like.dtype)
-        return list(torch._foreach_lerp([zero] * len(lst), lst, w))
-    return list(torch._foreach_mul(lst, _factor(w, lst)))
-
-
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -221,7 +180,10 @@ def _interp_torch(lists: list[list[torch.Tensor]], w: list[float], out_dtype) ->
     if K == 1 or lerp:  # one op, computed in fp32 (opmath) and rounded once
         if cdt != in_dtype:
             lists = [[t.to(cdt) for t in lst] for lst in lists]
-        res = _scaled(lists[0], w[0]) if K == 1 else torch._foreach_lerp(*lists, w[1])
+        if K == 1:
+            res = torch._foreach_mul(lists[0], _factor(w[0], lists[0]))
+        else:
+            res = torch._foreach_lerp(*lists, w[1])
     else:
         if cdt in _HALF:
             cdt = torch.float32  # several terms: accumulate in fp32, round once at the end
@@ -410,7 +372,7 @@ def _interp_triton(
     out = _empty((total,), out_dtype, device)
     wt = _device_floats(w, device)
     with _on(device):
-        kern.weighted_sum_(rows, wt, out, offsets)
+        kern.weighted_sum_(rows, wt, out, offsets, cache=_KERNEL_TABLES["weighted"])
     return [out[o : o + n].view(r[0].shape) for o, n, r in zip(offsets, numels, rows, strict=True)]
 
 
@@ -503,7 +465,7 @@ def _gather_entry(shape: torch.Size, axes) -> tuple:
     ``permuted_lerp`` takes for the tensor (maps validated and copied by the C++ module once,
     here), ``None`` when the module is not built."""
     mk = (tuple(shape), tuple((ax, id(i)) for ax, i in axes))
-    hit = lru_get(_MAPS, mk)
+    hit = _MAPS.get(mk)
     if hit is None:
         rmap, cmap = build_maps(shape, axes)
         runs = _column_runs(cmap)
@@ -522,7 +484,7 @@ def _gather_entry(shape: torch.Size, axes) -> tuple:
                 runs=runs.numpy() if use_runs else None,
             )
         hit = (tuple(i for _, i in axes), (rmap, cmap), runs, plan)
-        _put_map(mk, hit)
+        _MAPS.put(mk, hit)
     return hit
 
 
@@ -596,7 +558,9 @@ def _perm_triton(
     out = _empty((M, total), out_dtype, device)
     at = _device_floats(alphas, device)
     with _on(device):
-        kern.permuted_lerp_(a_list, b_list, maps, at, out, offsets)
+        kern.permuted_lerp_(
+            a_list, b_list, maps, at, out, offsets, cache=_KERNEL_TABLES["permuted"]
+        )
     # one unbind per key (M views in one call) instead of M * T Python-level slices
     per_key = [
         out[:, o : o + n].view(M, *a.shape).unbind(0)
