@@ -190,3 +190,10 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     cli.register("gone", lambda sub: sub.add_parser("gone"), gone)
     assert cli.main(["gone"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_table_note_mentions_lapx_only_when_it_ran():
+    rows = [_compare.Timing("c", "pymerge", 1e-3, backend="native C++")]
+    assert "lapx" not in _compare.table_note(rows)
+    rows.append(_compare.Timing("c", "lapx 0.11", 2e-3, backend="C++ (lapjvr)"))
+    assert "negated" in _compare.table_note(rows)

@@ -59,5 +59,5 @@ def run(args: argparse.Namespace) -> int:
         else None,
     )
     print(_compare.format_table(rows))
-    print("\n" + _compare.TABLE_NOTE)
+    print("\n" + _compare.table_note(rows))
     return 0 if all(r.ok for r in rows) else 1

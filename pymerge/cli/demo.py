@@ -392,7 +392,7 @@ def _step_bench(r: _Run) -> bool:
         cfg.sizes, repeat=cfg.repeat, batch=cfg.batch, warm_n=None, kinds=("wm32",)
     )
     _say(_compare.format_table(rows))
-    _say(_compare.TABLE_NOTE)
+    _say(_compare.table_note(rows))
     if not all(row.ok for row in rows):
         _say("error: a solver's optimum disagrees with pymerge's (see the note column)")
         return False
