@@ -42,7 +42,7 @@ __all__ = [
 Solver = Callable[[np.ndarray, bool], float]  # returns the total cost
 
 # the NumPy fallback's name for the ``backend=`` argument ("numpy"; "torch" is its alias)
-_FALLBACK = "torch"
+_FALLBACK = "numpy"
 
 # peer -> (module it installs, distribution name, the command that adds it)
 PEERS: dict[str, tuple[str, str, str]] = {
