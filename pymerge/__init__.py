@@ -7,9 +7,32 @@ stays fast and works without the optional pieces (Triton, the C++ extension).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def _warn_if_source_tree_without_native() -> None:
+    """Warn once when this is a source checkout (``csrc/`` beside the package) whose compiled
+    modules cannot be found: everything would silently run the slow fallbacks."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "csrc").is_dir() or importlib.util.find_spec("pymerge._lap") is not None:
+        return
+    import warnings
+
+    warnings.warn(
+        f"pymerge is imported from the source tree at {checkout}, which has no compiled "
+        "modules (pymerge._lap, pymerge._multi_tensor): the NumPy/torch fallbacks will run. "
+        "Install it (`pip install .`) and run from another folder, or build in place with "
+        "`pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+_warn_if_source_tree_without_native()
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

@@ -223,7 +223,7 @@ def test_repair_mixed_network_resets_bn_after_corrections():
 
 
 def test_channel_stats_match_float64_reference():
-    from pymerge.align._hooks import ChannelStats
+    from pymerge.ops import ChannelStats
 
     g = torch.Generator().manual_seed(9)
     batches = [torch.randn(n, 4, 3, 5, generator=g) * 0.1 + 1e3 for n in (1, 7, 2)]

@@ -18,10 +18,8 @@ import torch
 from torch import nn
 
 from pymerge._util.checks import check_state_pair
-from pymerge.ops.moments import ChannelStats  # noqa: F401  (re-exported: moved to pymerge.ops)
 
 __all__ = [
-    "ChannelStats",
     "StopForward",
     "call_counts",
     "call_model",
