@@ -139,51 +139,18 @@ class PermutationSpec:
         activation_points: Mapping[str, ActivationPoint | tuple[str, int]] | None = None,
         report: Sequence[str] = (),
     ) -> None:
-        p2a: dict[str, list[AxisRef]] = {}
-        for group, refs in perm_to_axes.items():
-            if not isinstance(group, str) or not group:
-                raise TypeError(f"group names must be non-empty str, got {group!r}")
-            lst = [AxisRef.coerce(r) for r in refs]
-            if not lst:
-                raise ValueError(f"group {group!r} acts on no axis")
-            p2a[group] = lst
-        self.perm_to_axes: dict[str, list[AxisRef]] = p2a
+        self.perm_to_axes: dict[str, list[AxisRef]] = _coerce_groups(perm_to_axes)
         a2p: dict[str, list[tuple[AxisRef, str]]] = {}
-        for group, refs in p2a.items():
+        for group, refs in self.perm_to_axes.items():
             for r in refs:
                 a2p.setdefault(r.param, []).append((r, group))
         self.axes_to_perm: dict[str, list[tuple[AxisRef, str]]] = a2p
         self.free: frozenset[str] = _as_str_set(free, "free")
         self.no_cost: frozenset[str] = _as_str_set(no_cost, "no_cost")
-        hs: dict[str, HeadStructure] = {}
-        for name, h in (heads or {}).items():
-            if isinstance(h, Mapping):
-                h = HeadStructure(**h)
-            if not isinstance(h, HeadStructure):
-                raise TypeError(f"heads[{name!r}] must be a HeadStructure, got {h!r}")
-            for g in h.groups:
-                if g not in p2a:
-                    raise ValueError(f"head structure {name!r} names unknown group {g!r}")
-            hs[name] = h
-        seen: dict[str, str] = {}
-        for name, h in hs.items():
-            for g in h.groups:
-                if g in seen:
-                    raise ValueError(
-                        f"group {g!r} is in two head structures: {seen[g]!r} and {name!r}"
-                    )
-                seen[g] = name
-        self.heads: dict[str, HeadStructure] = hs
-        aps: dict[str, ActivationPoint] = {}
-        for g, ap in (activation_points or {}).items():
-            if isinstance(ap, (tuple, list)):
-                ap = ActivationPoint(*ap)
-            elif isinstance(ap, Mapping):
-                ap = ActivationPoint(**ap)
-            if g not in p2a:
-                raise ValueError(f"activation point given for unknown group {g!r}")
-            aps[g] = ap
-        self.activation_points: dict[str, ActivationPoint] = aps
+        self.heads: dict[str, HeadStructure] = _coerce_heads(heads or {}, self.perm_to_axes)
+        self.activation_points: dict[str, ActivationPoint] = _coerce_points(
+            activation_points or {}, self.perm_to_axes
+        )
         self.report: list[str] = list(report)
         both = self.free & set(a2p)
         if both:
@@ -232,32 +199,8 @@ class PermutationSpec:
         """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of str -> Tensor, got {type(state)}")
-        sizes: dict[str, int] = {}
-        for g in self.groups():
-            for r in self.perm_to_axes[g]:
-                n = _ref_size(r, state, g)
-                if g in sizes and sizes[g] != n:
-                    first = self.perm_to_axes[g][0]
-                    raise ValueError(
-                        f"group {g!r} has inconsistent sizes: {sizes[g]} on "
-                        f"{first.param!r} axis {first.axis} but {n} on {r.param!r} axis {r.axis}"
-                    )
-                sizes[g] = n
-        for key, lst in self.axes_to_perm.items():
-            t = state[key]
-            by_axis: dict[int, list[tuple[int, int, str]]] = {}
-            for r, g in lst:
-                ax = r.resolved_axis(t.ndim)
-                s, e = r.segment(t.shape[ax])
-                by_axis.setdefault(ax, []).append((s, e, g))
-            for ax, segs in by_axis.items():
-                segs.sort()
-                for (s0, e0, g0), (s1, e1, g1) in zip(segs, segs[1:], strict=False):
-                    if s1 < e0:
-                        raise ValueError(
-                            f"{key!r} axis {ax}: segments [{s0},{e0}) of group {g0!r} and "
-                            f"[{s1},{e1}) of group {g1!r} overlap"
-                        )
+        sizes = self._sizes(state)
+        self._check_overlaps(state)
         for key, val in state.items():
             if not isinstance(val, torch.Tensor):
                 raise TypeError(f"state[{key!r}] is {type(val).__name__}, not a Tensor")
@@ -274,6 +217,39 @@ class PermutationSpec:
                         f"num_heads*head_dim = {h.num_heads}*{h.head_dim}"
                     )
         return sizes
+
+    def _sizes(self, state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Each group's size, checked to agree on every axis it acts on."""
+        sizes: dict[str, int] = {}
+        for g in self.groups():
+            for r in self.perm_to_axes[g]:
+                n = _ref_size(r, state, g)
+                if g in sizes and sizes[g] != n:
+                    first = self.perm_to_axes[g][0]
+                    raise ValueError(
+                        f"group {g!r} has inconsistent sizes: {sizes[g]} on "
+                        f"{first.param!r} axis {first.axis} but {n} on {r.param!r} axis {r.axis}"
+                    )
+                sizes[g] = n
+        return sizes
+
+    def _check_overlaps(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Segments of different groups on one axis must not overlap."""
+        for key, lst in self.axes_to_perm.items():
+            t = state[key]
+            by_axis: dict[int, list[tuple[int, int, str]]] = {}
+            for r, g in lst:
+                ax = r.resolved_axis(t.ndim)
+                s, e = r.segment(t.shape[ax])
+                by_axis.setdefault(ax, []).append((s, e, g))
+            for ax, segs in by_axis.items():
+                segs.sort()
+                for (s0, e0, g0), (s1, e1, g1) in zip(segs, segs[1:], strict=False):
+                    if s1 < e0:
+                        raise ValueError(
+                            f"{key!r} axis {ax}: segments [{s0},{e0}) of group {g0!r} and "
+                            f"[{s1},{e1}) of group {g1!r} overlap"
+                        )
 
     def normalized(self, state: Mapping[str, torch.Tensor]) -> PermutationSpec:
         """Copy with non-negative axes and explicit segment stops, resolved against ``state``."""
@@ -431,6 +407,51 @@ class PermutationSpec:
             },
             report=d.get("report", ()),
         )
+
+
+def _coerce_groups(perm_to_axes: Mapping[str, Iterable[Any]]) -> dict[str, list[AxisRef]]:
+    p2a: dict[str, list[AxisRef]] = {}
+    for group, refs in perm_to_axes.items():
+        if not isinstance(group, str) or not group:
+            raise TypeError(f"group names must be non-empty str, got {group!r}")
+        lst = [AxisRef.coerce(r) for r in refs]
+        if not lst:
+            raise ValueError(f"group {group!r} acts on no axis")
+        p2a[group] = lst
+    return p2a
+
+
+def _coerce_heads(heads: Mapping[str, Any], groups: Mapping[str, Any]) -> dict[str, HeadStructure]:
+    hs: dict[str, HeadStructure] = {}
+    seen: dict[str, str] = {}
+    for name, h in heads.items():
+        if isinstance(h, Mapping):
+            h = HeadStructure(**h)
+        if not isinstance(h, HeadStructure):
+            raise TypeError(f"heads[{name!r}] must be a HeadStructure, got {h!r}")
+        for g in h.groups:
+            if g not in groups:
+                raise ValueError(f"head structure {name!r} names unknown group {g!r}")
+            if g in seen:
+                raise ValueError(f"group {g!r} is in two head structures: {seen[g]!r} and {name!r}")
+            seen[g] = name
+        hs[name] = h
+    return hs
+
+
+def _coerce_points(
+    points: Mapping[str, Any], groups: Mapping[str, Any]
+) -> dict[str, ActivationPoint]:
+    aps: dict[str, ActivationPoint] = {}
+    for g, ap in points.items():
+        if isinstance(ap, (tuple, list)):
+            ap = ActivationPoint(*ap)
+        elif isinstance(ap, Mapping):
+            ap = ActivationPoint(**ap)
+        if g not in groups:
+            raise ValueError(f"activation point given for unknown group {g!r}")
+        aps[g] = ap
+    return aps
 
 
 def _get(state: Mapping[str, torch.Tensor], key: str, group: str) -> torch.Tensor:
