@@ -195,15 +195,6 @@ def test_interpolation_curve_evaluates_each_lambda():
 # --------------------------------------------------------------------------- MNIST-1D
 
 
-@pytest.fixture
-def one_thread():
-    """Small-matrix training is fastest (and far less load-sensitive) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_mnist1d_weight_matching_removes_most_of_the_barrier(one_thread):
     """Small twin of examples/mnist1d_barrier.py (width 128, fewer samples and epochs)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))

@@ -14,13 +14,8 @@ from torch import nn
 
 from pymerge.align.repair import repair, reset_bn_stats
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(n)
+# tiny models: threads only add overhead on a shared machine (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- helpers

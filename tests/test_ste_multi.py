@@ -49,15 +49,6 @@ def midpoint_loss(model, a, b, x, y):
 # --------------------------------------------------------------------------- STE
 
 
-@pytest.fixture
-def one_thread():
-    """Small-matrix training is fastest (and far less load-sensitive) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_ste_lowers_midpoint_loss(one_thread):
     model, (a, b), x, y = trained_pair()
     spec = model.spec()
