@@ -18,7 +18,7 @@ the function / method name. The built-in rules are registered through the same A
 Writing a rule: ``docs/tracing.md``.
 """
 
-from pymerge.spec.tracing import attention, functions, modules, norms, shapes  # noqa: F401
+from pymerge.spec.tracing import aten, attention, functions, modules, norms, shapes  # noqa: F401
 from pymerge.spec.tracing.call import Call
 from pymerge.spec.tracing.primitives import broadcast, keep_dims, passthrough, pointwise, unify
 from pymerge.spec.tracing.registry import (

@@ -24,15 +24,26 @@ def build_spec(
     st: TraceState,
     state: dict,
     modules: dict[str, nn.Module],
-    calls: dict[str, int],
+    calls: dict[str, int] | None,
+    ranked: dict[str, list[ActivationPoint]] | None = None,
 ) -> PermutationSpec:
+    """The spec of the walked graph; ``calls`` counts the ``call_module`` nodes of a
+    ``torch.fx`` graph (None: an exported graph, whose module calls are read from the
+    nodes' ``nn_module_stack``). ``ranked``, when given, receives every group's activation
+    point candidates, best first (the spec holds the first)."""
     canon = _canonical_keys(state)
     _unite_shared_axes(st, state, canon)
     n_el = len(st.parent)
+    pinned = {(canon.get(k, k), a): why for (k, a), why in st.pinned.items()}
     for e in range(n_el):
         for r in st.refs[e]:
             if r.param in st.poisoned:
                 st.freeze(e, f"{r.param!r} {st.poisoned[r.param]}")
+            elif pinned and r.param in state:
+                ax = r.resolved_axis(state[r.param].ndim)
+                why = pinned.get((canon.get(r.param, r.param), ax))
+                if why is not None:
+                    st.freeze(e, f"{r.param!r} axis {ax} {why}")
     roots = sorted({st.find(e) for e in range(n_el)})
     frozen: dict[int, str] = {}
     for e, why in st.frozen.items():
@@ -53,7 +64,10 @@ def build_spec(
     for r, why in sorted(frozen.items()):
         if st.refs and any(st.find(e) == r and st.refs[e] for e in range(n_el)):
             report.append(f"frozen group {names[r]!r}: {why}")
-    aps = _activation_points(gm, info, st, modules, calls, names, frozen)
+    cands = _activation_points(gm, info, st, modules, calls, names, frozen)
+    if ranked is not None:
+        ranked.update(cands)
+    aps = {g: c[0] for g, c in cands.items() if g in p2a}
     no_cost = {k for k in st.no_cost if k in state}
     return PermutationSpec(
         p2a, free=free, no_cost=no_cost, heads=heads, activation_points=aps, report=report
@@ -216,12 +230,16 @@ def _activation_points(
     calls: dict[str, int],
     names: dict[int, str],
     frozen: dict[int, str],
-) -> dict[str, ActivationPoint]:
-    """Where activation matching reads each group: activation modules first, then whole
-    blocks (shallowest: the full residual stream), norms, other leaves; called once each."""
+) -> dict[str, list[ActivationPoint]]:
+    """Where activation matching reads each group, best first: activation modules, then
+    whole blocks (shallowest: the full residual stream), norms, other leaves; called once
+    each."""
     nodes = list(gm.graph.nodes)
-    block_out = _block_outputs(nodes, modules, calls)
-    best: dict[int, tuple[tuple[int, int, int], str, int]] = {}
+    if calls is None:
+        exported = _module_call_outputs(nodes, modules)
+    else:
+        block_out = _block_outputs(nodes, modules, calls)
+    best: dict[int, list[tuple[tuple[int, int, int], str, int]]] = {}
     for i, n in enumerate(nodes):
         v = info.get(n)
         found = _whole_group_dim(v)
@@ -229,12 +247,21 @@ def _activation_points(
             continue
         d, r = found[0], st.find(found[1])
         dim = 1 if d == 1 else d - v.ndim
-        for prio, mname in _candidates(n, i, modules, calls, block_out):
+        if calls is None:
+            cands = exported.get(i, [])
+        else:
+            cands = _candidates(n, i, modules, calls, block_out)
+        for prio, mname in cands:
             rank = (prio, mname.count(".") if prio == 1 else 0, i)
-            cur = best.get(r)
-            if cur is None or rank < cur[0]:
-                best[r] = (rank, mname, dim)
-    return {names[r]: ActivationPoint(mname, dim) for r, (_, mname, dim) in best.items()}
+            best.setdefault(r, []).append((rank, mname, dim))
+    out: dict[str, list[ActivationPoint]] = {}
+    for r, lst in best.items():
+        seen: set[str] = set()
+        for _, mname, dim in sorted(lst):
+            if mname not in seen:
+                seen.add(mname)
+                out.setdefault(names[r], []).append(ActivationPoint(mname, dim))
+    return out
 
 
 def _candidates(
@@ -247,3 +274,33 @@ def _candidates(
     if i in block_out:
         cands.append((1, block_out[i]))
     return cands
+
+
+def _module_call_outputs(nodes: list[fx.Node], modules: dict) -> dict[int, list[tuple[int, str]]]:
+    """Exported graphs: node index -> ``(priority, module path)`` of the modules (called once)
+    whose output that node is: the last of a contiguous run of the module's nodes and the
+    only one used after it. Priority as for ``torch.fx`` graphs: activation modules 0,
+    modules traced through (blocks) 1, norms 2, other layers 3."""
+    pos = {n: i for i, n in enumerate(nodes)}
+    scope: dict[str, list[int]] = {}
+    keys: dict[str, set[str]] = {}
+    for i, n in enumerate(nodes):
+        for key, path in (n.meta.get("nn_module_stack") or {}).items():
+            p = path[0] if isinstance(path, tuple) else str(path)
+            scope.setdefault(p, []).append(i)
+            keys.setdefault(p, set()).add(key)
+    out: dict[int, list[tuple[int, str]]] = {}
+    for path, idxs in scope.items():
+        if not path or len(keys[path]) != 1 or path not in modules:
+            continue
+        if idxs != list(range(idxs[0], idxs[-1] + 1)):
+            continue
+        inside = set(idxs)
+        used = [i for i in idxs if nodes[i].users]  # checks (asserts) have no users
+        leaving = [i for i in used if any(pos[u] not in inside for u in nodes[i].users)]
+        if not used or leaving != [used[-1]]:
+            continue
+        entry = module_rule_for(type(modules[path]))
+        prio = _KIND_PRIORITY.get(entry.kind, 3) if entry is not None else 1
+        out.setdefault(used[-1], []).append((prio, path))
+    return out

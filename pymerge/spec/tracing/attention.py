@@ -35,7 +35,7 @@ def multihead_attention(call: Call) -> Any:
         call.unsupported("permuted tensor used as attention mask")
         return [Value(s) if isinstance(s, tuple) else None for s in out_shapes]
     ins = [call.value(args.get(n)) for n in ("query", "key", "value")]
-    _mha_inputs(call, [x for x in ins if isinstance(x, Value)])
+    _mha_inputs(call, ins)
     out = _mha_groups(call)
     res: list[Any] = []
     for i, s in enumerate(out_shapes):
@@ -48,9 +48,11 @@ def multihead_attention(call: Call) -> Any:
     return res if isinstance(shape, list) else res[0]
 
 
-def _mha_inputs(call: Call, ins: list[Value]) -> None:
-    """Only the inputs' feature (last) dims may carry groups; they join the projections."""
+def _mha_inputs(call: Call, given: list[Any]) -> None:
+    """Only the inputs' feature (last) dims may carry groups; they join the projections
+    (query, key and value each with its own weight when they are separate)."""
     mod, name = call.module, call.name
+    ins = [x for x in given if isinstance(x, Value)]
     for x in ins:
         bad = {d: p for d, p in x.tags.items() if d != x.ndim - 1}
         if bad or x.params:
@@ -63,8 +65,8 @@ def _mha_inputs(call: Call, ins: list[Value]) -> None:
                 call.freeze_pieces(pieces, f"attention {name} mixes permuted and fixed inputs")
             call.join(pieces, call.key("in_proj_weight"), 1)
         return
-    for x, p in zip(ins, ("q_proj_weight", "k_proj_weight", "v_proj_weight"), strict=False):
-        t = x.tags.get(x.ndim - 1)
+    for x, p in zip(given, ("q_proj_weight", "k_proj_weight", "v_proj_weight"), strict=True):
+        t = x.tags.get(x.ndim - 1) if isinstance(x, Value) else None
         if t is not None:
             call.join(t, call.key(p), 1)
 
@@ -110,6 +112,10 @@ def scaled_dot_product_attention(call: Call) -> Any:
         isinstance(t, Value) and t.ndim >= 2 and not t.params for t in (q, k, v)
     ) or not isinstance(shape, tuple):
         return call.unsupported("attention on unexpected inputs")
+    if call.arg(7, "enable_gqa", False) and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        k, v = (_repeat_heads(call, t, q.shape[-3]) for t in (k, v))
+        if k is None or v is None:
+            return call.unsupported("grouped-query attention with unexpected head counts")
     out = Value(shape)
     nd = len(shape)
     batch_dims(call, [q, k, v], nd, out)
@@ -120,3 +126,20 @@ def scaled_dot_product_attention(call: Call) -> Any:
     if v.ndim - 1 in v.tags:
         out.tags[nd - 1] = v.tags[v.ndim - 1]
     return out
+
+
+def _repeat_heads(call: Call, t: Value, heads: int) -> Value | None:
+    """``t`` with its key/value heads (dim -3) repeated for their groups of query heads, as
+    ``scaled_dot_product_attention(..., enable_gqa=True)`` does: each head's group moves
+    with it (whole heads)."""
+    d, n = t.ndim - 3, t.shape[-3]
+    if heads % n:
+        return None
+    g = heads // n
+    tags = dict(t.tags)
+    if d in tags:
+        pieces = call.state.to_heads(tags[d], f"repeated in {call.node.name}")
+        tags = {k: call.state.resolve(p) for k, p in call.state.resolve_val(t).tags.items()}
+        tags[d] = tuple(p.scaled(g) for p in pieces)
+    shape = (*t.shape[:d], heads, *t.shape[d + 1 :])
+    return Value(shape, {k: p for k, p in tags.items() if p})

@@ -55,8 +55,25 @@ class Call:
     # ------------------------------------------------------------------ reading inputs
     @property
     def name(self) -> str:
-        """The module's path for a module call, else the node's name."""
-        return self.node.target if self.module is not None else self.node.name  # type: ignore[return-value]
+        """The module's path for a module call; for an op of an exported graph the path of
+        the module it ran in; else the node's name."""
+        if self.module is not None:
+            return self.node.target  # type: ignore[return-value]
+        return self.scope or self.node.name
+
+    @property
+    def scope(self) -> str | None:
+        """For an op of an exported graph (``torch.export``), the path of the innermost
+        module it ran in (where ``torch.fx`` would have had a module call); else None."""
+        meta = getattr(self.node, "meta", {})
+        if "aten_target" not in meta:
+            return None
+        stack = meta.get("nn_module_stack") or {}
+        if not stack:
+            return None
+        path = list(stack.values())[-1]
+        path = path[0] if isinstance(path, tuple) else str(path)
+        return path or None
 
     def value(self, a: Any) -> Any:
         """The value of argument ``a`` (a :class:`Value`, a list for tuple outputs, or None

@@ -18,7 +18,7 @@ from pymerge.spec.tracing.primitives import broadcast, keep_dims, passthrough, p
 from pymerge.spec.tracing.registry import register_function_rule
 from pymerge.spec.tracing.values import Pieces, Value
 
-__all__ = ["batch_dims", "contract", "param_linear"]
+__all__ = ["batch_dims", "contract", "layer_name", "param_linear", "whole_param"]
 
 #: one-tensor elementwise functions (other tensor arguments broadcast with it)
 UNARY_FUNCTIONS = (
@@ -53,6 +53,14 @@ UNARY_FUNCTIONS = (
     F.selu,
     F.celu,
     F.logsigmoid,
+    F.hardsigmoid,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.reciprocal,
+    torch.sign,
 )
 #: elementwise functions of several tensors (broadcasting)
 ELEMENTWISE_FUNCTIONS = (
@@ -186,8 +194,8 @@ def elementwise(call: Call) -> Value | None:
     """Broadcasting elementwise op: groups meeting on a dim unify (see
     :func:`~pymerge.spec.tracing.primitives.broadcast`)."""
     node = call.node
-    if not isinstance(call.x, Value):  # e.g. ``2 * x``, ``n - x.size(1)``
-        return broadcast(call, [call.value(a) for a in node.args])
+    if not isinstance(call.x, Value):  # e.g. ``2 * x``, ``n - x.size(1)``, ``add(1, other=x)``
+        return broadcast(call, [call.value(a) for a in (*node.args, *node.kwargs.values())])
     if node.op == "call_method" and len(node.args) == 1 and not call.extra_values():
         return pointwise(call)
     return broadcast(call, [call.value(a) for a in (*node.args, *node.kwargs.values())])
@@ -261,6 +269,10 @@ def contract(call: Call, a: Pieces | None, b: Pieces | None) -> None:
     """A summed-over dim: invariant when both sides carry the same group."""
     if a is None and b is None:
         return
+    one = a if b is None else b if a is None else None
+    if one is not None and all(p.role == "unit" for p in one):
+        call.state.to_heads(one, f"contracted with fixed units in {call.node.name}")
+        return
     if a is None or b is None or any(p.role == "head" for p in (*a, *b)):
         call.freeze_pieces(
             (*(a or ()), *(b or ())), f"contracted with unpermuted features in {call.node.name}"
@@ -291,9 +303,14 @@ def param_linear(
         call.join(x.tags[last], key, ax_in)
     out = Value(shape, {d: p for d, p in x.tags.items() if d != last})
     refs = [AxisRef(key, ax_out)] + ([AxisRef(*bias)] if bias is not None else [])
-    name = key.rsplit(".", 1)[0] if "." in key else key
-    out.tags[len(shape) - 1] = call.new_group(shape[-1], refs, name=name)
+    out.tags[len(shape) - 1] = call.new_group(shape[-1], refs, name=layer_name(call, key))
     return out
+
+
+def layer_name(call: Call, key: str) -> str:
+    """A group started by an op on parameter ``key``: named after the module it ran in
+    (exported graphs), else after the parameter's owner."""
+    return call.scope or (key.rsplit(".", 1)[0] if "." in key else key)
 
 
 def _plain_matmul_inputs(a: Any, b: Any, shape: Any) -> bool:
@@ -342,6 +359,57 @@ def _bias_view(b: Any) -> tuple[str, int] | None | bool:
     return False
 
 
+@register_function_rule(torch.addmm)
+def addmm(call: Call) -> Value | None:
+    """``addmm(bias, x, W)`` with parameters: a linear layer with weight ``[in, out]``
+    (GPT-2's ``Conv1D`` traced through)."""
+    x, shape = call.input(1, "mat1"), call.shape
+    wv = _weight_view(call.input(2, "mat2"))
+    bias = _bias_view(call.x)
+    if wv is None or bias is False or bias is None or not isinstance(x, Value) or x.params:
+        return call.unsupported("addmm with non-parameter weights")
+    if not isinstance(shape, tuple):
+        return call.unsupported("addmm with non-parameter weights")
+    key, (ax_in, ax_out) = wv
+    return param_linear(call, x, key, ax_in, ax_out, bias)
+
+
+def whole_param(v: Any, ndim: int | None = None) -> str | None:
+    """The key when ``v`` is exactly one whole parameter (every dim its own axis, in order,
+    no features), else None."""
+    if not isinstance(v, Value) or v.tags or len(v.params) != 1:
+        return None
+    key, mp = v.params[0]
+    if ndim is not None and v.ndim != ndim:
+        return None
+    return key if all(mp.get(d) == d for d in range(v.ndim)) else None
+
+
+@register_function_rule(F.embedding, checked_inputs=False)
+def embedding(call: Call) -> Value | None:
+    """``F.embedding(indices, weight)``: a new group on ``weight`` axis 1; features used as
+    indices freeze."""
+    idx, key = call.input(0, "input"), whole_param(call.input(1, "weight"), 2)
+    if key is None or not isinstance(call.shape, tuple):
+        return call.unsupported("embedding with a non-parameter table")
+    if isinstance(idx, Value) and idx.active():
+        call.freeze(idx, f"used as indices in {call.node.name}")
+    pieces = call.new_group(call.shape[-1], [(key, 1)], name=layer_name(call, key))
+    return Value(call.shape, {len(call.shape) - 1: pieces})
+
+
+_LIKE = ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like")
+
+
+@register_function_rule(
+    tuple(getattr(torch, n) for n in _LIKE)
+    + ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")
+)
+def new_tensor(call: Call) -> Value | None:
+    """A new tensor shaped like (or with the dtype of) the input: it carries nothing."""
+    return call.output()
+
+
 @register_function_rule(F.linear)
 def linear(call: Call) -> Value | None:
     """``F.linear(x, weight, bias)`` with parameter weight (``[out, in]``) and bias."""
@@ -359,13 +427,16 @@ def linear(call: Call) -> Value | None:
 # ---------------------------------------------------------------------------- spatial
 @register_function_rule(F.pad)
 def pad(call: Call) -> Value | None:
-    """Padding mixes the padded trailing dims."""
+    """Padding mixes the padded trailing dims (a dim padded by ``(0, 0)`` is kept)."""
     x = call.x
     if not isinstance(call.shape, tuple):
         return call.unsupported("unknown op on permuted features")
     p = call.arg(1, "pad", ())
-    k = len(p) // 2 if isinstance(p, (list, tuple)) else x.ndim
-    return keep_dims(call, x, range(x.ndim - k, x.ndim))
+    if not isinstance(p, (list, tuple)):
+        return keep_dims(call, x, range(x.ndim))
+    pairs = [p[i : i + 2] for i in range(0, len(p) - 1, 2)]  # last dim first
+    mixed = [x.ndim - 1 - i for i, pr in enumerate(pairs) if tuple(pr) != (0, 0)]
+    return keep_dims(call, x, mixed)
 
 
 def _pool_fn(nsp: int) -> Any:

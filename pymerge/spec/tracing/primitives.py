@@ -31,25 +31,27 @@ def pointwise(call: Call) -> Value | None:
 
 def unify(call: Call, tagged: list[Pieces]) -> Pieces:
     """Several tensors' pieces meet on one dim: identical layouts share one permutation
-    (heads: the same head permutation), different ones freeze. Returns the first."""
-    first = tagged[0]
+    (heads: the same head permutation); layouts a sound restriction can make identical
+    (:meth:`TraceState.align`: refined at each other's boundaries, or coarsened to the
+    other's blocks) are made so first; anything else freezes. Returns the first
+    (resolved)."""
     st = call.state
+    first = st.resolve(tagged[0])
     for other in tagged[1:]:
-        same = len(other) == len(first) and all(
-            (a.start, a.n, a.inner, a.role, a.hd) == (b.start, b.n, b.inner, b.role, b.hd)
-            for a, b in zip(first, other, strict=True)
-        )
-        if same:
-            for a, b in zip(first, other, strict=True):
-                if a.role == "head":  # same head permutation, own units
-                    st.link_heads(a.elem, b.elem, a.n, a.hd, "")
-                else:
-                    st.union(a.elem, b.elem)
-        else:
+        pair = st.align(first, other)
+        if pair is None:
             call.freeze_pieces(
-                (*first, *other), f"incompatible feature layouts meet in {call.node.name}"
+                (*first, *st.resolve(other)),
+                f"incompatible feature layouts meet in {call.node.name}",
             )
-    return first
+            continue
+        first, other = pair
+        for a, b in zip(first, other, strict=True):
+            if a.role == "head":  # same head permutation, own units
+                st.link_heads(a.elem, b.elem, a.n, a.hd, "")
+            else:
+                st.union(a.elem, b.elem)
+    return st.resolve(first)
 
 
 def broadcast(call: Call, vals: list[Any]) -> Value | None:
@@ -66,14 +68,20 @@ def broadcast(call: Call, vals: list[Any]) -> Value | None:
         if plain and not tagged:  # params mixed with an unpermuted tensor on this dim: the
             mixed.add(d)  # result may not be permuted along it later
         if tagged:
-            out.tags[d] = _meet(call, tagged, params, plain)
-    if not out.tags:
-        for v in tensors:
-            off = len(shape) - v.ndim
-            for key, mp in v.params:
+            pieces = _meet(call, tagged, params, plain)
+            if pieces:
+                out.tags[d] = pieces
+    for v in tensors:
+        off = len(shape) - v.ndim
+        for key, mp in v.params:
+            if not out.tags:  # the output is still a view of the parameters
                 out.params.append(
                     (key, {d + off: (None if d + off in mixed else ax) for d, ax in mp.items()})
                 )
+                continue
+            for d, ax in mp.items():  # axes not joined to a group here must not move
+                if ax is not None and d + off not in out.tags and v.shape[d] > 1:
+                    call.state.pin(key, ax, f"used unpermuted in {call.node.name}")
     return out
 
 
@@ -117,6 +125,8 @@ def _meet(
 ) -> Pieces:
     pieces = unify(call, tagged)
     if plain or any(ax is None for _, ax in params):
+        if all(p.role == "unit" for p in pieces):  # the same per-unit factor for every head
+            return call.state.to_heads(pieces, f"meet an unpermuted tensor in {call.node.name}")
         call.freeze_pieces(pieces, f"meets an unpermuted tensor in {call.node.name}")
     for key, ax in params:
         if ax is not None:

@@ -2,10 +2,11 @@
 
 Module rules are found by the module's *semantics*, not by ``isinstance``: the exact type
 first, then its bases along the MRO, but a base's rule is only inherited while ``forward`` is
-the base's own (a subclass that overrides ``forward``, e.g. a channels-first ``LayerNorm2d``
-derived from ``nn.LayerNorm``, computes something else and gets no rule: the tracer traces
-through it, or treats it as opaque when it is a user-declared leaf). A module type has a rule
-exactly when the tracer keeps it as a leaf.
+the base's own and the subclass redefines no other method of the base (a subclass that
+overrides ``forward``, e.g. a channels-first ``LayerNorm2d`` derived from ``nn.LayerNorm``, or
+a helper ``forward`` calls, e.g. ``Conv2d._conv_forward``, computes something else and gets
+no rule: the tracer traces through it, or treats it as opaque when it is a user-declared
+leaf). A module type has a rule exactly when the tracer keeps it as a leaf.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "ModuleRule",
     "function_rule_for",
     "module_rule_for",
+    "qualified_name",
     "register_function_rule",
     "register_module_rule",
     "registered_module_types",
@@ -55,6 +57,7 @@ class FunctionRule:
 _MODULES: dict[type, ModuleRule] = {}
 _FUNCTIONS: dict[Any, FunctionRule] = {}  # call_function targets (callables)
 _METHODS: dict[str, FunctionRule] = {}  # call_method targets (method names)
+_QUALNAMES: dict[str, FunctionRule] = {}  # functions by "<module>.<qualname>" (dotted names)
 _RESOLVED: dict[type, ModuleRule | None] = {}  # lookup cache, cleared on registration
 
 
@@ -130,10 +133,12 @@ def register_function_rule(
 ) -> Any:
     """Register ``rule(call)`` for a function (``call_function`` node target, e.g. ``torch.cat``,
     ``F.linear``, ``operator.add``) or a tensor method by name (``call_method``, e.g.
-    ``"view"``), or a tuple/list mixing both.
+    ``"view"``), or a tuple/list mixing both. A dotted name registers a function by its
+    qualified name ``"<module>.<qualname>"`` without importing it (e.g.
+    ``"torchvision.ops.stochastic_depth.stochastic_depth"``).
 
     Args:
-        fn_or_method: a callable or a method name, or several.
+        fn_or_method: a callable, a method name or a dotted function name, or several.
         rule: ``rule(call: Call) -> Value | list | None``; omit it to use this as a decorator.
         checked_inputs: when True (the default) the rule is called only when the first
             positional argument is a traced tensor (``call.x``); otherwise anything carrying
@@ -151,16 +156,20 @@ def register_function_rule(
 
     def register(fn: R) -> R:
         _check_rule(fn)
-        taken = [k for k in keys if k in (_METHODS if isinstance(k, str) else _FUNCTIONS)]
+        taken = [k for k in keys if k in _table(k)]
         if taken and not replace:
             raise ValueError(f"a rule for {taken[0]!r} is already registered (pass replace=True)")
         for k in keys:
-            (_METHODS if isinstance(k, str) else _FUNCTIONS)[k] = FunctionRule(
-                fn, k, checked_inputs
-            )
+            _table(k)[k] = FunctionRule(fn, k, checked_inputs)
         return fn
 
     return register if rule is None else register(rule)
+
+
+def _table(key: Any) -> dict:
+    if isinstance(key, str):
+        return _QUALNAMES if "." in key else _METHODS
+    return _FUNCTIONS
 
 
 def module_rule_for(module_type: type) -> ModuleRule | None:
@@ -171,19 +180,51 @@ def module_rule_for(module_type: type) -> ModuleRule | None:
     except KeyError:
         pass
     found = None
-    for base in module_type.__mro__:
+    for i, base in enumerate(module_type.__mro__):
         entry = _MODULES.get(base)
         if entry is not None:
-            found = entry if getattr(module_type, "forward", None) is base.forward else None
+            found = entry if not _overrides(module_type.__mro__[:i], base) else None
             break
     _RESOLVED[module_type] = found
     return found
 
 
+#: what a subclass may redefine and still compute its base's function
+_HARMLESS = frozenset(
+    {
+        "__init__",
+        "__repr__",
+        "__str__",
+        "__setstate__",
+        "__getstate__",
+        "__init_subclass__",
+        "__class_getitem__",
+        "extra_repr",
+        "reset_parameters",
+        "_reset_parameters",
+        "_load_from_state_dict",
+        "_save_to_state_dict",
+    }
+)
+
+
+def _overrides(subclasses: tuple[type, ...], base: type) -> bool:
+    """Whether a class between the module type and ``base`` redefines ``forward`` or a
+    method or property ``base`` has (``_conv_forward``, ``_check_input_dim``...): then its
+    computation may differ and the base's rule does not apply."""
+    for cls in subclasses:
+        for name, attr in vars(cls).items():
+            if name in _HARMLESS or not hasattr(base, name):
+                continue
+            if name == "forward" or callable(attr) or isinstance(attr, (property, classmethod)):
+                return True
+    return False
+
+
 def function_rule_for(op: str, target: Any) -> FunctionRule | None:
     """The rule for a ``call_function`` target or a ``call_method`` name (an ATen overload
     falls back to its overload packet, so one rule can serve ``aten.x.default`` and
-    ``aten.x.Tensor``)."""
+    ``aten.x.Tensor``; a function falls back to a rule registered for its qualified name)."""
     if op == "call_method":
         return _METHODS.get(target) if isinstance(target, str) else None
     try:
@@ -192,7 +233,16 @@ def function_rule_for(op: str, target: Any) -> FunctionRule | None:
         return None
     if entry is None and hasattr(target, "overloadpacket"):
         entry = _FUNCTIONS.get(target.overloadpacket)
+    if entry is None and _QUALNAMES:
+        entry = _QUALNAMES.get(qualified_name(target))
     return entry
+
+
+def qualified_name(fn: Any) -> str:
+    """``"<module>.<qualname>"`` of a function (how a rule for a function of a package that
+    is not imported, e.g. ``"torchvision.ops.stochastic_depth.stochastic_depth"``, is
+    registered)."""
+    return f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', None)}"
 
 
 def registered_module_types() -> tuple[type, ...]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["Piece", "Pieces", "Value", "iter_values", "meta_shape"]
+__all__ = ["Piece", "Pieces", "Value", "iter_values", "meta_dtype", "meta_shape"]
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,29 @@ def iter_values(v: Any) -> Iterable[Value]:
 
 def _shape_of(t: Any) -> Any:
     if hasattr(t, "shape") and hasattr(t, "dtype"):
-        return tuple(int(s) for s in t.shape)
+        try:
+            return tuple(int(s) for s in t.shape)
+        except (TypeError, ValueError):  # unbacked symbolic sizes
+            return None
     if isinstance(t, (list, tuple)):
         return [_shape_of(u) for u in t]
     return None
 
 
-def meta_shape(node: Any) -> Any:
-    """Shape tuple (tensor), list of shapes (tuple output) or None, from shape propagation."""
+def _meta(node: Any) -> Any:
     if not isinstance(node, fx.Node):
         return None
     tm = node.meta.get("tensor_meta")
-    if tm is None:
-        return None
-    return _shape_of(tm)
+    return tm if tm is not None else node.meta.get("val")
+
+
+def meta_shape(node: Any) -> Any:
+    """Shape tuple (tensor), list of shapes (tuple output) or None, from shape propagation
+    (``torch.fx``) or the fake values of an exported graph."""
+    m = _meta(node)
+    return None if m is None else _shape_of(m)
+
+
+def meta_dtype(node: Any) -> Any:
+    """The dtype of a tensor node, or None."""
+    return getattr(_meta(node), "dtype", None)

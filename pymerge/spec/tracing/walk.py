@@ -21,11 +21,19 @@ def process_node(
     st: TraceState,
     modules: dict[str, nn.Module],
     state: dict[str, Any],
+    lifted: dict[str, str] | None = None,
 ) -> Any:
-    """The value of ``node`` given its inputs' values in ``info``."""
+    """The value of ``node`` given its inputs' values in ``info``; ``lifted`` maps the
+    placeholders of an exported graph that stand for parameters and buffers to their
+    state-dict keys (they are views of those entries, like ``get_attr`` nodes)."""
     shape = meta_shape(node)
     if node.op == "placeholder":
-        return Value(shape) if isinstance(shape, tuple) else None
+        if not isinstance(shape, tuple):
+            return None
+        key = (lifted or {}).get(node.name)
+        if key is not None and key in state:
+            return Value(shape, params=[(key, {d: d for d in range(len(shape))})])
+        return Value(shape)
     if node.op == "get_attr":
         if not isinstance(shape, tuple):
             return None
