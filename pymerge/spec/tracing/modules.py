@@ -274,3 +274,15 @@ def flatten(call: Call) -> Any:
 # eval and a per-sample (or per-batch) scalar factor in training: it commutes with any
 # permutation of the features
 register_function_rule("torchvision.ops.stochastic_depth.stochastic_depth", passthrough)
+
+
+@register_function_rule(F.prelu)
+def prelu_fn(call: Call) -> Any:
+    """``F.prelu(x, weight)``: per-channel slopes (dim 1) join the channel group."""
+    x, w = call.x, call.input(1, "weight")
+    key = whole_param(w, 1)
+    if key is None:
+        return call.unsupported("prelu with computed slopes")
+    if w.shape[0] > 1 and x.ndim > 1 and 1 in x.tags:
+        call.join(x.tags[1], key, 0)
+    return passthrough(call)
