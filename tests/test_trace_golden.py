@@ -1,9 +1,11 @@
 """Golden specs: what the tracer derives for every reference and test model, frozen.
 
-``tests/test_trace_golden.json`` holds ``spec.to_dict()`` (report included) of each case below,
-as traced before the tracer's rules moved into a registry. A change to what the tracer
-computes shows here as a readable diff of groups, axes, head structures, activation points
-and report lines. When a change is intended, regenerate the file and review its diff:
+``tests/test_trace_golden.json`` holds ``spec.to_dict()`` (report included) of each case below
+(first written before the tracer's rules moved into a registry; issue 12 added cases for the
+zoo constructs and the ``torch.export`` front; every case also passes the self-check). A
+change to what the tracer computes shows here as a readable diff of groups, axes, head
+structures, activation points and report lines. When a change is intended, regenerate the
+file and review its diff:
 
     cd tests && python test_trace_golden.py --update
 """
@@ -28,6 +30,8 @@ from pymerge.testing.models import CNN, MLP, VGG, ResNet18, ResNet20, TinyGPT
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_trace as T  # noqa: E402  (the models of test_trace.py)
+import test_trace_coverage as C  # noqa: E402  (issue 12's coverage models)
+import test_zoo_models as Z  # noqa: E402  (local models with torchvision's structure)
 
 GOLDEN = Path(__file__).with_name("test_trace_golden.json")
 
@@ -284,6 +288,25 @@ def _cases() -> dict[str, Callable[[], tuple[nn.Module, Any, dict]]]:
         "pool_zoo": lambda: (PoolZoo(), torch.randn(2, 3, 8, 8), {}),
         "attn_zoo": lambda: (AttnZoo(), torch.randint(0, 10, (2, 5)), {}),
         "with_opaque": lambda: (WithOpaque(), torch.randn(6, 4), {"leaf_modules": (Opaque,)}),
+        # issue 12: zoo constructs, and the torch.export front
+        "indexing": lambda: (C.Indexing(), torch.randn(2, 3, 4), {}),
+        "tiny_vit": lambda: (C.TinyViT(), torch.randn(2, 3, 8, 8), {}),
+        "rope_gqa": lambda: (C.RopeGQA(False), torch.randint(0, 20, (2, 6)), {}),
+        "rope_gqa_export": lambda: (
+            C.RopeGQA(True),
+            torch.randint(0, 20, (2, 6)),
+            {"tracer": "export"},
+        ),
+        "pad_roll_drop": lambda: (C.PadRollDrop(), torch.randn(2, 3, 5, 5), {}),
+        "grouped": lambda: (Z.GroupedBlock(), torch.randn(2, 3, 8, 8), {}),
+        "tv_shufflenet": lambda: (Z.TVShuffleNet(), torch.randn(2, 3, 32, 32), {}),
+        "tv_convnext": lambda: (Z.TVConvNeXt(), torch.randn(2, 3, 16, 16), {}),
+        "resnet20_export": lambda: (ResNet20(1, 10, blocks=(1, 1, 1)), img10, {"tracer": "export"}),
+        "nano_sdpa_export": lambda: (
+            T.NanoGPT(True),
+            torch.randint(0, 20, (2, 7)),
+            {"tracer": "export"},
+        ),
     }
     for norm in ("bn", "ln", "gn", "none"):
         for pool in ("global", "flatten"):
