@@ -2,7 +2,8 @@
 
 Data (:class:`PermutationSpec`, :class:`AxisRef`, :class:`HeadStructure`,
 :class:`ActivationPoint`), permutations (:func:`apply_permutation` and friends), hand-written
-builders (:mod:`pymerge.spec.builders`) and ``torch.fx`` tracing (:func:`spec_from_model`).
+builders (:mod:`pymerge.spec.builders`) and tracing with ``torch.fx`` or ``torch.export``
+(:func:`spec_from_model`, self-checked; :func:`check_spec` checks any spec on a model).
 """
 
 from pymerge.spec.apply import (
@@ -21,6 +22,7 @@ from pymerge.spec.interpolate import aligned_interpolate
 from pymerge.spec.spec import ActivationPoint, AxisRef, HeadStructure, PermutationSpec
 from pymerge.spec.trace import spec_from_model
 from pymerge.spec.tracing import register_function_rule, register_module_rule
+from pymerge.spec.tracing.check import SpecCheckError, check_spec
 
 __all__ = [
     "ActivationPoint",
@@ -28,9 +30,11 @@ __all__ = [
     "HeadStructure",
     "Permutation",
     "PermutationSpec",
+    "SpecCheckError",
     "aligned_interpolate",
     "apply_permutation",
     "check_permutation",
+    "check_spec",
     "cnn_spec",
     "compose_permutations",
     "identity_permutation",
