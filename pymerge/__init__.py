@@ -88,9 +88,17 @@ _EXPORTS: dict[str, str] = {
     "Curve": "pymerge.landscape",
     "loss_barrier": "pymerge.landscape",
     "error_barrier": "pymerge.landscape",
+    # weight scope alignment (issue 10)
+    "LayerScope": "pymerge.wsa",
+    "weight_scope": "pymerge.wsa",
+    "ScopeRegularizer": "pymerge.wsa",
+    "fuse_scopes": "pymerge.wsa",
+    "fuse_stages": "pymerge.wsa",
+    "rescale_to_scope": "pymerge.wsa",
+    "scope_kl": "pymerge.wsa",
 }
 
-_SUBMODULES = ("ops", "spec", "align", "kernels", "landscape", "testing", "cli")
+_SUBMODULES = ("ops", "spec", "align", "wsa", "kernels", "landscape", "testing", "cli")
 
 # names of 0.1 that changed in 0.2: old name -> (new public name or None, what to do)
 _DEPRECATED: dict[str, tuple[str | None, str]] = {
@@ -200,4 +208,13 @@ if TYPE_CHECKING:  # pragma: no cover  (what the lazy exports resolve to, for ID
         spec_from_model,
         transformer_spec,
         vgg_spec,
+    )
+    from pymerge.wsa import (  # noqa: F401
+        LayerScope,
+        ScopeRegularizer,
+        fuse_scopes,
+        fuse_stages,
+        rescale_to_scope,
+        scope_kl,
+        weight_scope,
     )
