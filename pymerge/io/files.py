@@ -1,4 +1,4 @@
-"""State dicts, permutations and specs on disk.
+"""Single files: state dicts, permutations and specs, read with clear errors, written atomically.
 
 Reading: ``.safetensors`` files (the suffix in any case: ``.SAFETENSORS`` too) are read with
 safetensors, anything else with ``torch.load(weights_only=True)``. A file that cannot be read
