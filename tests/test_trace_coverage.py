@@ -47,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_trace as T  # noqa: E402
 import test_zoo_models as Z  # noqa: E402
 
+# tiny models run fastest (and far less load-sensitive) on one torch thread
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --------------------------------------------------------------- helpers
 def same_function(model: nn.Module, spec: PermutationSpec, *inputs: torch.Tensor, seed: int = 0):
