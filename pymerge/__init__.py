@@ -96,6 +96,10 @@ _EXPORTS: dict[str, str] = {
     "fuse_stages": "pymerge.wsa",
     "rescale_to_scope": "pymerge.wsa",
     "scope_kl": "pymerge.wsa",
+    # merging (issue 10): the name ``merge`` is the function; the subpackage of the same
+    # name is callable as it (pymerge/merge/__init__.py)
+    "merge": "pymerge.merge",
+    "merge_methods": "pymerge.merge",
 }
 
 _SUBMODULES = ("ops", "spec", "align", "wsa", "kernels", "landscape", "testing", "cli")
@@ -170,6 +174,10 @@ if TYPE_CHECKING:  # pragma: no cover  (what the lazy exports resolve to, for ID
         error_barrier,
         interpolation_curve,
         loss_barrier,
+    )
+    from pymerge.merge import (  # noqa: F401
+        merge,
+        merge_methods,
     )
     from pymerge.ops import (  # noqa: F401
         CorrelationAccumulator,
