@@ -15,7 +15,8 @@
 //   permuted_lerp(a, b, plans, out, alphas, in_dtype, out_dtype, threads=1)
 //       out[m][t] = rnd((1 - al_m) * a_t + al_m * pi_t(b_t)) with pi_t a gather through the
 //       row map and column map (or column runs) of a GatherPlan (pymerge/ops/_perm_maps.py
-//       builds the maps); a and b read once for all M.
+//       builds the maps); a and b read once for all M. out: one flat [M, total] buffer, M
+//       flat buffers (one per alpha) or M * T buffers (alpha-major), written in place.
 //   GatherPlan(rows, cols, rowmap=None, colmap=None, runs=None): validated, C++-owned maps.
 //   __simd__ : the loop set picked at import ("avx2" or "scalar"; $PYMERGE_MT_SIMD=scalar
 //              forces the portable one). Both give bit-identical results: the loops use
@@ -360,10 +361,7 @@ struct PermJob {
     const int64_t* const* cmap;  // [T] [C] source column, or null (identity, or runs given)
     const int64_t* const* runs;  // [T] [n, 3] (first column, its source, length), or null
     const int64_t* nruns;        // [T] runs of the column map (when given)
-    const int64_t* off;          // [T] element offset of tensor t in each output row
-    char* out;                   // [M, total] outputs, tensor t at element offset off[t]
-    int64_t out_row;             // bytes per output row (total * element size)
-    int64_t out_size;            // bytes per output element
+    const uintptr_t* out;        // [M * T] address of output t for alpha m at out[m * T + t]
     const float* alpha;          // [M]
     int64_t M;
     int64_t T;
@@ -399,7 +397,7 @@ void permuted_tensor(const PermJob& j, int64_t t, int64_t lo, int64_t hi) {
     const int64_t C = j.cols[t];
     auto emit = [&](int64_t e, int64_t n) {
         for (int64_t m = 0; m < j.M; ++m) {
-            SO* o = reinterpret_cast<SO*>(j.out + m * j.out_row + (j.off[t] + e) * j.out_size);
+            SO* o = reinterpret_cast<SO*>(j.out[m * j.T + t]) + e;
             Isa::template lerp_store<O>(o, fa, fb, j.alpha[m], n);
         }
     };
@@ -836,6 +834,49 @@ bool overlap(const char* p, int64_t n, const char* q, int64_t m) {
     return n > 0 && m > 0 && p < q + m && q < p + n;
 }
 
+// A buffer of permuted_lerp: id >= 0 an output out[id], -1 the flat output, -2 - 2t a[t],
+// -3 - 2t b[t].
+struct Span {
+    const char* p;
+    int64_t n;  // bytes
+    int64_t id;
+};
+
+std::string span_name(int64_t id) {
+    if (id >= 0) return "out[" + std::to_string(id) + "]";
+    if (id == -1) return "out";
+    const int64_t t = (-id - 2) / 2;
+    return std::string((-id - 2) % 2 == 0 ? "a" : "b") + "[" + std::to_string(t) + "]";
+}
+
+// No output shares a byte with an input or with another output (inputs may overlap each
+// other: they are only read). One sort and a sweep: O(n log n) for n buffers.
+void check_outputs_apart(std::vector<Span>& spans) {
+    spans.erase(std::remove_if(spans.begin(), spans.end(), [](const Span& s) { return s.n <= 0; }),
+                spans.end());
+    std::sort(spans.begin(), spans.end(),
+              [](const Span& x, const Span& y) { return x.p < y.p; });
+    // the span reaching furthest so far, and the furthest-reaching output so far
+    const Span* reach = nullptr;
+    const Span* out_reach = nullptr;
+    for (const Span& s : spans) {
+        const bool is_out = s.id >= -1;
+        const Span* hit = nullptr;
+        if (is_out && reach != nullptr && reach->p + reach->n > s.p)
+            hit = reach;
+        else if (!is_out && out_reach != nullptr && out_reach->p + out_reach->n > s.p)
+            hit = out_reach;
+        if (hit != nullptr) {
+            const Span& o = is_out ? s : *hit;
+            const Span& other = is_out ? *hit : s;
+            throw py::value_error(span_name(o.id) + " overlaps " + span_name(other.id));
+        }
+        if (reach == nullptr || s.p + s.n > reach->p + reach->n) reach = &s;
+        if (is_out && (out_reach == nullptr || s.p + s.n > out_reach->p + out_reach->n))
+            out_reach = &s;
+    }
+}
+
 // ------------------------------------------------------------------ gather plans
 // The row map, column map or column runs of one permuted tensor, validated and copied into
 // C++-owned memory when the plan is made (the front caches plans with its maps), so that
@@ -1040,16 +1081,61 @@ void permuted_lerp(py::handle a_h, py::handle b_h, py::handle plans_h, py::handl
         off[t] = total;
         total += numel[t];
     }
-    const Buf o = read_buffer(out, elem_of(dout), true, Where{"out"});
-    if (o.numel != M * total)
-        throw py::value_error("out has " + std::to_string(o.numel) + " elements, " +
-                              std::to_string(M) + " alphas x " + std::to_string(total) +
-                              " elements of a need " + std::to_string(M * total));
-    for (int64_t t = 0; t < T; ++t)
-        for (const uintptr_t p : {pa[t], pb[t]})
-            if (overlap(reinterpret_cast<const char*>(p), numel[t] * isz, o.data, o.numel * osz))
-                throw py::value_error("out overlaps " + std::string(p == pa[t] ? "a" : "b") + "[" +
-                                      std::to_string(t) + "]");
+    // outputs: one flat buffer of M rows, M flat buffers (one per alpha), or M * T buffers
+    // (alpha-major, one per tensor)
+    std::vector<uintptr_t> outs(static_cast<size_t>(M * T));
+    std::vector<py::object> out_items;  // held for the call
+    std::vector<Span> spans;            // every buffer, for the overlap check
+    if (PyList_Check(out.ptr()) || PyTuple_Check(out.ptr())) {
+        out_items = items(out, Where{"out"});
+        const int64_t n = static_cast<int64_t>(out_items.size());
+        if (n == M * T) {
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t t = 0; t < T; ++t) {
+                    const int64_t i = m * T + t;
+                    const Buf bo = read_buffer(out_items[i], elem_of(dout), true, Where{"out", i});
+                    if (bo.numel != numel[t])
+                        throw py::value_error("out[" + std::to_string(i) + "] has " +
+                                              std::to_string(bo.numel) + " elements, a[" +
+                                              std::to_string(t) + "] has " +
+                                              std::to_string(numel[t]));
+                    outs[i] = reinterpret_cast<uintptr_t>(bo.data);
+                    spans.push_back(Span{bo.data, numel[t] * osz, i});
+                }
+        } else if (n == M) {
+            for (int64_t m = 0; m < M; ++m) {
+                const Buf bo = read_buffer(out_items[m], elem_of(dout), true, Where{"out", m});
+                if (bo.numel != total)
+                    throw py::value_error("out[" + std::to_string(m) + "] has " +
+                                          std::to_string(bo.numel) + " elements, the " +
+                                          std::to_string(T) + " tensors of a have " +
+                                          std::to_string(total));
+                for (int64_t t = 0; t < T; ++t)
+                    outs[m * T + t] = reinterpret_cast<uintptr_t>(bo.data + off[t] * osz);
+                spans.push_back(Span{bo.data, total * osz, m});
+            }
+        } else {
+            throw py::value_error("out has " + std::to_string(n) + " buffers; " +
+                                  std::to_string(M) + " alphas and " + std::to_string(T) +
+                                  " tensors need " + std::to_string(M) + " (one per alpha) or " +
+                                  std::to_string(M * T) + " (alpha-major, one per tensor)");
+        }
+    } else {
+        const Buf o = read_buffer(out, elem_of(dout), true, Where{"out"});
+        if (o.numel != M * total)
+            throw py::value_error("out has " + std::to_string(o.numel) + " elements, " +
+                                  std::to_string(M) + " alphas x " + std::to_string(total) +
+                                  " elements of a need " + std::to_string(M * total));
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t t = 0; t < T; ++t)
+                outs[m * T + t] = reinterpret_cast<uintptr_t>(o.data + (m * total + off[t]) * osz);
+        spans.push_back(Span{o.data, o.numel * osz, -1});
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        spans.push_back(Span{reinterpret_cast<const char*>(pa[t]), numel[t] * isz, -2 - 2 * t});
+        spans.push_back(Span{reinterpret_cast<const char*>(pb[t]), numel[t] * isz, -3 - 2 * t});
+    }
+    check_outputs_apart(spans);
     std::vector<float> al(alphas_d.begin(), alphas_d.end());  // applied as fp32 values
     PermJob job{};
     job.a = pa.data();
@@ -1060,10 +1146,7 @@ void permuted_lerp(py::handle a_h, py::handle b_h, py::handle plans_h, py::handl
     job.cmap = cmap.data();
     job.runs = runs.data();
     job.nruns = nruns.data();
-    job.off = off.data();
-    job.out = o.data;
-    job.out_row = total * osz;
-    job.out_size = osz;
+    job.out = outs.data();
     job.alpha = al.data();
     job.M = M;
     job.T = T;
@@ -1120,7 +1203,10 @@ a, b: T buffers each (a[t] and b[t] of one element count); plans: T entries, Non
 plain lerp of the buffers) or a GatherPlan whose rows * cols is the element count
 (pi(b[t])[r, c] = b[t][rowmap[r] + colmap[c]]); out: one writable buffer of
 len(alphas) rows of sum_t numel(a[t]) elements (row m for alphas[m], tensor t at the
-offset of the tensors before it; it must not overlap a or b); alphas: M >= 1 floats
+offset of the tensors before it); or a list of len(alphas) such buffers of one row
+each (one allocation per alpha); or a list of len(alphas) * T buffers, alpha-major
+(out[m * T + t] receives tensor t for alphas[m]: e.g. a model's own parameters); no
+output may overlap a, b or another output; alphas: M >= 1 floats
 (applied as fp32); in_dtype/out_dtype and threads as for weighted_sum. Every buffer and
 plan is checked before any work. fp32 arithmetic, one rounding to out_dtype; the GIL is
 released.)doc");
