@@ -16,23 +16,39 @@ gather. :func:`naive_cost` is the plain definition the tests compare it with.
 
 Numerics: costs are built in ``dtype`` (float64 when either state holds float64 weights,
 else float32; fp16/bf16 promoted); objectives are summed in float64.
+
+Out of core (``stream=True``, the default when a state is a lazy state dict: a mapping with a
+``meta_state()`` method, such as :class:`pymerge.io.Checkpoint`): nothing is precomputed or
+kept but the ``[n, n]`` costs and the index caches. Each group's cost is built by reading the
+parameters that touch it one at a time, so memory holds a few tensors, not two models.
+The operands are built by the same code from the same values, so the costs, and the
+permutations, are bit for bit those of the in-memory builder (tested) while the cached costs
+fit ``cost_cache_bytes`` (512 MiB); beyond it the least recently used group costs are dropped
+and rebuilt in full when needed (the same values up to round-off: a full build instead of an
+incremental update).
+
+Sharded (``owned=``, ``reduce=``; :mod:`pymerge.align.distributed`): a builder holds the
+terms of only the parameters it owns; ``reduce`` sums each unit's partial costs over the
+shards (one all-reduce per unit solve) and the partial objectives, so every shard sees the
+global costs and makes the same choices.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pymerge._util.cache import LRUCache
 from pymerge._util.checks import check_state_pair
 from pymerge.spec.apply import Permutation, permute_param
 from pymerge.spec.spec import PermutationSpec
 
-__all__ = ["CostBuilder", "naive_cost", "check_init"]
+__all__ = ["CostBuilder", "naive_cost", "check_init", "is_lazy", "meta_view"]
 
 
 @dataclass
@@ -75,35 +91,66 @@ class CostBuilder:
         state_a: Mapping[str, Tensor],
         state_b: Mapping[str, Tensor],
         dtype: torch.dtype | None,
+        *,
+        stream: bool | None = None,
+        owned: Iterable[str] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        check_finite: bool = True,
+        cost_cache_bytes: int = 512 * 2**20,
     ) -> None:
         self.spec = spec
-        self.sizes = _validate(spec, state_a, state_b)
+        lazy = is_lazy(state_a) or is_lazy(state_b)
+        self.stream = lazy if stream is None else bool(stream)
+        meta_a, meta_b = (meta_view(state_a), meta_view(state_b)) if lazy else (state_a, state_b)
+        self.sizes = _validate(spec, meta_a, meta_b)
         self.groups = list(spec.groups())
         no_cost = set(spec.no_cost)
-        self.cost_keys = [
-            k for k, v in state_a.items() if k not in no_cost and torch.is_floating_point(v)
+        all_cost_keys = [
+            k for k, v in meta_a.items() if k not in no_cost and torch.is_floating_point(v)
         ]
         if dtype is None:
-            wide = any(
-                s[k].dtype == torch.float64 for s in (state_a, state_b) for k in self.cost_keys
-            )
+            wide = any(s[k].dtype == torch.float64 for s in (meta_a, meta_b) for k in all_cost_keys)
             dtype = torch.float64 if wide else torch.float32
         self.dtype = dtype
-        self.a = {k: state_a[k].detach().to(dtype) for k in self.cost_keys}
-        self.b = {k: state_b[k].detach().to(dtype) for k in self.cost_keys}
-        _check_finite(spec, {"state_a": self.a, "state_b": self.b})
-        self._index_refs(spec, state_a)
+        self.reduce = reduce
+        mine = None if owned is None else set(owned)
+        self.cost_keys = [k for k in all_cost_keys if mine is None or k in mine]
+        self.shapes = {k: tuple(meta_a[k].shape) for k in all_cost_keys}
+        if self.stream:
+            self.a: Mapping[str, Tensor] = _Converted(state_a, dtype, self.cost_keys)
+            self.b: Mapping[str, Tensor] = _Converted(state_b, dtype, self.cost_keys)
+        else:
+            self.a = {k: state_a[k].detach().to(dtype) for k in self.cost_keys}
+            self.b = {k: state_b[k].detach().to(dtype) for k in self.cost_keys}
+        if check_finite:
+            _check_finite(spec, {"state_a": self.a, "state_b": self.b})
+        self._index_refs(spec, meta_a)
+        keys = set(self.cost_keys)
         self.terms = {
-            g: [self._term(ref) for ref in self.refs_by_group[g] if ref.param in self.a]
+            g: [self._term(ref) for ref in self.refs_by_group[g] if ref.param in keys]
             for g in self.groups
+        }
+        # groups with a cost on some shard (all of them with a cost when not sharded)
+        every = set(all_cost_keys)
+        self.has_cost = {
+            g for g in self.groups if any(r.param in every for r in self.refs_by_group[g])
         }
         self._find_units(spec)
         # index cache: (param, axis) -> full-length index or None (identity)
         self._index: dict[tuple[str, int], Tensor | None] = {}
-        self.device = next(iter(self.a.values())).device if self.a else torch.device("cpu")
+        first = next(iter(meta_a.values()), None) if lazy else next(iter(self.a.values()), None)
+        self.device = (
+            first.device if first is not None and not first.is_meta else torch.device("cpu")
+        )
         # cost cache: group -> summed cost, the other-axis indices each term was built with,
         # and the number of incremental updates since the last full build
-        self._cost: dict[str, tuple[Tensor, list[Any], int]] = {}
+        # (streaming: least recently used costs beyond ``cost_cache_bytes`` are dropped and
+        # rebuilt in full when needed again; the latest one always stays)
+        self._cost = LRUCache(
+            max_items=max(1, len(self.groups)),
+            max_cost=cost_cache_bytes if self.stream else None,
+            cost=lambda entry: entry[0].numel() * entry[0].element_size(),
+        )
         # objective cache: key -> (versions of the groups on its axes, <A, pi(B)>)
         self.version: dict[str, int] = {g: 0 for g in self.groups}
         self._groups_of = {
@@ -125,11 +172,19 @@ class CostBuilder:
                 self.refs_by_param.setdefault(ref.param, {}).setdefault(ref.axis, []).append(ref)
 
     def _term(self, ref: _Ref) -> _Term:
-        """The cached operands of one (param, axis segment) of a group."""
+        """The operands of one (param, axis segment) of a group: computed now and cached, or,
+        when streaming, only described (:meth:`_operands` builds them when needed)."""
+        others = sorted(ax for ax in self.refs_by_param[ref.param] if ax != ref.axis)
+        shape = self.shapes[ref.param]
+        rest = math.prod(shape) // shape[ref.axis] if shape[ref.axis] else 0
+        numel = rest * (ref.stop - ref.start)  # entries of A's segment (work estimate)
+        if self.stream:
+            return _Term(ref, None, others, numel)
+        return self._build_term(ref, others, numel)
+
+    def _build_term(self, ref: _Ref, others: list[int], numel: int) -> _Term:
         n = self.sizes[ref.group]
         a, b = self.a[ref.param], self.b[ref.param]
-        others = sorted(ax for ax in self.refs_by_param[ref.param] if ax != ref.axis)
-        numel = _moved(a, ref).numel()
         if len(others) != 1:
             return _Term(ref, _axis_first(a, ref, n), others, numel)
         k = a.shape[others[0]]
@@ -173,7 +228,49 @@ class CostBuilder:
             c = self.cost(g, perm) if known is None else self.partial_cost(g, perm, known)
             if c is not None:
                 out[g] = c
+        if self.reduce is None:
+            return out
+        return self._reduced(unit, out, known)
+
+    def _reduced(
+        self, unit: tuple[str, str], local: dict[str, Tensor], known: set[str] | None
+    ) -> dict[str, Tensor]:
+        """The unit's costs summed over the shards: one reduction of all its groups at once
+        (a shard without terms in a group contributes zeros). The cached local costs are
+        not modified."""
+        assert self.reduce is not None
+        names = [g for g in self.members(unit) if g in self.has_cost]
+        if known is not None:  # the greedy sweep: groups whose partial cost some shard has
+            names = [g for g in names if self._partial_anywhere(g, known)]
+        if not names:
+            return {}
+        parts = []
+        for g in names:
+            n = self.sizes[g]
+            c = local.get(g)
+            parts.append(
+                torch.zeros(n * n, dtype=self.dtype, device=self.device)
+                if c is None
+                else c.reshape(-1)
+            )
+        flat = self.reduce(torch.cat(parts))
+        out, pos = {}, 0
+        for g in names:
+            n = self.sizes[g]
+            out[g] = flat[pos : pos + n * n].view(n, n)
+            pos += n * n
         return out
+
+    def _partial_anywhere(self, group: str, known: set[str]) -> bool:
+        """Whether some shard has a term of ``group`` whose other axes are all ``known``."""
+        for ref in self.refs_by_group[group]:
+            if ref.param not in self.shapes:
+                continue
+            others = [ax for ax in self.refs_by_param[ref.param] if ax != ref.axis]
+            deps = {r.group for ax in others for r in self.refs_by_param[ref.param][ax]}
+            if deps <= known:
+                return True
+        return False
 
     # -- indices ---------------------------------------------------------------------
 
@@ -189,7 +286,7 @@ class CostBuilder:
         if key in self._index:
             return self._index[key]
         refs = self.refs_by_param[param][axis]
-        length = self.b[param].shape[axis]
+        length = self.shapes[param][axis] if param in self.shapes else self.b[param].shape[axis]
         idx: Tensor | None = None
         for ref in refs:
             p = perm[ref.group]
@@ -223,7 +320,25 @@ class CostBuilder:
                 t = t.index_select(_moved_dim(ax, ref), idx)
         return t.reshape(n, -1)
 
+    def _operands(self, term: _Term) -> _Term:
+        """``term`` with its operands (streaming: built now from the tensors on disk)."""
+        if not self.stream:
+            return term
+        return self._build_term(term.ref, term.other_axes, term.numel)
+
+    def _with_operands(self, terms: list[tuple[int, _Term]]) -> Iterator[tuple[int, _Term]]:
+        """``(i, term with operands)`` in order, one term's operands in memory at a time
+        (the caller drops each before asking for the next). No reader thread: a group's cost
+        is a matmul of ``n`` by the term's size, which dwarfs reading and converting the
+        term (a 4096x4096 bf16 term: 0.23 s to read, convert and transpose, 3.6 s to
+        multiply on dev-2c), so overlapping the two would buy little and double the
+        operands in memory."""
+        for i, t in terms:
+            yield i, self._operands(t)
+
     def _term_cost(self, term: _Term, indices: Mapping[int, Tensor | None], n: int) -> Tensor:
+        if self.stream and term.a_t is None and term.a_mat is None:
+            term = self._operands(term)
         if term.a_t is not None:
             assert term.b_t is not None
             idx = indices[term.other_axes[0]]
@@ -277,7 +392,7 @@ class CostBuilder:
             total = c if total is None else total.add_(c)
         if total is None:
             return None
-        self._cost[group] = (total, used, 0)
+        self._cost.put(group, (total, used, 0))
         return total
 
     def cost(self, group: str, perm: Permutation) -> Tensor | None:
@@ -307,8 +422,9 @@ class CostBuilder:
                     continue
                 full_flops += flops
                 changed: dict[int, Tensor] = {}
+                shape = self.shapes[term.ref.param]
                 for ax in term.other_axes:
-                    pos = _changed_positions(used[i][ax], cur[i][ax], self.b[term.ref.param], ax)
+                    pos = _changed_positions(used[i][ax], cur[i][ax], shape[ax], self.device)
                     if pos.numel():
                         changed[ax] = pos
                 if not changed:
@@ -316,26 +432,31 @@ class CostBuilder:
                 work.append((i, changed))
                 if len(changed) == 1:
                     ((ax, pos),) = changed.items()
-                    delta_flops += flops * pos.numel() / self.b[term.ref.param].shape[ax]
+                    delta_flops += flops * pos.numel() / shape[ax]
                 else:
                     delta_flops += flops
             if not work and not missing:
                 return total
             if delta_flops <= _DELTA_FRACTION * full_flops:
-                for i, changed in work:
-                    self._apply_delta(total, terms[i], used[i], cur[i], changed, n)
-                for i in missing:
-                    total.add_(self._term_cost(terms[i], cur[i], n))
+                todo = dict(work)
+                order = [i for i, _ in work] + missing  # the deltas first, then what is missing
+                for i, term in self._with_operands([(i, terms[i]) for i in order]):
+                    if i in todo:
+                        self._apply_delta(total, term, used[i], cur[i], todo[i], n)
+                    else:
+                        total.add_(self._term_cost(term, cur[i], n))
+                    del term  # streaming: free the operands before the next are read
                 self.delta_updates += 1
-                self._cost[group] = (total, cur, updates + 1)
+                self._cost.put(group, (total, cur, updates + 1))
                 return total
         total = None
-        for i, term in enumerate(terms):
+        for i, term in self._with_operands(list(enumerate(terms))):
             c = self._term_cost(term, cur[i], n)
             total = c if total is None else total.add_(c)
+            del term, c  # streaming: free the operands before the next are read
         assert total is not None
         self.full_builds += 1
-        self._cost[group] = (total, cur, 0)
+        self._cost.put(group, (total, cur, 0))
         return total
 
     def _apply_delta(
@@ -381,7 +502,13 @@ class CostBuilder:
 
     def objective(self, perm: Permutation) -> float:
         """J(perm): per-key inner products in the compute dtype (float32: cascade sums),
-        added in float64; cached by group versions."""
+        added in float64; cached by group versions (sharded: summed over the shards)."""
+        total = self._local_objective(perm)
+        if self.reduce is None:
+            return total
+        return float(self.reduce(torch.tensor([total], dtype=torch.float64))[0])
+
+    def _local_objective(self, perm: Permutation) -> float:
         total = 0.0
         for k in self.cost_keys:
             groups = self._groups_of.get(k, [])
@@ -404,15 +531,17 @@ _REFRESH_EVERY = 16  # full rebuild of a group's cost after this many incrementa
 _DELTA_FRACTION = 0.6  # incremental update when it needs < this share of a full rebuild
 
 
-def _changed_positions(old: Tensor | None, new: Tensor | None, t: Tensor, axis: int) -> Tensor:
-    """Positions along ``axis`` where two full-length indices (None: identity) differ."""
+def _changed_positions(
+    old: Tensor | None, new: Tensor | None, length: int, device: torch.device
+) -> Tensor:
+    """Positions where two full-length indices (None: identity) of ``length`` differ."""
     if old is None and new is None:
-        return torch.empty(0, dtype=torch.long, device=t.device)
+        return torch.empty(0, dtype=torch.long, device=device)
     if old is new:
-        return torch.empty(0, dtype=torch.long, device=t.device)
+        return torch.empty(0, dtype=torch.long, device=device)
     ar = None
     if old is None or new is None:
-        ar = torch.arange(t.shape[axis], device=t.device)
+        ar = torch.arange(length, device=device)
     o = ar if old is None else old
     w = ar if new is None else new
     return torch.nonzero(o != w).view(-1)
@@ -482,6 +611,47 @@ def _axis_first(t: Tensor, ref: _Ref, n: int) -> Tensor:
     return seg.movedim(ref.axis, 0).reshape(n, -1)
 
 
+# --------------------------------------------------------------------------- lazy states
+
+
+def is_lazy(state: object) -> bool:
+    """A lazy state dict: a mapping with ``meta_state()`` (e.g. :class:`pymerge.io.Checkpoint`)."""
+    return isinstance(state, Mapping) and callable(getattr(state, "meta_state", None))
+
+
+def meta_view(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """Shapes and dtypes without data: ``state.meta_state()`` for a lazy state, else meta
+    copies of the tensors (so two states can be checked against each other)."""
+    if is_lazy(state):
+        return state.meta_state()  # type: ignore[attr-defined]
+    return {
+        k: (torch.empty_like(v, device="meta") if isinstance(v, Tensor) else v)
+        for k, v in state.items()
+    }
+
+
+class _Converted(Mapping[str, Tensor]):
+    """``state[k]`` read on demand and converted to ``dtype`` (the streaming operands)."""
+
+    def __init__(self, state: Mapping[str, Tensor], dtype: torch.dtype, keys: list[str]):
+        self._state, self._dtype, self._keys = state, dtype, list(keys)
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._set:
+            raise KeyError(key)
+        return self._state[key].detach().to(self._dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -498,7 +668,7 @@ def _validate(
         for k, v in state.items():
             if not isinstance(v, Tensor):
                 raise TypeError(f"{name}[{k!r}] is a {type(v).__name__}, not a torch.Tensor")
-    check_state_pair(state_a, state_b, "state_a", "state_b", same_device=True)
+    check_state_pair(state_a, state_b, "state_a", "state_b", same_device=True)  # or meta views
     sizes = spec.validate(state_a)
     spec.validate(state_b)
     return dict(sizes)

@@ -24,6 +24,10 @@ Numerics (``dtype=None``): costs are built and solved in float64 when either sta
 float64 weights, else in float32 (fp16/bf16 promoted), like the paper's reference code;
 scores are summed in float64. The tolerance follows (``tol=None``: 1e-12 relative in
 float64, 1e-7 in float32, so round-off is not progress).
+
+Out of core: when a state is a lazy state dict (:class:`pymerge.io.Checkpoint`, or any
+mapping with ``meta_state()``), the costs are built streaming over the parameters that touch
+each group, a few tensors in memory at a time, with the same permutations as in memory.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from pymerge.align.result import AlignmentHistory, AlignmentResult
 from pymerge.spec.apply import Permutation
 from pymerge.spec.spec import PermutationSpec
 
-__all__ = ["weight_matching", "matching_objective"]
+__all__ = ["weight_matching", "matching_objective", "run_matching"]
 
 Unit = tuple[str, str]
 
@@ -66,7 +70,8 @@ def weight_matching(
 
     Args:
         spec: permutation spec, validated against both state dicts.
-        state_a: reference state dict (key -> Tensor); never modified.
+        state_a: reference state dict (key -> Tensor), or a lazy one read from disk
+            tensor by tensor (:func:`pymerge.io.open_checkpoint`); never modified.
         state_b: state dict to permute; same keys and shapes as ``state_a``; never modified.
         max_iter: maximum number of sweeps over all units (0: evaluate ``init`` only).
         init: warm start: a permutation (missing groups start at the identity) or a previous
@@ -111,6 +116,37 @@ def weight_matching(
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     t0 = time.perf_counter()
     costs = CostBuilder(spec, state_a, state_b, dtype)
+    return run_matching(
+        costs,
+        max_iter=max_iter,
+        init=init,
+        seed=seed,
+        greedy=greedy,
+        groups=groups,
+        tol=tol,
+        progress=progress,
+        backend=backend,
+        started=t0,
+    )
+
+
+def run_matching(
+    costs: CostBuilder,
+    *,
+    max_iter: int,
+    init: Mapping[str, Tensor] | AlignmentResult | None,
+    seed: int,
+    greedy: bool,
+    groups: Iterable[str] | None,
+    tol: float | None,
+    progress: bool,
+    backend: str | None,
+    started: float,
+) -> AlignmentResult:
+    """Algorithm 1 on a built :class:`CostBuilder` (in memory, streaming or sharded: the
+    sharded builder of :mod:`pymerge.align.distributed` reduces its costs over the ranks,
+    so every rank takes the same steps). Arguments as :func:`weight_matching`'s, checked."""
+    t0 = started
     tol = tol if tol is not None else (1e-12 if costs.dtype == torch.float64 else 1e-7)
     duals = {}
     if isinstance(init, AlignmentResult):
