@@ -3,11 +3,14 @@
 from pymerge.landscape.barrier import (
     BARRIER_KINDS,
     Curve,
+    MultiBarrier,
     barrier,
     error_barrier,
     interpolation_curve,
     loss_barrier,
+    multi_model_barrier,
 )
+from pymerge.landscape.evaluate import Evaluator
 
 __all__ = [
     "BARRIER_KINDS",
@@ -16,4 +19,7 @@ __all__ = [
     "error_barrier",
     "interpolation_curve",
     "loss_barrier",
+    "Evaluator",
+    "MultiBarrier",
+    "multi_model_barrier",
 ]
