@@ -238,14 +238,19 @@ _SPATIAL: dict[str, Any] = {
     "upsample_bicubic2d": F.interpolate,
     "upsample_linear1d": F.interpolate,
     "upsample_trilinear3d": F.interpolate,
+    "_upsample_bicubic2d_aa": F.interpolate,
+    "_upsample_bilinear2d_aa": F.interpolate,
+    "_upsample_nearest_exact1d": F.interpolate,
+    "_upsample_nearest_exact2d": F.interpolate,
+    "_upsample_nearest_exact3d": F.interpolate,
 }
 
 
 def _table() -> dict[Any, Lowering]:
     t: dict[Any, Lowering] = {}
 
-    def add(name: str, lowering: Lowering) -> None:
-        for n in (name, name + "_"):  # in-place variants compute the same values
+    def add(name: str, lowering: Lowering, inplace: bool = False) -> None:
+        for n in (name, name + "_") if inplace else (name,):
             packet = getattr(aten, n, None)
             if packet is not None:
                 t.setdefault(packet, lowering)
@@ -254,7 +259,9 @@ def _table() -> dict[Any, Lowering]:
         add(n, _first(same_values))
     for n in _RESHAPES:
         add(n, _to(torch.reshape))
-    for n, fn in {**_UNARY, **_ELEMENTWISE, **_REDUCTIONS, **_SPATIAL}.items():
+    for n, fn in {**_UNARY, **_ELEMENTWISE}.items():  # in-place forms: the same values
+        add(n, _to(fn), inplace=True)
+    for n, fn in {**_REDUCTIONS, **_SPATIAL}.items():
         add(n, _to(fn))
     add("expand", _to("expand", "call_method"))
     add("repeat", _to("repeat", "call_method"))

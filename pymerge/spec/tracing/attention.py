@@ -102,11 +102,11 @@ def _mha_groups(call: Call) -> tuple[Piece, ...]:
 @register_function_rule(F.scaled_dot_product_attention)
 def scaled_dot_product_attention(call: Call) -> Any:
     """``sdpa(q, k, v, attn_mask, ...)``: q/k contracted over their last dim, k/v over
-    positions, heads (batch dims) unified, v's last dim carried; the mask is frozen."""
+    positions, heads (batch dims) unified, v's last dim carried. The mask is added to the
+    scores: its batch dims meet the heads (a per-head bias, e.g. a relative position bias,
+    joins or freezes them), its position dims must carry nothing."""
     q, k, v = call.input(0, "query"), call.input(1, "key"), call.input(2, "value")
     mask = call.input(3, "attn_mask")
-    if isinstance(mask, Value) and mask.active():
-        call.freeze(mask, f"attention mask in {call.node.name}")
     shape = call.shape
     if not all(
         isinstance(t, Value) and t.ndim >= 2 and not t.params for t in (q, k, v)
@@ -125,7 +125,42 @@ def scaled_dot_product_attention(call: Call) -> Any:
         out.tags[nd - 2] = q.tags[q.ndim - 2]
     if v.ndim - 1 in v.tags:
         out.tags[nd - 1] = v.tags[v.ndim - 1]
+    if isinstance(mask, Value):
+        _mask(call, mask, out, nd)
     return out
+
+
+def _mask(call: Call, mask: Value, out: Value, nd: int) -> None:
+    """The mask broadcasts against the scores ``[..., Tq, Tk]`` (same batch dims as the
+    output): on a batch dim its groups unify with the heads there, a parameter axis joins
+    them, an unpermuted per-head tensor freezes them; its position dims carry nothing."""
+    st, name = call.state, call.node.name
+    for dm in range(mask.ndim):
+        d = dm + nd - mask.ndim
+        pieces = mask.tags.get(dm)
+        axes = [(key, mp.get(dm)) for key, mp in mask.params]
+        if d < 0 or d >= nd - 2 or mask.shape[dm] == 1:
+            if pieces:
+                call.freeze(Value(mask.shape, {dm: pieces}), f"attention mask in {name}")
+            for key, ax in axes:
+                if ax is not None and mask.shape[dm] > 1:
+                    st.pin(key, ax, f"attention mask in {name}")
+            continue
+        heads = out.tags.get(d)
+        if pieces:
+            if heads is None:
+                call.freeze(Value(mask.shape, {dm: pieces}), f"attention mask in {name}")
+            else:
+                out.tags[d] = unify(call, [heads, pieces])
+        elif heads is not None and axes and all(ax is not None for _, ax in axes):
+            for key, ax in axes:
+                call.join(heads, key, ax)
+        elif heads is not None:
+            call.freeze_pieces(heads, f"per-head attention mask in {name}")
+        else:
+            for key, ax in axes:
+                if ax is not None:
+                    st.pin(key, ax, f"attention mask in {name}")
 
 
 def _repeat_heads(call: Call, t: Value, heads: int) -> Value | None:

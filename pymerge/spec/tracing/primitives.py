@@ -145,6 +145,14 @@ def keep_dims(call: Call, v: Value, mixed: Iterable[int]) -> Value:
             call.freeze(Value(v.shape, {d: pieces}), f"spatially mixed in {call.node.name}")
         else:
             out.tags[d] = pieces
-    if v.params:
-        call.freeze(Value(v.shape, params=v.params), f"used in {call.node.name}")
+    for key, mp in v.params:  # a parameter resampled (a position table): mixed axes pinned
+        kept: dict[int, int | None] = {}
+        for d, ax in mp.items():
+            if d in mixed or shape[d] != v.shape[d]:
+                kept[d] = None
+                if ax is not None and v.shape[d] > 1:
+                    call.state.pin(key, ax, f"spatially mixed in {call.node.name}")
+            else:
+                kept[d] = ax
+        out.params.append((key, kept))
     return out

@@ -172,7 +172,8 @@ def _split(call: Call, pieces: Pieces, outs: list[int], shape: tuple[int, ...], 
         )
         return True
     p0 = pieces[0]
-    if len(outs) == 2 and len(pieces) == 1 and p0.start == 0 and p0.inner == 1:
+    whole = len(pieces) == 1 and p0.start == 0 and p0.inner == 1 and p0.n == b1 * block
+    if len(outs) == 2 and whole and not _selected_later(call.node, outs[0]):
         if p0.n == b1 * block:  # [E] -> [H, D]: heads
             out.tags[outs[0]] = (Piece(p0.elem, 0, b1, 1, "head", block),)
             out.tags[outs[1]] = (Piece(p0.elem, 0, block, 1, "unit", b1),)
@@ -182,6 +183,50 @@ def _split(call: Call, pieces: Pieces, outs: list[int], shape: tuple[int, ...], 
     if local is None:
         return False
     return _split(call, local, outs[1:], shape, out)
+
+
+_MOVES = (torch.permute, torch.transpose, "permute", "transpose")
+_KEEPS = ("contiguous", "clone", torch.clone)
+
+
+def _selected_later(node: fx.Node, dim: int, depth: int = 8) -> bool:
+    """Whether dim ``dim`` of ``node``'s output is later indexed by an integer or unbound
+    (through permutes and copies): then ``[..., k, E/k]`` is ``k`` blocks (fused k/v,
+    ``reshape(B, N, 2, C)``), not ``k`` attention heads."""
+    todo = [(node, dim, 0)]
+    while todo:
+        n, d, k = todo.pop()
+        if k > depth:
+            continue
+        for u in n.users:
+            if u.args[:1] != (n,):
+                continue
+            if u.target in _MOVES:
+                nd = len(meta_shape(u) or ())
+                if nd:
+                    order = _order(u.target, list(u.args[1:]), nd)
+                    todo.append((u, order.index(d), k + 1))
+            elif u.target in _KEEPS:
+                todo.append((u, d, k + 1))
+            elif u.target in (torch.unbind, "unbind"):
+                ud = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+                nd = len(meta_shape(n) or ())
+                if isinstance(ud, int) and nd and ud % nd == d:
+                    return True
+            elif u.target is operator.getitem and isinstance(meta_shape(n), tuple):
+                items = _classify(u.args[1], len(meta_shape(n)))
+                if items is not None and _consumes_int(items, d):
+                    return True
+    return False
+
+
+def _consumes_int(items: list[tuple[str, Any, int]], dim: int) -> bool:
+    d = 0
+    for kind, _, k in items:
+        if d <= dim < d + k:
+            return kind == "int"
+        d += k
+    return False
 
 
 def _reshape_params(call: Call, x: Value, shape: tuple[int, ...]) -> list:
@@ -255,6 +300,16 @@ def cat(call: Call) -> Any:
     _cat_other_dims(call, vals, dim, stack, out)
     if not stack:
         _cat_segments(call, vals, dim, out)
+    if not out.tags and all(v.params for v in vals):  # parameters concatenated: still a view
+        for v in vals:
+            for key, mp in v.params:
+                nm = {(d + 1 if stack and d >= dim else d): ax for d, ax in mp.items()}
+                if not stack:
+                    if mp.get(dim) is not None and v.shape[dim] > 1:
+                        call.state.pin(key, mp[dim], f"concatenated in {node.name}")
+                    nm[dim] = None
+                out.params.append((key, nm))
+        return out
     for v in vals:  # parameter axes not joined to a group here must not move
         for key, mp in v.params:
             for d, ax in mp.items():

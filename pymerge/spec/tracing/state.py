@@ -85,6 +85,8 @@ class TraceState:
         """Axis ``axis`` of state entry ``key`` is permuted by ``pieces`` (segments). A head
         piece makes its group move whole heads (:meth:`coarsen`) and joins at head level; a
         unit piece makes the units within heads stay in place (nothing left to join)."""
+        if any(p.role == "unit" for p in pieces):  # units stay in place: so does this axis
+            self.pin(key, axis, "meets the units of attention heads")
         for p in self.resolve(self.to_heads(pieces, f"used by {key!r}")):
             self.refs[p.elem].append(AxisRef(key, axis, p.start, p.start + p.n * p.inner, p.inner))
 
