@@ -478,6 +478,95 @@ def test_rope_pairs_permuted_jointly_change_the_scores() -> None:
     torch.testing.assert_close(scores, rope(q) @ rope(k).T)  # whole heads: unchanged
 
 
+class BiasedAttention(nn.Module):
+    """sdpa with a per-head additive mask ``[1, H, N, N]``: from an MLP over relative
+    positions (timm's RelPosMlp), from a parameter table indexed by a buffer (Swin / BEiT
+    relative position bias), or a constant per-head buffer (ALiBi-like: the heads cannot
+    move). A fused k/v projection with one head is split as ``reshape(B, N, 2, C)`` blocks."""
+
+    def __init__(self, kind: str, d: int = 8, heads: int = 2, n: int = 4) -> None:
+        super().__init__()
+        self.kind, self.h, self.n = kind, heads, n
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, heads))
+        self.table = nn.Parameter(torch.randn((2 * n - 1), heads))
+        rel = torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1
+        self.register_buffer("index", rel, persistent=False)
+        self.register_buffer("coords", torch.randn(n, n, 2), persistent=False)
+        self.register_buffer("slopes", torch.randn(heads, 1, 1), persistent=False)
+        self.k1 = nn.Linear(d, 2 * d)  # one head: k and v as blocks
+        self.out = nn.Linear(2 * d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, d]
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.h, c // self.h).transpose(1, 2)
+        k, v = self.kv(x).reshape(b, n, 2, self.h, c // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.kind == "mlp":
+            bias = self.mlp(self.coords).permute(2, 0, 1)[None]
+        elif self.kind == "table":
+            bias = self.table[self.index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)[None]
+        else:
+            bias = (self.slopes * self.index.float())[None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        y = self.proj(y.transpose(1, 2).reshape(b, n, c))
+        k1, v1 = self.k1(x).reshape(b, n, 2, c).permute(2, 0, 1, 3).unbind(0)
+        z = F.scaled_dot_product_attention(y[:, None], k1[:, None], v1[:, None])[:, 0]
+        return self.out(torch.cat([y, z], -1).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "table", "constant"])
+def test_per_head_attention_mask_meets_the_heads(kind: str) -> None:
+    torch.manual_seed(0)
+    model, x = BiasedAttention(kind), torch.randn(2, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = spec_from_model(model, x)
+    if kind == "constant":  # heads pinned by the per-head constant: q/k/v frozen
+        assert "q.weight" not in spec.axes_to_perm and "kv.weight" not in spec.axes_to_perm
+    else:  # heads move whole, with the bias's head axis
+        heads = group_of(spec, "q.weight", 0)
+        bias = ("mlp.2.weight", 0) if kind == "mlp" else ("table", 1)
+        assert bias in {(p, a) for p, a, *_ in refs(spec, heads)}
+        assert ("q.weight", 0, 0, None, 4) in refs(spec, heads)
+    k1 = group_of(spec, "k1.weight", 0)  # reshape(B, N, 2, C) + unbind: blocks, not heads
+    assert {("k1.weight", 0, 0, 8, 1), ("k1.weight", 0, 8, 16, 1)} <= refs(spec, k1)
+    same_function(model, spec, x, seed=13)
+
+
+class ResampledPositions(nn.Module):
+    """A class token's position kept, the patch positions resampled to the input size
+    (timm's dynamic image size): slices, reshape, interpolate and cat of parameter views."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 1 + 9, d))
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x)
+        b, c, h, w = t.shape
+        grid = self.pos[:, 1:].reshape(1, 3, 3, c).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bilinear").permute(0, 2, 3, 1)
+        pos = torch.cat([self.pos[:, :1], grid.reshape(1, h * w, c)], dim=1)
+        x = torch.cat([self.cls.expand(b, -1, -1), t.flatten(2).transpose(1, 2)], 1) + pos
+        return self.head(x + self.fc(x))[:, 0]
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_resampled_position_table_joins_the_stream(tracer: str) -> None:
+    torch.manual_seed(0)
+    model, x = ResampledPositions(), torch.randn(2, 3, 8, 8)
+    spec = spec_from_model(model, x, tracer=tracer)
+    stream = group_of(spec, "patch.weight", 0)
+    assert {("pos", 2), ("cls", 2), ("fc.weight", 1)} <= {(p, a) for p, a, *_ in refs(spec, stream)}
+    same_function(model, spec, x, seed=14)
+
+
 # --------------------------------------------------------------- CNNs
 def test_grouped_conv_permutes_within_blocks() -> None:
     torch.manual_seed(0)

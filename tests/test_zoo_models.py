@@ -483,6 +483,31 @@ def zoo() -> list[ZooModel]:
             _images(),
             0.10,
         ),
+        ZooModel(
+            "timm_vit_relpos",
+            "ViT with a relative-position MLP bias (a per-head sdpa mask)",
+            "timm",
+            _timm("test_vit_relpos", num_classes=10, img_size=64),
+            _images(size=64),
+            0.01,
+        ),
+        ZooModel(
+            "timm_vit_dynamic",
+            "ViT with dynamic image size (position table resampled; fx cannot trace it)",
+            "timm",
+            _timm("test_vit", num_classes=10),
+            _images(size=64),
+            0.01,
+            traced_by="export",
+        ),
+        ZooModel(
+            "timm_coatnet",
+            "CoAtNet (MBConv stages, relative-position attention)",
+            "timm",
+            _timm("test_coatnet", num_classes=10, img_size=64),
+            _images(size=64),
+            0.01,
+        ),
         # ---- local modules with torchvision's structure
         ZooModel(
             "tv_convnext", "ConvNeXt (torchvision structure)", "local", TVConvNeXt, _images(), 0.05
