@@ -71,6 +71,8 @@ _EXPORTS: dict[str, str] = {
     "resnet_spec": "pymerge.spec",
     "vgg_spec": "pymerge.spec",
     "transformer_spec": "pymerge.spec",
+    "hf_spec": "pymerge.spec",
+    "hf_architectures": "pymerge.spec",
     "aligned_interpolate": "pymerge.spec",
     # alignment (issue 4)
     "weight_matching": "pymerge.align",
@@ -100,6 +102,8 @@ _EXPORTS: dict[str, str] = {
     # name is callable as it (pymerge/merge/__init__.py)
     "merge": "pymerge.merge",
     "merge_methods": "pymerge.merge",
+    "task_vector_similarity": "pymerge.merge.analysis",
+    "TaskVectorSimilarity": "pymerge.merge.analysis",
 }
 
 _SUBMODULES = ("ops", "spec", "align", "wsa", "kernels", "landscape", "testing", "cli")
@@ -179,6 +183,10 @@ if TYPE_CHECKING:  # pragma: no cover  (what the lazy exports resolve to, for ID
         merge,
         merge_methods,
     )
+    from pymerge.merge.analysis import (  # noqa: F401
+        TaskVectorSimilarity,
+        task_vector_similarity,
+    )
     from pymerge.ops import (  # noqa: F401
         CorrelationAccumulator,
         correlation,
@@ -204,6 +212,8 @@ if TYPE_CHECKING:  # pragma: no cover  (what the lazy exports resolve to, for ID
         check_spec,
         cnn_spec,
         compose_permutations,
+        hf_architectures,
+        hf_spec,
         identity_permutation,
         invert_permutation,
         mlp_spec,

@@ -2,8 +2,10 @@
 
 Data (:class:`PermutationSpec`, :class:`AxisRef`, :class:`HeadStructure`,
 :class:`ActivationPoint`), permutations (:func:`apply_permutation` and friends), hand-written
-builders (:mod:`pymerge.spec.builders`) and tracing with ``torch.fx`` or ``torch.export``
-(:func:`spec_from_model`, self-checked; :func:`check_spec` checks any spec on a model).
+builders (:mod:`pymerge.spec.builders`), specs of Hugging Face architectures from their
+config.json (:func:`hf_spec`, :mod:`pymerge.spec.hf`) and tracing with ``torch.fx`` or
+``torch.export`` (:func:`spec_from_model`, self-checked; :func:`check_spec` checks any spec
+on a model).
 """
 
 from pymerge.spec.apply import (
@@ -18,6 +20,7 @@ from pymerge.spec.apply import (
     random_permutation,
 )
 from pymerge.spec.builders import cnn_spec, mlp_spec, resnet_spec, transformer_spec, vgg_spec
+from pymerge.spec.hf import hf_architectures, hf_spec
 from pymerge.spec.interpolate import aligned_interpolate
 from pymerge.spec.spec import ActivationPoint, AxisRef, HeadStructure, PermutationSpec
 from pymerge.spec.trace import spec_from_model
@@ -37,6 +40,8 @@ __all__ = [
     "check_spec",
     "cnn_spec",
     "compose_permutations",
+    "hf_architectures",
+    "hf_spec",
     "identity_permutation",
     "invert_permutation",
     "mlp_spec",
