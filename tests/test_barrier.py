@@ -213,6 +213,11 @@ def test_mnist1d_weight_matching_removes_most_of_the_barrier(one_thread):
 # --------------------------------------------------------------------------- fast curves
 
 
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Small matrices: one torch thread (a second one only waits on this busy machine)."""
+
+
 def _mlp_case(seed=0, width=8):
     from pymerge.spec import random_permutation
     from pymerge.testing.models import MLP

@@ -11,6 +11,20 @@ from pymerge.landscape.barrier import (
     multi_model_barrier,
 )
 from pymerge.landscape.evaluate import Evaluator
+from pymerge.landscape.manifold import (
+    ExpansionRank,
+    ManifoldSize,
+    cayley_menger_log_volume,
+    expand_mlp,
+    minima_manifold_size,
+    rank_expansions,
+)
+from pymerge.landscape.svd import (
+    LayerAlignment,
+    SVDAlignment,
+    plot_svd_alignment,
+    singular_vector_alignment,
+)
 
 __all__ = [
     "BARRIER_KINDS",
@@ -22,4 +36,14 @@ __all__ = [
     "Evaluator",
     "MultiBarrier",
     "multi_model_barrier",
+    "LayerAlignment",
+    "SVDAlignment",
+    "plot_svd_alignment",
+    "singular_vector_alignment",
+    "ExpansionRank",
+    "ManifoldSize",
+    "cayley_menger_log_volume",
+    "expand_mlp",
+    "minima_manifold_size",
+    "rank_expansions",
 ]
