@@ -1,5 +1,6 @@
 """Loss-landscape geometry: linear interpolation curves and barriers."""
 
+from pymerge.landscape.aspects import ASPECT_DEFINITIONS, Aspect, AspectsReport, aspects_report
 from pymerge.landscape.barrier import (
     BARRIER_KINDS,
     Curve,
@@ -46,4 +47,8 @@ __all__ = [
     "expand_mlp",
     "minima_manifold_size",
     "rank_expansions",
+    "ASPECT_DEFINITIONS",
+    "Aspect",
+    "AspectsReport",
+    "aspects_report",
 ]
