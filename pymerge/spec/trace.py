@@ -304,7 +304,13 @@ def _export_graph(model: nn.Module, args: tuple, kwargs: dict, name: str) -> _Gr
             warnings.simplefilter("ignore")
             ep = torch.export.export(m, args, kwargs or None, strict=False)
     except Exception as e:  # noqa: BLE001 - report any export failure clearly
-        raise ValueError(f"torch.export could not export {name}: {_first_line(e)}") from e
+        hint = ""
+        if "Cache" in str(e):
+            hint = (
+                " (a Hugging Face cache object in the outputs: build the model with "
+                "use_cache=False, or pass the inputs as a dict with 'use_cache': False)"
+            )
+        raise ValueError(f"torch.export could not export {name}: {_first_line(e)}{hint}") from e
     gm = ep.graph_module
     first: dict[tuple, str] = {}  # tied entries are lifted once: name them by the first key
     for k, t in model.state_dict().items():
