@@ -12,12 +12,14 @@ Hugging Face's RMSNorm casts to float32 inside (so does the self-check's float64
 therefore allows 1e-5); for the 1e-9 comparison here the RMSNorm modules of the compared
 copies compute the same formula in float64 (the spec is traced from the model as shipped).
 
-``python test_zoo.py`` prints the coverage table of ``docs/architectures.md`` (with timings).
+``python test_zoo.py`` prints the coverage table of ``docs/architectures.md`` (with timings);
+``python test_zoo.py --time`` times tracing 12-layer models (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import time
 import types
@@ -106,6 +108,14 @@ def max_rel_diff(model: nn.Module, state_a: dict, state_b: dict, inputs: tuple) 
     return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
 
 
+@functools.cache
+def traced(name: str) -> tuple[nn.Module, tuple, PermutationSpec, str, float]:
+    """The model (seed 0), its inputs, its spec, the front and the seconds (once per worker:
+    the tests below only read them)."""
+    model, inputs = build(name)
+    return (model, inputs, *trace(name, model, inputs))
+
+
 def trace(name: str, model: nn.Module, inputs: tuple) -> tuple[PermutationSpec, str, float]:
     """The spec (self-check on), the front that produced it and the seconds it took."""
     t0 = time.perf_counter()
@@ -120,8 +130,7 @@ def trace(name: str, model: nn.Module, inputs: tuple) -> tuple[PermutationSpec, 
 def check_model(name: str) -> dict:
     """Every check of one zoo model; returns the figures of its table row."""
     zm = ZOO[name]
-    model, inputs = build(name)
-    spec, front, seconds = trace(name, model, inputs)
+    model, inputs, spec, front, seconds = traced(name)
     assert front == zm.traced_by, spec.report[:1]
     frac = unpermuted_fraction(spec, model)
     assert frac <= zm.max_unpermuted, (frac, [r for r in spec.report if "frozen" in r][:5])
@@ -168,8 +177,7 @@ def _group(spec: PermutationSpec, param: str, axis: int) -> str:
 
 
 def test_gpt2_conv1d_layout_tied_embeddings_learned_positions() -> None:
-    model, x = build("hf_gpt2")
-    spec, _, _ = trace("hf_gpt2", model, x)
+    model, x, spec, _, _ = traced("hf_gpt2")
     stream = _group(spec, "transformer.wte.weight", 1)
     refs = _refs(spec, stream)
     assert ("lm_head.weight", 1, 0, None, 1) in refs  # tied: follows its twin
@@ -181,8 +189,7 @@ def test_gpt2_conv1d_layout_tied_embeddings_learned_positions() -> None:
 
 
 def test_llama_gqa_heads_move_with_their_query_groups() -> None:
-    model, x = build("hf_llama")
-    spec, _, _ = trace("hf_llama", model, x)
+    model, x, spec, _, _ = traced("hf_llama")
     g = _group(spec, "model.layers.0.self_attn.k_proj.weight", 0)
     p = "model.layers.0.self_attn."
     assert _refs(spec, g) == {
@@ -196,21 +203,113 @@ def test_llama_gqa_heads_move_with_their_query_groups() -> None:
 
 
 def test_vit_class_token_joins_the_stream() -> None:
-    model, x = build("timm_vit")
-    spec, _, _ = trace("timm_vit", model, x)
+    model, x, spec, _, _ = traced("timm_vit")
     stream = _group(spec, "patch_embed.proj.weight", 0)
     assert {("cls_token", 2, 0, None, 1), ("pos_embed", 2, 0, None, 1)} <= _refs(spec, stream)
 
 
 def test_convnext_layernorm2d_joins_the_channels() -> None:
-    model, x = build("timm_convnext_atto")
-    spec, _, _ = trace("timm_convnext_atto", model, x)
+    model, x, spec, _, _ = traced("timm_convnext_atto")
     stream = _group(spec, "stem.0.weight", 0)
     assert ("stem.1.weight", 0, 0, None, 1) in _refs(spec, stream)  # LayerNorm2d
     assert ("stages.0.blocks.0.gamma", 0, 0, None, 1) in _refs(spec, stream)  # layer scale
 
 
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2"])
+def test_traced_equals_the_config_spec(name: str) -> None:
+    """Two independent derivations agree: the traced spec and ``hf_spec`` (from the config
+    and tensor names alone) have the same groups and head structures."""
+    hf = pytest.importorskip("pymerge.spec.hf")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_trace as T
+
+    model, _, spec, _, _ = traced(name)
+    assert T._canon(spec) == T._canon(hf.hf_spec(model.config, keys=model.state_dict()))
+
+
+def test_hf_cache_in_the_outputs_is_rejected_with_a_way_out() -> None:
+    """A model built with its cache on returns a cache object ``torch.export`` cannot
+    flatten: a clear error naming the fix; the dict inputs it suggests trace."""
+    tf = Z.import_transformers()
+    if tf is None:
+        pytest.skip(_MISSING["transformers"])
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in Z._LLAMA_LIKE.items() if k != "use_cache"}
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg)).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        spec_from_model(model, ids)
+    spec = spec_from_model(model, {"input_ids": ids, "use_cache": False})
+    assert unpermuted_fraction(spec, model) < 0.01
+
+
+def twelve_layers() -> dict[str, tuple]:
+    """12-layer models for the tracing-time bar: (builder, inputs, tracer)."""
+    timm, tf = Z.import_timm(), Z.import_transformers()
+    llama = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=12)
+    return {
+        "timm ViT (fx)": (
+            lambda: timm.create_model(
+                "vit_tiny_patch16_224",
+                img_size=32,
+                patch_size=8,
+                embed_dim=64,
+                depth=12,
+                num_heads=4,
+                num_classes=10,
+            ),
+            (torch.randn(2, 3, 32, 32),),
+        ),
+        "HF GPT-2 (export)": (
+            lambda: tf.GPT2LMHeadModel(
+                tf.GPT2Config(
+                    vocab_size=64, n_positions=16, n_embd=64, n_layer=12, n_head=4, use_cache=False
+                )
+            ),
+            (torch.randint(0, 64, (2, 8)),),
+        ),
+        "HF Llama GQA (export)": (
+            lambda: tf.LlamaForCausalLM(
+                tf.LlamaConfig(
+                    **llama, num_attention_heads=4, num_key_value_heads=2, use_cache=False
+                )
+            ),
+            (torch.randint(0, 64, (2, 8)),),
+        ),
+    }
+
+
+def time_twelve_layers(repeats: int = 5) -> None:
+    """Seconds per ``spec_from_model`` call (self-check on and off): the first call in the
+    process (one-time imports and warm-up of torch.fx / torch.export) and the median of
+    ``repeats`` more."""
+    print("| 12-layer model | check | first call | median of the next 5 |")
+    print("| --- | --- | --- | --- |")
+    for name, (make, x) in twelve_layers().items():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = make().eval()
+        for check in (True, False):
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    spec_from_model(model, x, check=check)
+                times.append(time.perf_counter() - t0)
+            rest = sorted(times[1:])
+            print(
+                f"| {name} | {'on' if check else 'off'} | {times[0]:.2f} s | "
+                f"{rest[len(rest) // 2]:.2f} s |"
+            )
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--time"]:
+        torch.set_num_threads(1)
+        time_twelve_layers()
+        sys.exit(0)
     print("| model | family | traced by | self-check | unpermuted | permuted = same | WM keeps B |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in sorted(ZOO):

@@ -366,7 +366,7 @@ def zoo() -> list[ZooModel]:
                 num_classes=10,
             ),
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "timm_convnext_atto",
@@ -381,7 +381,7 @@ def zoo() -> list[ZooModel]:
                 drop_path_rate=0.1,
             ),
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "timm_convnext",
@@ -395,7 +395,7 @@ def zoo() -> list[ZooModel]:
                 drop_path_rate=0.1,
             ),
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "timm_efficientnet",
@@ -403,7 +403,7 @@ def zoo() -> list[ZooModel]:
             "timm",
             _timm("test_efficientnet", num_classes=10, drop_path_rate=0.1),
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "timm_mobilenetv3",
@@ -411,9 +411,9 @@ def zoo() -> list[ZooModel]:
             "timm",
             _timm("mobilenetv3_small_050", num_classes=10),
             _images(),
-            0.05,
+            0.01,
         ),
-        ZooModel("timm_regnet", "RegNet (grouped convs, SE)", "timm", _regnet, _images(), 0.05),
+        ZooModel("timm_regnet", "RegNet (grouped convs, SE)", "timm", _regnet, _images(), 0.01),
         # ---- timm transformers
         ZooModel(
             "timm_vit",
@@ -430,7 +430,7 @@ def zoo() -> list[ZooModel]:
                 init_values=1e-5,
             ),
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "timm_vit_reg",
@@ -448,7 +448,7 @@ def zoo() -> list[ZooModel]:
                 global_pool="avg",
             ),
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "timm_deit",
@@ -464,7 +464,7 @@ def zoo() -> list[ZooModel]:
                 num_classes=10,
             ),
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "timm_swin",
@@ -481,7 +481,7 @@ def zoo() -> list[ZooModel]:
                 num_classes=10,
             ),
             _images(),
-            0.10,
+            0.01,
         ),
         ZooModel(
             "timm_vit_relpos",
@@ -510,7 +510,7 @@ def zoo() -> list[ZooModel]:
         ),
         # ---- local modules with torchvision's structure
         ZooModel(
-            "tv_convnext", "ConvNeXt (torchvision structure)", "local", TVConvNeXt, _images(), 0.05
+            "tv_convnext", "ConvNeXt (torchvision structure)", "local", TVConvNeXt, _images(), 0.01
         ),
         ZooModel(
             "tv_shufflenet",
@@ -518,7 +518,7 @@ def zoo() -> list[ZooModel]:
             "local",
             TVShuffleNet,
             _images(),
-            0.05,
+            0.01,
         ),
         ZooModel(
             "grouped",
@@ -526,7 +526,7 @@ def zoo() -> list[ZooModel]:
             "local",
             GroupedBlock,
             _images(n=2, size=8),
-            0.05,
+            0.01,
         ),
         # ---- Hugging Face transformers
         ZooModel(
@@ -544,7 +544,7 @@ def zoo() -> list[ZooModel]:
                 use_cache=False,
             ),
             _tokens(64),
-            0.05,
+            0.01,
             traced_by="export",
         ),
         ZooModel(
@@ -553,7 +553,7 @@ def zoo() -> list[ZooModel]:
             "transformers",
             _hf("LlamaConfig", "LlamaForCausalLM", **llama),
             _tokens(64),
-            0.05,
+            0.01,
             traced_by="export",
         ),
         ZooModel(
@@ -562,7 +562,7 @@ def zoo() -> list[ZooModel]:
             "transformers",
             _hf("MistralConfig", "MistralForCausalLM", **llama, sliding_window=4),
             _tokens(64),
-            0.05,
+            0.01,
             traced_by="export",
         ),
         ZooModel(
@@ -571,7 +571,7 @@ def zoo() -> list[ZooModel]:
             "transformers",
             _hf("Qwen2Config", "Qwen2ForCausalLM", **llama),
             _tokens(64),
-            0.05,
+            0.01,
             traced_by="export",
         ),
         ZooModel(
@@ -590,7 +590,7 @@ def zoo() -> list[ZooModel]:
                 num_labels=3,
             ),
             _tokens(64),
-            0.05,
+            0.01,
             traced_by="export",
         ),
     ]
