@@ -541,3 +541,30 @@ def test_align_hf_folders_from_the_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "perm.json").read_text()).keys() == set(spec.perm_to_axes)
     mid = read_out(tmp_path / "mid")
     torch.testing.assert_close(mid["lm_head.weight"], base["lm_head.weight"])
+
+
+# --------------------------------------------------------------------------- info
+
+
+def test_info_checkpoint_lists_tensors_architecture_and_groups(models, capsys):
+    assert main(["info", str(models["paths"]["ft1"])]) == 0
+    out = capsys.readouterr().out
+    assert "llama (LlamaForCausalLM)" in out and "model.layers.2.mlp.up_proj.weight" in out
+    assert "layers.0.attn" in out and "res" in out
+    assert main(["info", str(models["paths"]["ft1"]), "--json", "--no-keys"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tensors"] == 3 + 9 * L and len(info["files"]) == 2
+    assert {g["group"]: g["size"] for g in info["permutation_groups"]}["layers.0.attn"] == 2
+    assert main(["info", str(models["dir"] / "nowhere")]) == 2
+    one_line_error_cmd(capsys, "info", "no checkpoint at")
+
+
+def test_info_reports_the_simd_level_picked(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "simd" in info and "cpu_simd" in info
+
+
+def one_line_error_cmd(capsys, cmd, needle):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"pymerge {cmd}: error: ") and needle in err, err
