@@ -1,4 +1,5 @@
-"""Loss-landscape geometry: linear interpolation curves and barriers."""
+"""Loss-landscape geometry: linear interpolation curves and barriers, Hessian spectra,
+slices and surfaces, curved low-loss paths."""
 
 from pymerge.landscape.aspects import ASPECT_DEFINITIONS, Aspect, AspectsReport, aspects_report
 from pymerge.landscape.barrier import (
@@ -12,6 +13,14 @@ from pymerge.landscape.barrier import (
     multi_model_barrier,
 )
 from pymerge.landscape.evaluate import Evaluator
+from pymerge.landscape.hessian import (
+    HessianResult,
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+    hessian_vector_product,
+    layer_groups,
+)
 from pymerge.landscape.manifold import (
     ExpansionRank,
     ManifoldSize,
@@ -19,6 +28,14 @@ from pymerge.landscape.manifold import (
     expand_mlp,
     minima_manifold_size,
     rank_expansions,
+)
+from pymerge.landscape.paths import CurvedPath, PathCurve, connect, path_curve
+from pymerge.landscape.slices import (
+    Surface,
+    loss_plane,
+    loss_slice,
+    loss_surface,
+    random_direction,
 )
 from pymerge.landscape.svd import (
     LayerAlignment,
@@ -51,4 +68,19 @@ __all__ = [
     "Aspect",
     "AspectsReport",
     "aspects_report",
+    "HessianResult",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hessian_vector_product",
+    "layer_groups",
+    "Surface",
+    "loss_plane",
+    "loss_slice",
+    "loss_surface",
+    "random_direction",
+    "CurvedPath",
+    "PathCurve",
+    "connect",
+    "path_curve",
 ]
