@@ -12,6 +12,7 @@ from pymerge.landscape.barrier import (
     loss_barrier,
     multi_model_barrier,
 )
+from pymerge.landscape.curve_plot import plot_curves
 from pymerge.landscape.evaluate import Evaluator
 from pymerge.landscape.hessian import (
     HessianResult,
@@ -83,4 +84,5 @@ __all__ = [
     "PathCurve",
     "connect",
     "path_curve",
+    "plot_curves",
 ]
