@@ -24,7 +24,7 @@ __all__ = ["main", "build_parser", "register", "COMMANDS"]
 AddParser = Callable[["argparse._SubParsersAction"], argparse.ArgumentParser]
 
 # the command modules of this package, in the order ``pymerge --help`` lists them
-COMMANDS: tuple[str, ...] = ("demo", "info", "bench", "align", "merge", "barrier")
+COMMANDS: tuple[str, ...] = ("demo", "info", "bench", "align", "merge", "barrier", "landscape")
 
 _EXTRA: dict[str, tuple[AddParser, Callable[[argparse.Namespace], int]]] = {}
 
