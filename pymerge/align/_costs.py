@@ -174,13 +174,18 @@ class CostBuilder:
     def _term(self, ref: _Ref) -> _Term:
         """The operands of one (param, axis segment) of a group: computed now and cached, or,
         when streaming, only described (:meth:`_operands` builds them when needed)."""
+        term = self._describe(ref)
+        if self.stream:
+            return term
+        return self._build_term(ref, term.other_axes, term.numel)
+
+    def _describe(self, ref: _Ref) -> _Term:
+        """A term without its operands: its other permuted axes and its size."""
         others = sorted(ax for ax in self.refs_by_param[ref.param] if ax != ref.axis)
         shape = self.shapes[ref.param]
         rest = math.prod(shape) // shape[ref.axis] if shape[ref.axis] else 0
         numel = rest * (ref.stop - ref.start)  # entries of A's segment (work estimate)
-        if self.stream:
-            return _Term(ref, None, others, numel)
-        return self._build_term(ref, others, numel)
+        return _Term(ref, None, others, numel)
 
     def _build_term(self, ref: _Ref, others: list[int], numel: int) -> _Term:
         n = self.sizes[ref.group]
@@ -361,8 +366,15 @@ class CostBuilder:
             i: ([u[1]] if u[0] == "group" else list(self.heads[u[1]].groups))
             for i, u in enumerate(self.units)
         }
+        # from every cost key's terms, not only this shard's: every shard the same order
+        every = self.terms
+        if self.reduce is not None:
+            every = {
+                g: [self._describe(r) for r in self.refs_by_group[g] if r.param in self.shapes]
+                for g in self.groups
+            }
         deps = {
-            i: [(float(t.numel), self._term_groups(t)) for g in gs for t in self.terms[g]]
+            i: [(float(t.numel), self._term_groups(t)) for g in gs for t in every[g]]
             for i, gs in members.items()
         }
         known: set[str] = set()

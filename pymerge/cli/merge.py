@@ -11,6 +11,10 @@ checked before any tensor is merged; errors are one line naming the model, tenso
 parameter, exit status 2. Tensors stream from disk one at a time (a reader thread reads
 ahead, a writer thread writes behind); the output folder appears only when complete.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the merge runs on every rank with the gloo backend:
+alignment costs all-reduced, each rank merging and writing its own shards, rank 0 the index
+(:mod:`pymerge.io.distributed`; recipes in docs/distributed.md).
+
 Exit status: 0 done (or a plan printed), 2 a problem with the config, the inputs or the
 output folder (nothing written), 130 interrupted (Ctrl-C or SIGTERM; nothing written).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -100,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             need_bytes=output_bytes(job),
         )
         if args.dry_run:
-            print(describe(job, args.out_dir, shard_size=args.shard_size))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(describe(job, args.out_dir, shard_size=args.shard_size))
             return 0
         return _merge(job, args)
     finally:
@@ -108,11 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _merge(job, args: argparse.Namespace) -> int:
+    from pymerge.io.distributed import init_from_env, run_job_distributed
     from pymerge.io.merge_files import run_job
 
     show = not args.quiet and sys.stderr.isatty()
+    distributed = init_from_env()  # under torchrun: tensors sharded over the ranks
+    runner = run_job_distributed if distributed else run_job
     with _sigterm_interrupts():
-        res = run_job(
+        res = runner(
             job,
             args.out_dir,
             overwrite=args.overwrite,
@@ -120,6 +129,13 @@ def _merge(job, args: argparse.Namespace) -> int:
             progress=show,
             threads=not args.no_threads,
         )
+    if distributed:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     if not args.quiet:
         st = res.stats
         what = f"{st.keys} tensors" if st is not None else "merged"
