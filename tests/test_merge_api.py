@@ -343,6 +343,15 @@ def test_malformed_settings(three):
     _raises("needs spec=", pymerge.merge, "linear", three, align="weight_matching")
     _raises("K >= 3", pymerge.merge, "linear", three[:2], align="merge_many", spec=object())
     _raises("needs model=", pymerge.merge, "linear", three, align="activation_matching")
+    _raises(
+        "with base= use align='weight_matching'",
+        pymerge.merge,
+        "sce",
+        three,
+        base=three[0],
+        align="merge_many",
+        spec=object(),
+    )
 
 
 def test_errors_come_before_any_work(three, counter):

@@ -85,6 +85,11 @@ def merge(
     states = list(states)
     data = {k: params.pop(k) for k in _DATA_KWARGS if k in params}
     align_method, align_opts = _check_align(align, len(states), spec, data)
+    if align_method == "merge_many" and base is not None:
+        raise ValueError(
+            "align='merge_many' moves the models to a common basis of their own, not the "
+            "base's; with base= use align='weight_matching' (every model onto the base)"
+        )
     uses_data = (
         info.needs_data
         or align_method == "activation_matching"
