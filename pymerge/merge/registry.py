@@ -349,7 +349,7 @@ _DISCOVERED = False
 _BROKEN: dict[str, str] = {}  # method modules that failed to import -> the error
 # modules of this package that are not merge methods (imported by discovery all the same is
 # harmless, but these are skipped to keep the first lookup fast)
-_NOT_METHODS = frozenset({"registry", "api", "analysis"})
+_NOT_METHODS = frozenset({"registry", "api", "analysis", "stream"})
 
 _SEED = Param("seed", 0, doc="seed of the counter-based random stream (pymerge.ops.rng)", low=0)
 
