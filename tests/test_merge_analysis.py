@@ -130,10 +130,8 @@ def test_heatmap_png(tmp_path):
     pytest.importorskip("matplotlib")
     states, base = _dicts()
     r = pymerge.task_vector_similarity(states, base=base)
-    path = r.save_heatmap(tmp_path / "sub" / "tv.png", title="three fine-tunes")
+    path = r.save_heatmap(tmp_path / "sub" / "tv.png", title="three fine-tunes", dpi=40)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    path = r.save_heatmap(tmp_path / "whole.png", layers=False)
-    assert path.stat().st_size > 1000
 
 
 def test_heatmap_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
