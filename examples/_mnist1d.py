@@ -6,11 +6,17 @@ signals of the ten digit templates, 80/20 train/test split.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def batches_of(x: Tensor, y: Tensor, size: int = 1000) -> list[tuple[Tensor, Tensor]]:
+    """``(x, y)`` in consecutive batches of ``size``."""
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
 
 
 def make_model(width: int = 512, depth: int = 3) -> nn.Module:
@@ -29,15 +35,38 @@ class Data:
     y_test: Tensor  # int64 [N_test]
 
 
+def _cache_dir() -> str:
+    return os.environ.get(
+        "PYMERGE_DATA", os.path.join(os.path.expanduser("~"), ".cache", "pymerge")
+    )
+
+
 def make_data(num_samples: int = 20_000, seed: int = 42) -> Data:
     """Generate MNIST-1D with ``num_samples`` signals (80% train), standardised by the
-    training mean/std."""
+    training mean/std. The generated arrays are cached in ``$PYMERGE_DATA`` (default
+    ``~/.cache/pymerge``): generating takes about 2 ms per signal."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
-    args.num_samples = int(num_samples)
-    args.seed = int(seed)
-    raw = make_dataset(args)
+    path = os.path.join(_cache_dir(), f"mnist1d-{int(num_samples)}-{int(seed)}.pt")
+    raw = None
+    if os.path.exists(path):
+        try:
+            raw = torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache file: make the data again
+            raw = None
+    if raw is None:
+        args = get_dataset_args()
+        args.num_samples = int(num_samples)
+        args.seed = int(seed)
+        made = make_dataset(args)
+        raw = {k: torch.as_tensor(made[k]) for k in ("x", "y", "x_test", "y_test")}
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save(raw, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # no cache: fine
     x = torch.as_tensor(raw["x"], dtype=torch.float32)
     xt = torch.as_tensor(raw["x_test"], dtype=torch.float32)
     mean, std = x.mean(), x.std()
@@ -99,4 +128,60 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
         "accuracy": float((logits.argmax(1) == y).float().mean()),
     }
     model.train(was)
+    return out
+
+
+def train_pair(width: int, depth: int, data: Data, *, epochs: int, lr: float = 0.05, seeds=(0, 1)):
+    """Two models of one architecture trained from different seeds (init and data order)."""
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = make_model(width, depth)
+        states.append(train(model, data, epochs=epochs, lr=lr, optimizer="sgd", seed=seed))
+    return states
+
+
+def match_all(
+    spec,
+    model: nn.Module,
+    state_a: dict[str, Tensor],
+    state_b: dict[str, Tensor],
+    data: Data,
+    *,
+    methods=("weight matching", "activation matching", "STE"),
+    ste_steps: int = 200,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, dict[str, Tensor]]:
+    """B onto A by each method: name -> permutation (AM on 2000 training signals; STE with
+    SGD lr 1e-2, momentum 0.9, ``ste_steps`` steps of ``batch_size``; its first projection
+    is WM(θ_A, θ_B) as in Algorithm 3, where θ̃ starts at θ_A, so ``init=`` the WM result
+    only saves those sweeps)."""
+    import copy
+
+    from pymerge.align import activation_matching, ste_matching, weight_matching
+
+    out: dict[str, dict[str, Tensor]] = {}
+    wm = weight_matching(spec, state_a, state_b, seed=seed).perm
+    if "weight matching" in methods:
+        out["weight matching"] = wm
+    if "activation matching" in methods:
+        ma, mb = copy.deepcopy(model), copy.deepcopy(model)
+        ma.load_state_dict(state_a)
+        mb.load_state_dict(state_b)
+        am_batches = batches_of(data.x_train[:2000], data.y_train[:2000], 500)
+        out["activation matching"] = activation_matching(spec, ma, mb, am_batches).perm
+    if "STE" in methods:
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(data.x_train.shape[0], generator=gen)
+        batches = [
+            (data.x_train[order[i : i + batch_size]], data.y_train[order[i : i + batch_size]])
+            for i in range(0, data.x_train.shape[0] - batch_size + 1, batch_size)
+        ]
+        epochs = max(1, -(-ste_steps // len(batches)))
+        res = ste_matching(
+            spec, model, state_a, state_b, batches, F.cross_entropy,
+            epochs=epochs, steps=ste_steps, init=wm, seed=seed,
+        )  # fmt: skip
+        out["STE"] = res.perm
     return out
