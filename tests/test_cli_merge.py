@@ -568,3 +568,39 @@ def test_info_reports_the_simd_level_picked(capsys):
 def one_line_error_cmd(capsys, cmd, needle):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"pymerge {cmd}: error: ") and needle in err, err
+
+
+# --------------------------------------------------------------------------- barrier
+
+
+def test_barrier_reads_checkpoint_folders(tmp_path, capsys):
+    """`pymerge barrier` loads through pymerge.io: model folders (sharded here) work."""
+    pytest.importorskip("matplotlib")
+    from pymerge.testing.models import MLP
+
+    (tmp_path / "net.py").write_text(
+        "from pymerge.testing.models import MLP\n\ndef make():\n    return MLP(6, (8,), 3)\n"
+    )
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        state = {k: v.clone() for k, v in MLP(6, (8,), 3).state_dict().items()}
+        save_folder(tmp_path / name, state, config={"model_type": "mlp"}, shards=2)
+    torch.save({"x": torch.randn(32, 6), "y": torch.randint(0, 3, (32,))}, tmp_path / "d.pt")
+    code = main(
+        [
+            "barrier",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--model",
+            f"{tmp_path / 'net.py'}:make",
+            "--data",
+            str(tmp_path / "d.pt"),
+            "--out",
+            str(tmp_path / "c.png"),
+            "--points",
+            "3",
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -327,3 +327,16 @@ def test_shard_writer_writes_what_safetensors_reads(tmp_path):
     w.close()
     _same(load_file(tmp_path / "s.safetensors"), state)
     shutil.rmtree(tmp_path)
+
+
+def test_load_state_dict_reads_folders_and_indexes(tmp_path):
+    """What `pymerge barrier` and the other file commands load with: folders work too."""
+    from pymerge.io import load_state_dict
+
+    state = _state()
+    folder = _hf_folder(tmp_path / "hf", state, shards=2)
+    _same(load_state_dict(folder), state)
+    _same(load_state_dict(folder / "model.safetensors.index.json"), state)
+    (tmp_path / "empty.pt").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        load_state_dict(tmp_path / "empty.pt")

@@ -179,15 +179,34 @@ def _load_torch(p: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict (``name -> Tensor``, on CPU) from ``.safetensors`` or a torch file.
+    """Load a state dict (``name -> Tensor``, on CPU) from ``.safetensors`` or a torch file,
+    or from a checkpoint folder or shard index (a Hugging Face model folder, sharded
+    safetensors with ``model.safetensors.index.json``: see :func:`pymerge.io.open_checkpoint`,
+    whose lazy mapping this reads in full).
 
     A torch checkpoint holding ``{"state_dict": {...}}`` (as Lightning writes) is unwrapped.
     Raises ``FileNotFoundError`` when there is no file, ``ValueError`` (naming the file and
-    what is wrong) when it is a folder, empty, truncated, corrupt, or holds anything but a
-    non-empty dict of tensors.
+    what is wrong) when it is a folder holding no checkpoint, empty, truncated, corrupt, or
+    holds anything but a non-empty dict of tensors.
     """
+    if _is_checkpoint_folder_or_index(path):
+        from pymerge.io.checkpoint import open_checkpoint
+
+        with open_checkpoint(path) as ck:
+            return dict(ck)
     p = _input_file(path, "state-dict")
     return _load_safetensors(p) if is_safetensors_path(p) else _load_torch(p)
+
+
+def _is_checkpoint_folder_or_index(path: PathLike) -> bool:
+    if not os.fspath(path):
+        return False
+    p = Path(path)
+    if p.is_file():
+        return p.name.endswith(".index.json")
+    from pymerge.io.checkpoint import is_checkpoint_folder
+
+    return is_checkpoint_folder(p)
 
 
 def _load_json(path: PathLike, what: str) -> Any:

@@ -928,7 +928,7 @@ def _check_data(job: MergeJob, data: Any, config_dir: Path | None) -> None:
     job.data = {"batches": path, "batch_size": bs, "num_batches": data.get("num_batches")}
 
 
-def estimate_peak_bytes(job: MergeJob, prefetch: int = 2, prefetch_bytes: int = 1 << 30) -> int:
+def estimate_peak_bytes(job: MergeJob, prefetch: int = 2, prefetch_bytes: int = 256 << 20) -> int:
     """A rough bound on the memory the streaming merge holds at once: the inputs of the
     largest key in flight (itself plus what is read ahead), its float32 working copies (about
     three per input for the task-vector methods), and the output being written."""

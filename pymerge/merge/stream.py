@@ -108,8 +108,9 @@ def _read_ahead(
     depth: int,
     budget: int,
 ) -> Iterator[tuple[OutputKey, tuple[list[torch.Tensor], torch.Tensor | None]]]:
-    """``(item, inputs)`` in order, a reader thread keeping up to ``depth`` keys (at most
-    ``budget`` bytes of inputs, but always the next one) read ahead."""
+    """``(item, inputs)`` in order, a reader thread keeping up to ``depth`` keys read ahead
+    while the inputs of the key being merged plus those read ahead stay within ``budget``
+    bytes (a key is always read when it is the next one needed)."""
     if depth <= 0 or len(items) < 2:
         for item in items:
             yield item, read(item)
@@ -199,7 +200,7 @@ def stream_merge(
     out_dtype: torch.dtype | None = None,
     prepare: Prepare | None = None,
     prefetch: int = 2,
-    prefetch_bytes: int = 1 << 30,
+    prefetch_bytes: int = 256 << 20,
     threads: bool = True,
     progress: bool = False,
 ) -> StreamStats:
@@ -214,8 +215,9 @@ def stream_merge(
         prepare: ``prepare(model, key, tensor) -> tensor`` applied to every input as it is
             read (on the reader thread): a dtype cast, a permutation (``align:``).
         prefetch: keys read ahead (0: read on the main thread, no reader thread).
-        prefetch_bytes: at most this many bytes of inputs read ahead (the next key is read
-            ahead whatever its size).
+        prefetch_bytes: at most this many bytes of inputs in flight on the reader's side,
+            counting the key being merged (the default, 256 MiB, reads small keys ahead and
+            never reads a large key while another large one is merged).
         threads: use the reader and writer threads (False: everything in order on the
             caller's thread; the same tensors).
         progress: a progress bar over the keys.
