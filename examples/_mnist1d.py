@@ -150,11 +150,14 @@ def match_all(
     *,
     methods=("weight matching", "activation matching", "STE"),
     ste_steps: int = 200,
+    ste_optimizer: str = "sgd",
+    ste_lr: float = 1e-2,
     batch_size: int = 256,
     seed: int = 0,
 ) -> dict[str, dict[str, Tensor]]:
     """B onto A by each method: name -> permutation (AM on 2000 training signals; STE with
-    SGD lr 1e-2, momentum 0.9, ``ste_steps`` steps of ``batch_size``; its first projection
+    SGD lr 1e-2, momentum 0.9 (or ``ste_optimizer="adam"``, ``ste_lr=1e-3``, the paper's
+    alternative), ``ste_steps`` steps of ``batch_size``; its first projection
     is WM(θ_A, θ_B) as in Algorithm 3, where θ̃ starts at θ_A, so ``init=`` the WM result
     only saves those sweeps)."""
     import copy
@@ -181,7 +184,8 @@ def match_all(
         epochs = max(1, -(-ste_steps // len(batches)))
         res = ste_matching(
             spec, model, state_a, state_b, batches, F.cross_entropy,
-            epochs=epochs, steps=ste_steps, init=wm, seed=seed,
+            epochs=epochs, steps=ste_steps, init=wm, seed=seed, optimizer=ste_optimizer,
+            lr=ste_lr,
         )  # fmt: skip
         out["STE"] = res.perm
     return out
