@@ -19,7 +19,8 @@ momentum 0.9), then the server averages the clients weighted by their sample cou
   size-weighted :func:`pymerge.wsa.fuse_scopes` of the previous round's client models
   (round 0: the scope of the initial global model); the server still averages (FedAvg).
 
-Reported per round: the global model's test accuracy, and the clients' *scope spread*
+Reported per round: the global model's test accuracy (and its layers' std), and the
+clients' *scope spread*
 (the mean over clients of ``sum_l KL(client scope || fused scope of the round's clients)``,
 measured the same way for every method).
 
@@ -78,6 +79,7 @@ class Config:
     points: int = 11  # interpolation points
     seeds: tuple[int, ...] = (0, 1, 2)
     min_client: int = 10  # resample the split until every client has this many samples
+    target: str = "fused"  # WSA target: "fused" each round, or "fixed" at round 0
     methods: tuple[str, ...] = METHODS
     pair: bool = True
 
@@ -103,6 +105,7 @@ class FLRun:
     accuracy: list[float] = field(default_factory=list)
     spread: list[float] = field(default_factory=list)  # mean client KL to the fused scope
     target_kl: list[float] = field(default_factory=list)  # mean client KL to the target
+    global_std: list[dict[str, float]] = field(default_factory=list)  # layer -> std, per round
 
 
 # --------------------------------------------------------------------------- data
@@ -198,8 +201,10 @@ def run_fl(method: str, data: Data, cfg: Config, seed: int, lam: float = 0.0) ->
     reg = ScopeRegularizer(target, lam) if method == "wsa" else None
     gen = torch.Generator().manual_seed(10_000 + seed)
     run = FLRun(method, seed, lam if method == "wsa" else 0.0)
+    if cfg.target not in ("fused", "fixed"):
+        raise ValueError(f"target must be 'fused' or 'fixed', got {cfg.target!r}")
     for _ in range(cfg.rounds):
-        if reg is not None:
+        if reg is not None and cfg.target == "fused":
             reg.set_target(target)
         clients = []
         for p in parts:
@@ -222,6 +227,8 @@ def run_fl(method: str, data: Data, cfg: Config, seed: int, lam: float = 0.0) ->
         target = fused  # the next round's target
         global_state = interpolate(clients, weights)
         run.accuracy.append(accuracy(model, global_state, data.x_test, data.y_test))
+        scope = weight_scope(global_state, layers=layers)
+        run.global_std.append({k: scope[k].std for k in layers})
     return run
 
 
@@ -408,9 +415,12 @@ def run(cfg: Config, *, out: str | None = None, verbose: bool = True) -> dict:
             t = time.perf_counter()
             runs.append(run_fl(m, data, cfg, seed, lam))
             if verbose:
+                r = runs[-1]
+                last = list(r.global_std[0])[-1]
                 print(
-                    f"seed {seed} {_label(m, lam):>22}: final acc "
-                    f"{100 * runs[-1].accuracy[-1]:.1f}% ({time.perf_counter() - t:.1f} s)",
+                    f"seed {seed} {_label(m, lam):>22}: final acc {100 * r.accuracy[-1]:.1f}%, "
+                    f"std of {last} {r.global_std[0][last]:.3f} -> {r.global_std[-1][last]:.3f} "
+                    f"({time.perf_counter() - t:.1f} s)",
                     flush=True,
                 )
     pairs = []
@@ -442,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--lams", type=float, nargs="+", help="WSA weights in the federated part")
     ap.add_argument("--pair-lam", type=float, help="WSA weight in the pair part")
     ap.add_argument("--no-pair", action="store_true", help="skip the pair part")
+    ap.add_argument("--target", choices=("fused", "fixed"), help="WSA target schedule")
     ap.add_argument("--out", help="the PNG (default: examples/fl_wsa.png; none with --quick)")
     args = ap.parse_args(argv)
     if args.out is None and not args.quick:
@@ -455,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "dirichlet": args.dirichlet,
         "lams": tuple(args.lams) if args.lams else None,
         "pair_lam": args.pair_lam,
+        "target": args.target,
     }
     cfg = replace(cfg, **{k: v for k, v in over.items() if v is not None})
     if args.no_pair:
