@@ -112,8 +112,9 @@ def zip_matching(
     """ZipIt!'s greedy matching on a ``[K n, K n]`` correlation matrix (module doc).
 
     Features ``k n .. (k + 1) n - 1`` belong to model ``k``. Returns ``(M, U)``:
-    ``M [m, K n]`` (rows sum to 1) and ``U [K n, m]`` (0/1, one 1 per row), float64;
-    merged features are ordered by their first member. If every remaining pair is blocked
+    ``M [m, K n]`` (rows sum to 1) and ``U [K n, m]`` (0/1, one 1 per row), float64 on
+    the CPU (the greedy loop is sequential); merged features are ordered by their first
+    member. If every remaining pair is blocked
     (by ``alpha <= 0`` or the budget) before ``m`` is reached, the most correlated remaining
     pair merges anyway.
     """
@@ -126,7 +127,7 @@ def zip_matching(
         raise ValueError(f"r={r} leaves no features (K n = {o})")
     n = o // num_models
     neg = -math.inf
-    base = corr.detach().to(torch.float64).clone()
+    base = corr.detach().to("cpu", torch.float64).clone()  # a sequential loop: on the CPU
     base.fill_diagonal_(neg)
     v = base.clone()
     origin = torch.arange(o) // n
@@ -314,9 +315,9 @@ def _apply(states, spec, merge, unmerge, n, modules) -> dict[str, torch.Tensor]:
                 lo, hi = i * n[g], (i + 1) * n[g]
                 if _role(modules, key, ax) == "out":
                     has_out = True
-                    t = _along(t, ax, merge[g][:, lo:hi], axref.inner)
+                    t = _along(t, ax, merge[g][:, lo:hi].to(t.device), axref.inner)
                 else:
-                    t = _along(t, ax, unmerge[g][lo:hi, :].T, axref.inner)
+                    t = _along(t, ax, unmerge[g][lo:hi, :].T.to(t.device), axref.inner)
             total = t if total is None else total + t
         if not has_out:
             total = total / k
@@ -501,7 +502,8 @@ def zipit(
         for g, p in producers.items():
             mu = torch.cat([stats[i][p].mean for i in range(k)])
             sd = torch.cat([stats[i][p].std() for i in range(k)])
-            goal[p] = (merge[g] @ mu, merge[g] @ sd)
+            mg = merge[g].to(mu.device)
+            goal[p] = (mg @ mu, mg @ sd)
         merged = merged.to(_data.state_device(states))
         _repair(merged, sets[0], producers, goal, num_batches, eps)
         new = merged.state_dict()
