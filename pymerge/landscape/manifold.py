@@ -389,16 +389,22 @@ def expand_mlp(
         ``(new_model, new_state)``; the new model computes the same function as the old one
         (exactly for ``noise=0``, up to float rounding).
     """
-    from pymerge.testing.models import MLP
-
-    if not isinstance(model, MLP):
+    # duck-typed on pymerge.testing.models.MLP (layer 6, which this layer may not import):
+    # an nn.Sequential with num_hidden, fc0..fc{L-1}, act{i}, out, built as
+    # type(model)(in_dim, hidden, out_dim, act=..., bias=...)
+    L = getattr(model, "num_hidden", None)
+    if not (
+        isinstance(model, nn.Sequential)
+        and isinstance(L, int)
+        and all(hasattr(model, f"fc{i}") for i in range(L))
+        and hasattr(model, "out")
+    ):
         raise TypeError(
             f"expand_mlp expands a pymerge.testing.models.MLP, got {type(model).__name__}"
         )
     if method not in EXPANSIONS:
         raise ValueError(f"method must be one of {EXPANSIONS}, got {method!r}")
     check_seed(seed)
-    L = model.num_hidden
     old = [int(state[f"fc{i}.weight"].shape[0]) for i in range(L)]
     new = list(old) if widths is None else [int(w) for w in widths]
     if len(new) != L:
@@ -457,7 +463,7 @@ def expand_mlp(
     act_name = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.SiLU: "silu"}[
         type(getattr(model, act))
     ]
-    new_model = MLP(in_dim, widths_all, out_dim, act=act_name, bias=True)
+    new_model = type(model)(in_dim, widths_all, out_dim, act=act_name, bias=True)
     dtype = state["fc0.weight"].dtype
     out_state = {k: v.to(dtype) for k, v in sd.items()}
     new_model.load_state_dict(out_state)
