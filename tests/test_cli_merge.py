@@ -604,3 +604,88 @@ def test_barrier_reads_checkpoint_folders(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- mergekit
+
+
+MERGEKIT_CASES = {
+    "linear": """
+merge_method: linear
+base_model: {d}/base
+models:
+  - model: {d}/ft0
+    parameters: {{weight: 1.0}}
+  - model: {d}/ft1
+    parameters:
+      weight: [{{filter: mlp, value: 2.0}}]
+parameters: {{weight: 0.5}}
+dtype: float32
+""",
+    "slerp": """
+merge_method: slerp
+base_model: {d}/ft1
+models:
+  - model: {d}/ft0
+  - model: {d}/ft1
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 1]
+    - value: 0.3
+dtype: float32
+""",
+    "ties": """
+merge_method: ties
+base_model: {d}/base
+models:
+  - model: {d}/base
+  - model: {d}/ft0
+    parameters: {{density: 0.5, weight: 1.0}}
+  - model: {d}/ft1
+    parameters: {{density: 0.3, weight: [0.5, 1.0]}}
+  - model: {d}/ft2
+    parameters: {{density: 0.7, weight: 0.8}}
+parameters: {{normalize: true}}
+dtype: float32
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(tmp_path_factory):
+    """The MERGEKIT_CASES merged by mergekit itself (one process, imported once)."""
+    pytest.importorskip("mergekit", reason="mergekit (test-only) compares the YAML semantics")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    import pymerge.merge as pm
+
+    d = tmp_path_factory.mktemp("mk")
+    base = llama_state(0)
+    save_folder(d / "base", base, tokenizer=False)
+    for i in range(3):
+        save_folder(d / f"ft{i}", llama_state(10 + i, base=base, scale=0.2), tokenizer=False)
+    outs = {}
+    for name, text in MERGEKIT_CASES.items():
+        if name not in pm.method_names():
+            continue
+        text = text.format(d=d)
+        (d / f"{name}.yaml").write_text(text)
+        cfg = MergeConfiguration.model_validate(yaml.safe_load(text))
+        run_merge(cfg, str(d / f"mk-{name}"), MergeOptions(copy_tokenizer=False, quiet=True))
+        outs[name] = d
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(MERGEKIT_CASES))
+def test_same_tensors_as_mergekit(mergekit_outputs, name):
+    if name not in mergekit_outputs:
+        pytest.skip(f"pymerge has no {name!r} method registered yet")
+    d = mergekit_outputs[name]
+    assert run(d / f"{name}.yaml", d / f"pm-{name}") == 0
+    ours, theirs = read_out(d / f"pm-{name}"), read_out(d / f"mk-{name}")
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)

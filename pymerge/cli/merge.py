@@ -129,16 +129,18 @@ def _merge(job, args: argparse.Namespace) -> int:
             progress=show,
             threads=not args.no_threads,
         )
+    where = ""
     if distributed:
         import torch.distributed as dist
 
-        rank = dist.get_rank()
+        rank, world = dist.get_rank(), dist.get_world_size()
         dist.destroy_process_group()
         if rank != 0:
             return 0
+        where = f" on rank 0 of {world}"
     if not args.quiet:
         st = res.stats
-        what = f"{st.keys} tensors" if st is not None else "merged"
+        what = f"{st.keys} tensors{where}" if st is not None else "merged"
         gb = (st.bytes_read / 1e9) if st is not None else 0.0
         al = f", alignment {res.align_seconds:.1f} s" if res.align_seconds else ""
         print(

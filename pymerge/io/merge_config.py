@@ -25,7 +25,8 @@ Semantics follow mergekit where it defines them:
   filter list that matches no key falls through to the next level;
 * a ``base_model`` listed among ``models`` is the base, not one of the merged models
   (mergekit skips it in task arithmetic); for a method that takes no base (``linear``...), a
-  ``base_model`` missing from ``models`` is merged as one more model, as mergekit does;
+  ``base_model`` missing from ``models`` is merged as one more model, as mergekit does, and
+  for ``slerp`` the base is the ``t = 0`` end whatever its place in the list;
 * gradients run over the layers of each slice (``t = i / (n - 1)``); keys outside the layer
   stack (embeddings, final norm, head) get ``t = 0`` and, with slices, are merged from the
   first slice's sources (embeddings) or the last slice's (the rest);
@@ -88,6 +89,7 @@ _DTYPES = {
 }
 _PRE_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+_BASE_FIRST = ("slerp",)  # methods without a base whose first model is mergekit's base_model
 
 
 def parse_dtype(value: Any, where: str) -> torch.dtype | None:
@@ -599,6 +601,10 @@ def _plan_models(config, info, inputs: _Inputs, base, global_params, notes):
         merged.append(base)  # mergekit adds the base as one more input
         model_params.append({})
         notes.append(f"base_model {base.name!r} is merged as one more model (as mergekit does)")
+    if base is not None and info.name in _BASE_FIRST and base in merged:
+        i = merged.index(base)  # mergekit's slerp runs from the base (t = 0) to the other
+        merged.insert(0, merged.pop(i))
+        model_params.insert(0, model_params.pop(i))
     if not merged:
         raise ValueError("models: no model to merge besides the base")
     labels = [m.label for m in merged]
