@@ -65,6 +65,11 @@ def native_multi_tensor():
     return _compiled("_multi_tensor")
 
 
+def native_task_vectors():
+    """The compiled task-vector merges (TIES, DARE, ...), or ``None`` when not built."""
+    return _compiled("_task_vectors")
+
+
 @functools.lru_cache(maxsize=1)
 def triton_error() -> str | None:
     """Why Triton cannot be used here (``None`` when it imports)."""
@@ -98,13 +103,17 @@ def choose_assignment(backend: str | None = None) -> AssignmentBackend:
 
 
 def choose_kernels(
-    backend: str | None = None, *tensors: torch.Tensor, native: bool = False
+    backend: str | None = None,
+    *tensors: torch.Tensor,
+    native: bool = False,
+    module: str = "_multi_tensor",
 ) -> KernelBackend:
     """Pick the kernel backend for ``tensors``.
 
     ``auto`` gives Triton when every tensor is on a CUDA device and Triton imports; for
     CPU tensors the C++ loops when the op has them (``native=True``) and they are built;
-    torch otherwise. ``triton`` forces Triton (CPU tensors need ``TRITON_INTERPRET=1``);
+    torch otherwise (``module``: the compiled module of the op's C++ loops, e.g.
+    ``"_task_vectors"``). ``triton`` forces Triton (CPU tensors need ``TRITON_INTERPRET=1``);
     ``native`` forces the C++ loops of an op that has them (CPU tensors only) and means
     torch for an op that has none; ``torch`` and ``numpy`` force torch.
     """
@@ -114,9 +123,9 @@ def choose_kernels(
     if req == "native":
         if not native:
             return "torch"
-        if native_multi_tensor() is None:
+        if _compiled(module) is None:
             raise RuntimeError(
-                "backend 'native' was requested but pymerge._multi_tensor is not built; "
+                f"backend 'native' was requested but pymerge.{module} is not built; "
                 "reinstall pymerge with a C++17 compiler available"
             )
         if not all(t.is_cpu for t in tensors):
@@ -129,7 +138,7 @@ def choose_kernels(
     if req == "auto":
         if on_cuda:
             return "triton" if triton_error() is None else "torch"
-        if native and native_multi_tensor() is not None and all(t.is_cpu for t in tensors):
+        if native and _compiled(module) is not None and all(t.is_cpu for t in tensors):
             return "native"
         return "torch"
     # forced triton
@@ -152,7 +161,8 @@ def backends() -> dict[str, str]:
     Returns a dict with ``assignment`` (``native``/``numpy``), ``assignment_native``,
     ``kernels`` for CUDA tensors (``triton``/``torch``), ``kernels_cpu`` for CPU tensors
     of the ops with C++ loops (``native``/``torch``), ``multi_tensor_native``
-    (``built (simd)``/``missing``), ``cuda`` (device name or ``none``), ``triton``
+    (``built (simd)``/``missing``), ``task_vectors_native`` (the same for the task-vector
+    merges' ``pymerge._task_vectors``), ``cuda`` (device name or ``none``), ``triton``
     (version or the import error) and ``forced`` (the value of ``$PYMERGE_BACKEND``).
     """
     err = triton_error()
@@ -166,6 +176,7 @@ def backends() -> dict[str, str]:
     req = _requested(None)
     lap = native_lap()
     mt = native_multi_tensor()
+    tv = native_task_vectors()
     return {
         "assignment": choose_assignment(),
         "assignment_native": "built" + (f" ({lap.__simd__})" if hasattr(lap, "__simd__") else "")
@@ -176,6 +187,7 @@ def backends() -> dict[str, str]:
         else ("triton" if err is None and torch.cuda.is_available() else "torch"),
         "kernels_cpu": "native" if mt is not None and req in ("auto", "native") else "torch",
         "multi_tensor_native": f"built ({mt.__simd__})" if mt is not None else "missing",
+        "task_vectors_native": f"built ({tv.__simd__})" if tv is not None else "missing",
         "cuda": cuda,
         "triton": triton_desc,
         "forced": req,

@@ -18,6 +18,11 @@ from pymerge.ops.assignment import (
 from pymerge.ops.correlation import CorrelationAccumulator, correlation
 from pymerge.ops.interpolate import interpolate, permuted_interpolate
 from pymerge.ops.moments import ChannelStats
+from pymerge.ops.task_vectors import (
+    TaskVectorParams,
+    merge_task_vector_tensor,
+    merge_task_vectors,
+)
 
 __all__ = [
     "AssignmentResult",
@@ -29,4 +34,7 @@ __all__ = [
     "linear_sum_assignment_batch",
     "permuted_interpolate",
     "solve_assignment",
+    "TaskVectorParams",
+    "merge_task_vector_tensor",
+    "merge_task_vectors",
 ]
