@@ -273,6 +273,29 @@ def test_permuted_interpolate_out_writes_in_place_on_every_path():
         permuted_interpolate(a, b, 0.5, axes, out={**outs[0], "fc0.bias": torch.zeros(2)})
 
 
+@pytest.mark.parametrize("one_buffer", [True, False])
+def test_new_outputs_in_one_buffer_or_one_per_alpha(monkeypatch, one_buffer):
+    """Small results share one [M, total] buffer; large ones get a buffer per alpha (a
+    single large one faults on every page each call): the same values either way."""
+    import importlib
+
+    from pymerge.ops import permuted_interpolate
+    from pymerge.spec import permutation_index_map
+
+    front = importlib.import_module("pymerge.ops.interpolate")
+    monkeypatch.setattr(front, "_ONE_BUFFER_BYTES", 1 << 30 if one_buffer else 0)
+    _, a, b, spec, perm, _, _ = _mlp_case()
+    axes = permutation_index_map(spec, perm, b)
+    alphas = [0.0, 0.3, 1.0]
+    got = permuted_interpolate(a, b, alphas, axes, backend="native")
+    ref = permuted_interpolate(a, b, alphas, axes, backend="torch")
+    bases = {r["fc1.weight"].untyped_storage().data_ptr() for r in got}
+    assert len(bases) == (1 if one_buffer else 3)
+    for g, r in zip(got, ref, strict=True):
+        for k in a:
+            torch.testing.assert_close(g[k], r[k], rtol=1e-6, atol=1e-6)
+
+
 def test_native_permuted_lerp_outputs_per_alpha_and_per_tensor():
     """The C++ loop writes one flat buffer per alpha or one buffer per (alpha, tensor), and
     rejects outputs that overlap an input or each other."""

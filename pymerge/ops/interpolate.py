@@ -489,6 +489,10 @@ def _gather_entry(shape: torch.Size, axes) -> tuple:
 
 
 _MIN_MEAN_RUN = 4  # shorter runs: a plain per-element gather is cheaper
+# new outputs of permuted_lerp in one [M, total] buffer up to this size (glibc's largest
+# mmap threshold: a freed block this size is reused from the heap), else one per alpha
+_ONE_BUFFER_BYTES = 32 << 20
+_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def _column_runs(colmap: torch.Tensor) -> torch.Tensor | None:
@@ -512,25 +516,30 @@ def _perm_native(
 ) -> list[list[torch.Tensor]] | None:
     """C++ permuted lerp of CPU tensors; ``None`` when a tensor has no plain storage to read.
 
-    ``outs=None``: one flat buffer per alpha (the outputs are views of it). One ``[M, total]``
-    buffer would be a single large allocation: above glibc's mmap threshold (at most 32 MiB)
-    every call maps fresh pages and faults on each of them (measured: 25 alphas of a
+    ``outs=None``: new outputs, views of one ``[M, total]`` buffer when it holds at most
+    ``_ONE_BUFFER_BYTES`` (one split and one unbind per key make all M views), else of one
+    flat buffer per alpha: a single allocation above glibc's largest mmap threshold (32 MiB)
+    is mapped afresh on every call and faults on each of its pages (measured: 25 alphas of a
     2.1M-parameter dict, 155 ms in one buffer against 11 ms in 25). ``outs``: M lists of T
     writable tensors (CPU, ``out_dtype``, contiguous) written in place; ``None`` also when
-    they overlap an input or each other (the caller then computes and copies)."""
+    they overlap an input or each other (the caller then computes new outputs)."""
     numels = list(map(_NUMEL, a_list))
     plans = [
         _gather_entry(a.shape, axes)[3] if axes else None
         for a, axes in zip(a_list, axes_list, strict=True)
     ]
     mt = native_multi_tensor()
-    if outs is None:
-        total = sum(numels)
+    M, total = len(alphas), sum(numels)
+    one = outs is None and M * total * _ITEMSIZE[out_dtype] <= _ONE_BUFFER_BYTES
+    if outs is not None:
+        bufs = None
+        targets: Any = [_DLPACK(t.detach()) for row in outs for t in row]
+    elif one:
+        bufs = [_empty((M, total), out_dtype, torch.device("cpu"))]
+        targets = _DLPACK(bufs[0])
+    else:
         bufs = [_empty((total,), out_dtype, torch.device("cpu")) for _ in alphas]
         targets = list(map(_DLPACK, bufs))
-    else:
-        bufs = None
-        targets = [_DLPACK(t.detach()) for row in outs for t in row]
 
     def call(ab):
         mt.permuted_lerp(
@@ -553,7 +562,17 @@ def _perm_native(
         return None
     if bufs is None:
         return outs
-    return [_views_like(buf, numels, a_list) for buf in bufs]
+    if not one:
+        return [_views_like(buf, numels, a_list) for buf in bufs]
+    out = bufs[0]
+    if M == 1:
+        return [_views_like(out[0], numels, a_list)]
+    # one split and one unbind per key (M views each), not M * T slices
+    per_key = [
+        part.view(M, *a.shape).unbind(0)
+        for part, a in zip(out.split(numels, dim=1), a_list, strict=True)
+    ]
+    return _by_alpha(per_key, M)
 
 
 def _writable_outs(outs, out_dtype) -> bool:
