@@ -49,6 +49,7 @@ import inspect
 import io
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,25 +95,16 @@ class _ShapeError(_TraceError):
     """Shape propagation on the example inputs failed."""
 
 
+@dataclass
 class _Graph:
     """A traced graph ready for the walk: the graph module, the modules its nodes name, the
-    ``call_module`` counts (None for an exported graph) and the lifted parameters."""
+    ``call_module`` counts (None for an exported graph) and the lifted parameters
+    (placeholder name -> state-dict key)."""
 
-    def __init__(
-        self,
-        gm: fx.GraphModule,
-        modules: dict[str, nn.Module],
-        calls: dict[str, int] | None,
-        lifted: dict[str, str] | None = None,
-        front: str = "fx",
-    ) -> None:
-        self.gm, self.modules, self.calls, self.lifted, self.front = (
-            gm,
-            modules,
-            calls,
-            lifted,
-            front,
-        )
+    gm: fx.GraphModule
+    modules: dict[str, nn.Module]
+    calls: dict[str, int] | None
+    lifted: dict[str, str] | None = None
 
 
 def spec_from_model(
@@ -325,4 +317,4 @@ def _export_graph(model: nn.Module, args: tuple, kwargs: dict, name: str) -> _Gr
                 key = first[(t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)]
             lifted[spec.arg.name] = key
     lower_aten(gm.graph)
-    return _Graph(gm, dict(model.named_modules()), None, lifted, "export")
+    return _Graph(gm, dict(model.named_modules()), None, lifted)
