@@ -59,7 +59,9 @@ def test_filter_normalisation():
     keep = random_direction(model, seed=3, ignore=None)
     assert torch.equal(keep["conv0.bias"], model.conv0.bias.detach())
     layer = random_direction(model, seed=3, norm="layer")
-    assert float(layer["out.weight"].norm()) == pytest.approx(float(model.out.weight.detach().norm()))
+    assert float(layer["out.weight"].norm()) == pytest.approx(
+        float(model.out.weight.detach().norm())
+    )
     assert torch.equal(random_direction(model, seed=3)["out.weight"], d["out.weight"])
     assert not torch.equal(random_direction(model, seed=4)["out.weight"], d["out.weight"])
     assert set(d) == {n for n, _ in model.named_parameters()}  # no buffers
