@@ -1,0 +1,29 @@
+"""``ties``: TIES-Merging, trim, elect sign, disjoint merge (Yadav et al. 2023; mergekit's
+``ties``)."""
+
+from __future__ import annotations
+
+from pymerge.merge._sparsify import register_task_vector_method
+
+merge_tensor = register_task_vector_method(
+    name="ties",
+    sparsify="magnitude",
+    consensus=True,
+    normalize=True,
+    rescale=False,
+    reference="Yadav et al. 2023, TIES-Merging (arXiv 2306.01708); mergekit 'ties'",
+    doc="""TIES: keep each task vector's ``max(1, int(density * n))`` largest magnitudes, weight
+them, elect each entry's sign as the sign of the sum of the weighted vectors (0 counts as
++), and add ``lambda`` times the sum of the agreeing entries, divided (``normalize``, the
+default) by the sum of the agreeing models' weights, to the base.
+
+As mergekit's ``ties``: weights apply before the sign election; ``density=1`` (the default)
+keeps everything; ``rescale=True`` rescales each trimmed vector to its L1 norm. The
+threshold is an exact radix select on the magnitudes (no sort).
+
+Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
+to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
+storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
+``int8_mask`` has no counterpart.""",
+    module=__name__,
+)
