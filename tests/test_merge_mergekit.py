@@ -167,6 +167,81 @@ CASES: list[Case] = [
     # nearswap
     Case("nearswap", 1, base="base", params={"t": 0.05}),
     Case("nearswap", 1, base="base", params={"t": [0.01, 0.2]}, dtype=BF16, id="nearswap-bf16"),
+    # the task-vector family (pymerge/merge/_sparsify.py): random masks (DARE, DELLA) come
+    # from pymerge's counter-based stream, so those compare exactly at density 1; their
+    # statistical parity below density 1 and the bf16 cases (mergekit computing in bf16)
+    # are in tests/test_merge_task_vectors_mergekit.py
+    Case(
+        "task_arithmetic",
+        3,
+        base="base",
+        params={"lambda": 0.8},
+        model_params=({"weight": 0.5}, {"weight": 1.0}, {"weight": -0.3}),
+    ),
+    Case(
+        "ties",
+        3,
+        base="base",
+        model_params=(
+            {"weight": 1.0, "density": 0.3},
+            {"weight": 0.5, "density": 0.7},
+            {"weight": -0.4, "density": 0.2},
+        ),
+    ),
+    Case(
+        "ties",
+        3,
+        base="base",
+        params={"rescale": True, "lambda": 1.5, "normalize": False},
+        model_params=(
+            {"weight": 1.0, "density": 0.5},
+            {"weight": 0.5, "density": 0.2},
+            {"weight": 0.8, "density": 0.9},
+        ),
+        id="ties-rescale-unnormalized",
+    ),
+    Case(
+        "dare_linear",
+        3,
+        base="base",
+        model_params=({"weight": 0.3}, {"weight": 0.6}, {"weight": 1.0}),
+    ),
+    Case(
+        "dare_ties",
+        3,
+        base="base",
+        params={"lambda": 0.7},
+        model_params=({"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}),
+    ),
+    Case(
+        "breadcrumbs",
+        3,
+        base="base",
+        params={"lambda": 0.9},
+        model_params=(
+            {"weight": 1.0, "density": 0.6, "gamma": 0.05},
+            {"weight": 0.5, "density": 0.3, "gamma": 0.1},
+            {"weight": 0.2, "density": 0.9, "gamma": 0.3},
+        ),
+    ),
+    Case(
+        "breadcrumbs_ties",
+        3,
+        base="base",
+        model_params=(
+            {"weight": 1.0, "density": 0.5},
+            {"weight": 0.7, "density": 0.4},
+            {"weight": 0.4, "density": 0.8},
+        ),
+    ),
+    Case(
+        "della",
+        3,
+        base="base",
+        params={"epsilon": 0.1},
+        model_params=({"weight": 1.0}, {"weight": 0.5}, {"weight": 0.8}),
+    ),
+    Case("della_linear", 2, base="base", model_params=({"weight": 0.7}, {"weight": 0.4})),
     # passthrough
     Case("passthrough", 1),
     Case(
