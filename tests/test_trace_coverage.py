@@ -252,6 +252,18 @@ def test_self_check_perturbs_norms_so_it_can_fail() -> None:
     assert g in check_spec(model, wrong, x)
 
 
+def test_self_check_skips_with_a_warning_when_it_cannot_run(monkeypatch) -> None:
+    from pymerge.spec.tracing import check
+
+    model, x = MLP(4, (3,), 2), torch.randn(2, 4)
+    monkeypatch.setattr(check, "MAX_COPY", 50)  # bytes: the float64 and float32 copies exceed it
+    with pytest.warns(UserWarning, match="self-check skipped: a .* copy is over"):
+        spec = spec_from_model(model, x)
+    assert spec.report[-1].startswith("self-check skipped")
+    with pytest.raises(ValueError, match="check_spec: skipped"):
+        check_spec(model, spec, x)
+
+
 def test_self_check_chooses_activation_points_that_fire_once() -> None:
     model, x = ResNet20(1, 10, blocks=(1, 1, 1)), torch.randn(2, 3, 8, 8)
     T._check_activation_points(model, spec_from_model(model, x), x)

@@ -180,6 +180,7 @@ def _self_check(
     failing, what = run_check(model, spec, args, kwargs, points=ranked)
     if what.startswith("skipped"):
         spec.report.append(f"self-check {what}")
+        warnings.warn(f"spec_from_model({name}): self-check {what}", stacklevel=3)
         return
     if not what:
         return

@@ -29,6 +29,8 @@ __all__ = ["SpecCheckError", "check_spec", "perturb_state", "split_inputs"]
 RTOL = 1e-5
 #: when the model cannot run in float64 (its own dtype: float32; half precision 5e-2)
 RTOL_LOW = 1e-3
+#: the largest copy of the model the check makes (float64 first, else the model's dtype)
+MAX_COPY = 4 * 2**30
 
 
 class SpecCheckError(ValueError):
@@ -98,13 +100,23 @@ class _Runner:
         self.ref: list[torch.Tensor] | None = None
         self.watch = watch
         self.seen: dict[str, list[Any]] = {}
-        for dtype in (torch.float64, None):
+        size = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+        dtypes = [d for d in (torch.float64, None) if size * _itemsize(d, model) <= MAX_COPY]
+        if not dtypes:
+            self.error = (
+                f"a {size * _itemsize(None, model) / 2**30:.1f} GiB copy is over the "
+                f"{MAX_COPY / 2**30:.0f} GiB the check may take: run pymerge.spec.check_spec "
+                "on a small configuration of the same architecture"
+            )
+            return
+        for dtype in dtypes:
             try:
                 self._setup(model, args, kwargs, dtype, seed)
                 self.rtol = _rtol(dtype or _model_dtype(model))
                 return
             except Exception as e:  # noqa: BLE001 - the model may not run in float64
-                self.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                self.error = f"the model could not run on the example inputs ({why})"
         self.ref = None
 
     def _setup(self, model: nn.Module, args: tuple, kwargs: dict, dtype: Any, seed: int) -> None:
@@ -211,6 +223,10 @@ def _units(spec: PermutationSpec, state: Mapping[str, Any]) -> list[list[str]]:
     return units
 
 
+def _itemsize(dtype: torch.dtype | None, model: nn.Module) -> int:
+    return (dtype or _model_dtype(model)).itemsize
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -241,7 +257,7 @@ def run_check(
     watch = sorted({p.module for lst in (points or {}).values() for p in lst})
     runner = _Runner(model, args, kwargs, seed, watch)
     if runner.ref is None:
-        return [], f"skipped: the model could not run on the example inputs ({runner.error})"
+        return [], f"skipped: {runner.error}"
     if points is not None:
         _choose_points(spec, points, runner)
     if not spec.perm_to_axes:
@@ -275,11 +291,15 @@ def check_spec(
 ) -> list[str]:
     """The groups of ``spec`` whose random permutation changes ``model``'s outputs on
     ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs),
-    in model order; ``[]`` when a random permutation of all groups keeps them (float64,
-    relative tolerance 1e-6, 1-D state entries re-randomised first on a copy; ``model`` is
-    not modified)."""
+    in model order (a head structure's groups together); ``[]`` when a random permutation of
+    all groups keeps them (float64, relative tolerance 1e-5, 1-D state entries re-randomised
+    first on a copy; ``model`` is not modified). When only all groups together change them,
+    every group is returned. Raises ``ValueError`` when the check cannot run (the model
+    fails on the inputs, or a copy would exceed 4 GiB)."""
     args, kwargs = split_inputs(example_inputs)
     failing, what = run_check(model, spec, args, kwargs, seed=seed)
-    if what and not failing and not what.startswith("skipped"):
+    if what.startswith("skipped"):
+        raise ValueError(f"check_spec: {what}")
+    if what and not failing:
         return sorted(spec.perm_to_axes)
     return failing
