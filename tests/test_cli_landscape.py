@@ -15,6 +15,17 @@ from pymerge.testing.models import MLP
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (a second one only adds hand-off overhead, and on a
+    busy machine OpenMP's waits dominate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MODELS_PY = """
 import torch
 from pymerge.testing.models import MLP

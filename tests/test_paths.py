@@ -16,6 +16,16 @@ from pymerge.testing.models import MLP
 CRIT = nn.CrossEntropyLoss()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (a second one only adds hand-off overhead, and on a
+    busy machine OpenMP's waits dominate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _spirals(n=512, seed=0):
     """Three interleaved spirals in the plane: separable, but not linearly."""
     g = torch.Generator().manual_seed(seed)
@@ -42,7 +52,6 @@ def _train(x, y, seed, steps=400):
 
 @pytest.fixture(scope="module")
 def modes():
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     x, y = _spirals()
     a, b = _train(x, y, 1), _train(x, y, 2)
     return a, b, x, y

@@ -24,6 +24,16 @@ from pymerge.testing.models import CNN, MLP
 CRIT = nn.CrossEntropyLoss()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (a second one only adds hand-off overhead, and on a
+    busy machine OpenMP's waits dominate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cnn(seed=0):
     torch.manual_seed(seed)
     return CNN(in_channels=1, widths=(4, 8), num_classes=3, norm="bn", image_size=6).eval()
