@@ -584,25 +584,30 @@ struct Vec8<F16> {
 };
 
 template <class I>
+PYMERGE_TV_AVX2 inline void tau8(const typename I::S* x, __m256 bv, __m256& tv, __m256i& kv) {
+    const __m256 v = _mm256_sub_ps(Vec8<I>::load(x), bv);
+    if constexpr (std::is_same_v<I, F32>) {
+        tv = v;
+        kv = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
+    } else if constexpr (std::is_same_v<I, BF16>) {
+        const __m256i r = bf16_round_bits(v);
+        tv = _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
+        kv = _mm256_and_si256(r, _mm256_set1_epi32(0x7FFF));
+    } else {
+        const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        tv = _mm256_cvtph_ps(h);
+        kv = _mm256_and_si256(_mm256_cvtepu16_epi32(h), _mm256_set1_epi32(0x7FFF));
+    }
+}
+
+template <class I>
 PYMERGE_TV_AVX2 inline void tau_avx2(const typename I::S* x, const float* bf, float* tau,
                                      uint32_t* key, int64_t m) {
     int64_t i = 0;
     for (; i + 8 <= m; i += 8) {
-        const __m256 v = _mm256_sub_ps(Vec8<I>::load(x + i), _mm256_loadu_ps(bf + i));
         __m256 tv;
         __m256i kv;
-        if constexpr (std::is_same_v<I, F32>) {
-            tv = v;
-            kv = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
-        } else if constexpr (std::is_same_v<I, BF16>) {
-            const __m256i r = bf16_round_bits(v);
-            tv = _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
-            kv = _mm256_and_si256(r, _mm256_set1_epi32(0x7FFF));
-        } else {
-            const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            tv = _mm256_cvtph_ps(h);
-            kv = _mm256_and_si256(_mm256_cvtepu16_epi32(h), _mm256_set1_epi32(0x7FFF));
-        }
+        tau8<I>(x + i, _mm256_loadu_ps(bf + i), tv, kv);
         _mm256_storeu_ps(tau + i, tv);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(key + i), kv);
     }
@@ -619,49 +624,61 @@ PYMERGE_TV_AVX2 inline __m256i prefix8(__m256i x) {
 
 // range_mask with the tie ordinals as vector prefix sums (dense ties: quantised bf16 task
 // vectors put a few percent of a tensor on the boundary key)
+struct Range8 {
+    __m256i v0, v1, e0raw, e1raw, open;
+};
+
+PYMERGE_TV_AVX2 inline Range8 range8(const Sel& s) {
+    // unsigned compares as signed ones on keys with the sign bit flipped
+    return Range8{_mm256_set1_epi32(static_cast<int>(s.v0 ^ 0x80000000u)),
+                  _mm256_set1_epi32(static_cast<int>(s.v1 ^ 0x80000000u)),
+                  _mm256_set1_epi32(static_cast<int>(s.v0)),
+                  _mm256_set1_epi32(static_cast<int>(s.v1)),
+                  _mm256_set1_epi32(s.lo_open ? -1 : 0)};
+}
+
+PYMERGE_TV_AVX2 inline __m256 keep8(const Sel& s, const Range8& r, __m256i k, Ties& ties) {
+    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i ks = _mm256_xor_si256(k, sign);
+    const __m256i gt0 = _mm256_or_si256(_mm256_cmpgt_epi32(ks, r.v0), r.open);
+    const __m256i lt1 = _mm256_cmpgt_epi32(r.v1, ks);
+    __m256i kept = _mm256_and_si256(gt0, lt1);
+    const __m256i e0 = _mm256_andnot_si256(r.open, _mm256_cmpeq_epi32(k, r.e0raw));
+    const __m256i e1 = _mm256_cmpeq_epi32(k, r.e1raw);
+    const __m256i any = _mm256_or_si256(e0, e1);
+    if (!_mm256_testz_si256(any, any)) {
+        // ordinals: count before the group + exclusive prefix inside it; the bounds are
+        // relative to the count before the group, clamped into int32
+        const __m256i p0 = prefix8(_mm256_and_si256(e0, one));
+        const __m256i p1 = prefix8(_mm256_and_si256(e1, one));
+        const int64_t ra = std::clamp<int64_t>(s.a0 - ties.c0, -1, 16);
+        const int64_t rb0 = std::clamp<int64_t>(s.b1 - ties.c0, -1, 16);
+        const int64_t rb1 = std::clamp<int64_t>(s.b1 - ties.c1, -1, 16);
+        // exclusive ordinal o = p - 1 (on tied lanes); o >= ra  <=>  p > ra
+        const __m256i ge_a0 = _mm256_cmpgt_epi32(p0, _mm256_set1_epi32(static_cast<int>(ra)));
+        const __m256i lt_b0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rb0)),
+                                                 _mm256_sub_epi32(p0, one));
+        const __m256i lt_b1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rb1)),
+                                                 _mm256_sub_epi32(p1, one));
+        // v0 tie (not v1): o0 >= a0; both: a0 <= o0 < b1; v1 tie (not v0): o1 < b1
+        const __m256i t0 = _mm256_and_si256(
+            _mm256_and_si256(e0, ge_a0), _mm256_or_si256(_mm256_andnot_si256(e1, e0), lt_b0));
+        const __m256i t1 = _mm256_and_si256(_mm256_andnot_si256(e0, e1), lt_b1);
+        kept = _mm256_or_si256(kept, _mm256_or_si256(t0, t1));
+        ties.c0 += _mm256_extract_epi32(p0, 7);
+        ties.c1 += _mm256_extract_epi32(p1, 7);
+    }
+    return _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_set1_ps(1.0f));
+}
+
 PYMERGE_TV_AVX2 inline void range_mask_avx2(const Sel& s, const uint32_t* key, float* keep,
                                             int64_t m, Ties& ties) {
-    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-    // unsigned compares as signed ones on keys with the sign bit flipped
-    const __m256i v0 = _mm256_set1_epi32(static_cast<int>(s.v0 ^ 0x80000000u));
-    const __m256i v1 = _mm256_set1_epi32(static_cast<int>(s.v1 ^ 0x80000000u));
-    const __m256i e0raw = _mm256_set1_epi32(static_cast<int>(s.v0));
-    const __m256i e1raw = _mm256_set1_epi32(static_cast<int>(s.v1));
-    const __m256i open = _mm256_set1_epi32(s.lo_open ? -1 : 0);
-    const __m256i one = _mm256_set1_epi32(1);
-    const __m256 onef = _mm256_set1_ps(1.0f);
+    const Range8 r = range8(s);
     int64_t i = 0;
     for (; i + 8 <= m; i += 8) {
         const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + i));
-        const __m256i ks = _mm256_xor_si256(k, sign);
-        const __m256i gt0 = _mm256_or_si256(_mm256_cmpgt_epi32(ks, v0), open);
-        const __m256i lt1 = _mm256_cmpgt_epi32(v1, ks);
-        __m256i kept = _mm256_and_si256(gt0, lt1);
-        const __m256i e0 = _mm256_andnot_si256(open, _mm256_cmpeq_epi32(k, e0raw));
-        const __m256i e1 = _mm256_cmpeq_epi32(k, e1raw);
-        if (!_mm256_testz_si256(_mm256_or_si256(e0, e1), _mm256_or_si256(e0, e1))) {
-            // ordinals: count before the group + exclusive prefix inside it; the bounds are
-            // relative to the count before the group, clamped into int32
-            const __m256i p0 = prefix8(_mm256_and_si256(e0, one));
-            const __m256i p1 = prefix8(_mm256_and_si256(e1, one));
-            const int64_t ra = std::clamp<int64_t>(s.a0 - ties.c0, -1, 16);
-            const int64_t rb0 = std::clamp<int64_t>(s.b1 - ties.c0, -1, 16);
-            const int64_t rb1 = std::clamp<int64_t>(s.b1 - ties.c1, -1, 16);
-            // exclusive ordinal o = p - 1 (on tied lanes); o >= ra  <=>  p > ra
-            const __m256i ge_a0 = _mm256_cmpgt_epi32(p0, _mm256_set1_epi32(static_cast<int>(ra)));
-            const __m256i lt_b0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rb0)),
-                                                     _mm256_sub_epi32(p0, one));
-            const __m256i lt_b1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rb1)),
-                                                     _mm256_sub_epi32(p1, one));
-            // v0 tie (not v1): o0 >= a0; both: a0 <= o0 < b1; v1 tie (not v0): o1 < b1
-            const __m256i t0 = _mm256_and_si256(
-                _mm256_and_si256(e0, ge_a0), _mm256_or_si256(_mm256_andnot_si256(e1, e0), lt_b0));
-            const __m256i t1 = _mm256_and_si256(_mm256_andnot_si256(e0, e1), lt_b1);
-            kept = _mm256_or_si256(kept, _mm256_or_si256(t0, t1));
-            ties.c0 += _mm256_extract_epi32(p0, 7);
-            ties.c1 += _mm256_extract_epi32(p1, 7);
-        }
-        _mm256_storeu_ps(keep + i, _mm256_and_ps(_mm256_castsi256_ps(kept), onef));
+        _mm256_storeu_ps(keep + i, keep8(s, r, k, ties));
     }
     if (i < m) {
         uint8_t tie[kBlk + 8] = {};
@@ -770,6 +787,173 @@ PYMERGE_TV_INLINE void load_block(const Plan& P, int64_t t, int64_t lo, int64_t 
     }
 }
 
+#if PYMERGE_TV_X86
+// The merge pass in registers for K <= 4 models whose masks are keep-all, keep-nothing or a
+// range (task arithmetic, TIES, breadcrumbs): per 8 elements the base and each model are
+// loaded once, and nothing is staged in memory. The same operations as the staged loops
+// (merge_store_k_avx2, keep8), so the same bits; the last < 8 elements take the staged path.
+template <int K, class I, class O>
+PYMERGE_TV_AVX2 inline void fused_merge(const Plan& P, int64_t t, int64_t lo, int64_t hi,
+                                        Ties* ties, Scratch& s) {
+    using SI = typename I::S;
+    const SI* b = reinterpret_cast<const SI*>(P.b[t]);
+    const SI* x[K];
+    Range8 r[K];
+    __m256 w[K], sc[K];
+    int mode[K];  // 0 all, 1 range, 2 nothing
+    const Sel* sel[K];
+    for (int k = 0; k < K; ++k) {
+        x[k] = reinterpret_cast<const SI*>(P.x[static_cast<size_t>(k) * P.T + t]);
+        sel[k] = &P.sel[static_cast<size_t>(t) * K + k];
+        mode[k] = sel[k]->mode == Keep::kRange ? 1 : sel[k]->mode == Keep::kNothing ? 2 : 0;
+        r[k] = range8(*sel[k]);
+        w[k] = _mm256_set1_ps(P.w[static_cast<size_t>(t) * K + k]);
+        sc[k] = _mm256_set1_ps(sel[k]->scale);
+    }
+    auto* out = reinterpret_cast<typename O::S*>(P.out[t]);
+    const bool cons = P.consensus, norm = P.norm[t] != 0;
+    const __m256 lam = _mm256_set1_ps(P.lam[t]);
+    const float ws = P.wsum[t];
+    const __m256 flat_div = _mm256_set1_ps(norm ? (std::fabs(ws) < 1e-8f ? 1.0f : ws) : 1.0f);
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        const __m256 bv = Vec8<I>::load(b + i);
+        __m256 d[K];
+        __m256 tot = zero;
+        for (int k = 0; k < K; ++k) {
+            __m256 tv;
+            __m256i kv;
+            tau8<I>(x[k] + i, bv, tv, kv);
+            const __m256 keep =
+                mode[k] == 0 ? one : mode[k] == 2 ? zero : keep8(*sel[k], r[k], kv, ties[k]);
+            d[k] = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(tv, keep), sc[k]), w[k]);
+            tot = _mm256_add_ps(tot, d[k]);
+        }
+        __m256 acc = zero;
+        if (cons) {
+            const __m256 up = _mm256_cmp_ps(tot, zero, _CMP_GE_OQ);
+            __m256 dv = zero;
+            for (int k = 0; k < K; ++k) {
+                const __m256 pos = _mm256_and_ps(_mm256_cmp_ps(d[k], zero, _CMP_GT_OQ), one);
+                const __m256 neg = _mm256_and_ps(_mm256_cmp_ps(d[k], zero, _CMP_LT_OQ), one);
+                const __m256 on = _mm256_blendv_ps(neg, pos, up);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(d[k], on));
+                dv = _mm256_add_ps(dv, _mm256_mul_ps(w[k], on));
+            }
+            dv = _mm256_blendv_ps(dv, one, _mm256_cmp_ps(dv, zero, _CMP_EQ_OQ));
+            acc = _mm256_div_ps(acc, norm ? dv : one);
+        } else {
+            acc = _mm256_div_ps(tot, flat_div);  // tot = 0 + d_0 + ... : the same sum
+        }
+        Vec8<O>::store(out + i, _mm256_add_ps(bv, _mm256_mul_ps(acc, lam)));
+    }
+    if (i < hi) {
+        const int64_t m = hi - i;
+        load_block<I, true>(P, t, i, m, s);
+        masks<true>(P, t, i, m, s, ties, nullptr);
+        merge_store_k_avx2<K, O>(P, t, m, s, out + i);
+    }
+}
+
+// The window pass in registers: per 8 elements the base once and each model's key once, the
+// count above each window as lane counters, and histogram increments only for the lanes
+// inside a window. Up to kFusedK models (more: the staged loop).
+constexpr int kFusedK = 16;
+
+struct Win8 {
+    const void* x;
+    bool act[2];
+    __m256i wl[2], wh[2], above[2], base[2], spare[2];
+    uint32_t* h[2];
+    uint32_t lo[2];
+};
+
+template <class I>
+PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_t lo,
+                                         int64_t hi) {
+    using SI = typename I::S;
+    Plan& P = *S.P;
+    const int K = P.K;
+    const SI* b = reinterpret_cast<const SI*>(P.b[t]);
+    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    Win8 win[kFusedK];
+    int models[kFusedK];
+    int nm = 0;
+    for (int k = 0; k < K; ++k) {
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
+        if (sl.mode != Keep::kRange || !sl.win) continue;
+        Win8& wv = win[nm];
+        models[nm++] = k;
+        wv.x = P.x[static_cast<size_t>(k) * P.T + t];
+        for (int j = 0; j < 2; ++j) {
+            wv.act[j] = !(j == 0 ? sl.lo_open : sl.hi_open);
+            wv.wl[j] = _mm256_set1_epi32(static_cast<int>(sl.wlo[j] ^ 0x80000000u));
+            wv.wh[j] = _mm256_set1_epi32(static_cast<int>(sl.whi[j] ^ 0x80000000u));
+            wv.above[j] = _mm256_setzero_si256();
+            wv.h[j] = S.hw.data() + S.hw_off[(ci * K + k) * 2 + j];
+            wv.lo[j] = sl.wlo[j];
+            wv.base[j] = _mm256_set1_epi32(static_cast<int>(sl.wlo[j]));
+            // lanes outside the window count into 8 spare bins past the window's (one per
+            // lane: no branch, no chain of increments on one address)
+            wv.spare[j] = _mm256_add_epi32(
+                _mm256_set1_epi32(static_cast<int>(sl.whi[j] - sl.wlo[j]) + 1),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        }
+    }
+    alignas(32) uint32_t lanes[8];
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        const __m256 bv = Vec8<I>::load(b + i);
+        for (int q = 0; q < nm; ++q) {
+            Win8& wv = win[q];
+            __m256 tv;
+            __m256i kv;
+            tau8<I>(reinterpret_cast<const SI*>(wv.x) + i, bv, tv, kv);
+            const __m256i ks = _mm256_xor_si256(kv, sign);
+            for (int j = 0; j < 2; ++j) {
+                if (!wv.act[j]) continue;
+                const __m256i gt = _mm256_cmpgt_epi32(ks, wv.wh[j]);
+                wv.above[j] = _mm256_sub_epi32(wv.above[j], gt);
+                const __m256i outside = _mm256_or_si256(gt, _mm256_cmpgt_epi32(wv.wl[j], ks));
+                const __m256i idx =
+                    _mm256_blendv_epi8(_mm256_sub_epi32(kv, wv.base[j]), wv.spare[j], outside);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), idx);
+                uint32_t* h = wv.h[j];
+                for (int l = 0; l < 8; ++l) ++h[lanes[l]];
+            }
+        }
+    }
+    for (int q = 0; q < nm; ++q) {
+        Win8& wv = win[q];
+        const size_t slot = (ci * K + models[q]) * 2;
+        const SI* x = reinterpret_cast<const SI*>(wv.x);
+        for (int64_t e = i; e < hi; ++e) {  // the tail, one element at a time
+            const float bf = I::load(b[e]);
+            float tau;
+            uint32_t key;
+            Tau<I>::run(x + e, &bf, &tau, &key, 1);
+            for (int j = 0; j < 2; ++j) {
+                if (!wv.act[j]) continue;
+                const Sel& sl = P.sel[static_cast<size_t>(t) * K + models[q]];
+                if (key > sl.whi[j])
+                    ++S.above[slot + j];
+                else if (key >= sl.wlo[j])
+                    ++wv.h[j][key - sl.wlo[j]];
+            }
+        }
+        for (int j = 0; j < 2; ++j) {
+            if (!wv.act[j]) continue;
+            alignas(32) uint32_t a[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(a), wv.above[j]);
+            int64_t tot = 0;
+            for (int l = 0; l < 8; ++l) tot += a[l];
+            S.above[slot + j] += tot;
+        }
+    }
+}
+#endif
+
 // One chunk for one pass. `rank_buf` holds the DELLA ranks of the slab being processed.
 template <bool V, class I, class O>
 PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
@@ -802,6 +986,28 @@ PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
     const int64_t C = P.rows[t], B = P.inner[t];
     const int64_t slab = della ? C * B : (c.hi - c.lo);
     auto* out = pass == Pass::kMerge ? reinterpret_cast<typename O::S*>(P.out[t]) : nullptr;
+#if PYMERGE_TV_X86
+    if constexpr (V) {
+        if (pass == Pass::kWindow && K <= kFusedK) return fused_window<I>(S, ci, t, c.lo, c.hi);
+        bool simple = pass == Pass::kMerge && !della && K <= 4;
+        for (int k = 0; k < K && simple; ++k) {
+            const Keep md = P.sel[static_cast<size_t>(t) * K + k].mode;
+            simple = md == Keep::kAll || md == Keep::kRange || md == Keep::kNothing;
+        }
+        if (simple) {
+            switch (K) {
+                case 1:
+                    return fused_merge<1, I, O>(P, t, c.lo, c.hi, ties.data(), s);
+                case 2:
+                    return fused_merge<2, I, O>(P, t, c.lo, c.hi, ties.data(), s);
+                case 3:
+                    return fused_merge<3, I, O>(P, t, c.lo, c.hi, ties.data(), s);
+                default:
+                    return fused_merge<4, I, O>(P, t, c.lo, c.hi, ties.data(), s);
+            }
+        }
+    }
+#endif
     for (int64_t s0 = c.lo; s0 < c.hi; s0 += std::max<int64_t>(slab, 1)) {
         const int64_t s1 = std::min(c.hi, s0 + std::max<int64_t>(slab, 1));
         const int32_t* rank_slab = nullptr;
@@ -1086,7 +1292,7 @@ constexpr int64_t kWindowMin = 8 * kSampleBlocks * kSampleLen;  // sample <= 1/8
 
 // fp16/bf16 tensors of at least kWindowMin elements: sample 256 spread blocks of 128
 // elements, and for each boundary take the key window that holds its position with a
-// margin of 6 standard deviations of the sampled quantile (plus 8 ranks). One pass then
+// margin of 4.5 standard deviations of the sampled quantile (plus 8 ranks). One pass then
 // counts the keys above each window and histograms the keys inside it; a boundary whose
 // position falls outside its window (a skewed sample) is selected by full histograms.
 template <class I>
@@ -1110,7 +1316,7 @@ void plan_windows(Plan& P, int64_t t, Scratch& s) {
         for (int j = 0; j < 2; ++j) {
             if (j == 0 ? sl.lo_open : sl.hi_open) continue;
             const double q = static_cast<double>(j == 0 ? sl.P0 : sl.P1 - 1) / n;
-            const double r = q * ns, margin = 6.0 * std::sqrt(ns * q * (1.0 - q)) + 8.0;
+            const double r = q * ns, margin = 4.5 * std::sqrt(ns * q * (1.0 - q)) + 8.0;
             const int64_t lo = static_cast<int64_t>(std::floor(r - margin));
             const int64_t hi = static_cast<int64_t>(std::ceil(r + margin));
             if (lo < 0) {
@@ -1166,8 +1372,8 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
             for (int j = 0; j < 2; ++j) {
                 const Sel& sl = sel(S.chunks[ci].t, k);
                 S.hw_off[(ci * K + k) * 2 + j] = hw_total;
-                if (sl.win && !(j == 0 ? sl.lo_open : sl.hi_open))
-                    hw_total += static_cast<int64_t>(sl.whi[j] - sl.wlo[j]) + 1;
+                if (sl.win && !(j == 0 ? sl.lo_open : sl.hi_open))  // + 8 spare bins
+                    hw_total += static_cast<int64_t>(sl.whi[j] - sl.wlo[j]) + 1 + 8;
             }
     S.hw.assign(static_cast<size_t>(hw_total), 0u);
     const int64_t n_first = static_cast<int64_t>(win_chunks.size() + small_t.size());
@@ -1219,6 +1425,10 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
         if (any_full) fallback_t.push_back(t);
     }
     for (int64_t t : fallback_t) large_t.push_back(t);
+    if (std::getenv("PYMERGE_TV_PROFILE") != nullptr)
+        std::fprintf(stderr, "task_vectors: %zu windowed, %zu fell back, %zu by full histograms, "
+                     "%zu sorted\n", window_t.size(), fallback_t.size(), large_t.size(),
+                     small_t.size());
     // full histograms: level 0 (16-bit keys: exact; fp32: the top 16 bits)
     std::vector<size_t> hist_chunks;
     for (int64_t t : large_t)
