@@ -86,6 +86,11 @@ _EXPORTS: dict[str, str] = {
     "MultiAlignmentResult": "pymerge.align",
     "repair": "pymerge.align",
     "reset_bn_stats": "pymerge.align",
+    "distributed_weight_matching": "pymerge.align.distributed",
+    # files (issue 11)
+    "open_checkpoint": "pymerge.io",
+    "Checkpoint": "pymerge.io",
+    "CheckpointWriter": "pymerge.io",
     "interpolation_curve": "pymerge.landscape",
     "Curve": "pymerge.landscape",
     "loss_barrier": "pymerge.landscape",
@@ -200,6 +205,14 @@ if TYPE_CHECKING:  # pragma: no cover  (what the lazy exports resolve to, for ID
         reset_bn_stats,
         ste_matching,
         weight_matching,
+    )
+    from pymerge.align.distributed import (  # noqa: F401
+        distributed_weight_matching,
+    )
+    from pymerge.io import (  # noqa: F401
+        Checkpoint,
+        CheckpointWriter,
+        open_checkpoint,
     )
     from pymerge.landscape import (  # noqa: F401
         AspectsReport,
