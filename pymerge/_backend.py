@@ -5,8 +5,9 @@ Two families of fast paths exist:
 * ``assignment``: the C++ solver ``pymerge._lap`` ("native") or the pure NumPy
   fallback ("numpy").
 * ``kernels``: Triton kernels in ``pymerge.kernels`` ("triton"), C++ loops over CPU
-  buffers in ``pymerge._multi_tensor`` ("native", for the ops that have one:
-  ``interpolate``) or plain torch ("torch"). Triton is used automatically only for
+  buffers in ``pymerge._multi_tensor`` and ``pymerge._task_vectors`` ("native", for the
+  ops that have them: ``interpolate``, ``permuted_interpolate``, ``merge_task_vectors``) or
+  plain torch ("torch"). Triton is used automatically only for
   CUDA tensors (under ``TRITON_INTERPRET=1`` it can be forced on CPU tensors: the
   test suite does), native for CPU tensors when built, torch otherwise.
 
