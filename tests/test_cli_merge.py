@@ -689,3 +689,32 @@ def test_same_tensors_as_mergekit(mergekit_outputs, name):
     assert sorted(ours) == sorted(theirs)
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_data_aware_methods_from_the_config(models, method):
+    """data: {batches: ids.pt}: the network built from config.json (transformers), the
+    models loaded whole, pymerge.merge(method, ..., model=, batches=)."""
+    pytest.importorskip("transformers")
+    import pymerge.merge as pm
+
+    if method not in pm.method_names():
+        pytest.skip(f"{method} is not registered")
+    d = models["dir"]
+    torch.save({"input_ids": torch.randint(0, V, (6, 7))}, d / "ids.pt")
+    cfg = write_config(
+        d,
+        f"merge_method: {method}\nmodels: [{{model: {d}/ft0}}, {{model: {d}/ft1}}]\n"
+        "data: {batches: ids.pt, batch_size: 3}\n",
+    )
+    assert run(cfg, d / "out") == 0
+    got = read_out(d / "out")
+    assert sorted(got) == sorted(models["fts"][0])
+    k = "model.layers.0.mlp.up_proj.weight"
+    avg = (models["fts"][0][k] + models["fts"][1][k]) / 2
+    assert torch.isfinite(got[k]).all() and not torch.equal(got[k], avg)
+    cfg2 = write_config(d, f"merge_method: {method}\nmodels: [{{model: {d}/ft0}}]\n", "no.yaml")
+    assert run(cfg2, d / "out2") == 2  # no data: says what to add

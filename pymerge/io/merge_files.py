@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,9 @@ def _run_data_aware(job: MergeJob, out_dir, *, overwrite: bool, shard_size: Any)
     cfg = transformers.AutoConfig.for_model(**job.config_source.ckpt.config)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.eval()
+    # the methods read the network's output as a tensor: the logits (same state-dict keys);
+    # a method bound to the instance, so that copies of the model (copy.deepcopy) keep it
+    model.forward = types.MethodType(_logits_forward, model)
     batches = _batches(job.data)
     states = [dict(m.ckpt) for m in job.merged_models]
     base = dict(job.base.ckpt) if job.base is not None and job.method.base != "none" else None
@@ -190,6 +194,10 @@ def _run_data_aware(job: MergeJob, out_dir, *, overwrite: bool, shard_size: Any)
         for k, v in merged.items():
             w.write(k, v.to(job.out_dtype) if job.out_dtype and v.is_floating_point() else v)
     return MergeResult(Path(out_dir), time.perf_counter() - t0)
+
+
+def _logits_forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return type(self).forward(self, *args, **kwargs).logits
 
 
 def _batches(data: Mapping[str, Any]) -> list[Any]:
