@@ -232,3 +232,30 @@ def test_weight_matching_of_two_saved_models_from_the_cli(tmp_path, name):
     torch.testing.assert_close(logits(aligned), logits(b), rtol=1e-9, atol=1e-9)
     gap = max(float((aligned[k] - a[k]).abs().max()) for k in a if a[k].is_floating_point())
     assert gap < 1e-2  # B is back on A, up to the noise
+
+
+def _partition(spec):
+    """The spec as a set of groups, each the set of axis segments it acts on (group names
+    differ between builders), and its head structures by the segments of their groups."""
+    groups = {g: frozenset((r.param, r.axis, r.start, r.stop, r.inner) for r in refs)
+              for g, refs in spec.perm_to_axes.items()}  # fmt: skip
+    heads = {(h.num_heads, h.head_dim, frozenset(groups[g] for g in h.groups))
+             for h in spec.heads.values()}  # fmt: skip
+    return set(groups.values()), heads
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "bert-mlm"])
+def test_hf_spec_agrees_with_the_tracer(name):
+    """The generic tracer (torch.export / torch.fx over the model) and hf_spec (config and
+    names only) find the same groups, segments and head structures."""
+    import warnings
+
+    from pymerge.spec import spec_from_model
+
+    model = _build(name)
+    model.config.use_cache = False  # a DynamicCache output is not a traceable value
+    ids = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = spec_from_model(model, (ids,), warn=False)
+    assert _partition(traced) == _partition(hf_spec(_config(model), keys=model.state_dict()))
