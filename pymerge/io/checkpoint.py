@@ -12,7 +12,8 @@ Hugging Face model folder.
   its index), or a folder holding exactly one checkpoint file.
 
 and returns a :class:`Checkpoint`: a ``Mapping[str, Tensor]`` whose ``ckpt[key]`` reads that
-one tensor from disk (a fresh CPU tensor). Shapes, dtypes and sizes are known without reading
+one tensor from disk (safetensors: a fresh CPU tensor in its own memory; a torch zip file:
+the memory-mapped tensor ``torch.load(mmap=True)`` gave, to be read, not modified). Shapes, dtypes and sizes are known without reading
 any tensor (``ckpt.info(key)``, ``ckpt.meta_state()``), so whole configurations can be
 checked before any work. Every problem found when opening (a missing shard, an index that
 names a tensor its shard lacks, a truncated or corrupt file) raises one ``ValueError`` or
