@@ -13,11 +13,12 @@ Hugging Face model folder.
 
 and returns a :class:`Checkpoint`: a ``Mapping[str, Tensor]`` whose ``ckpt[key]`` reads that
 one tensor from disk (safetensors: a fresh CPU tensor in its own memory; a torch zip file:
-the memory-mapped tensor ``torch.load(mmap=True)`` gave, to be read, not modified). Shapes, dtypes and sizes are known without reading
-any tensor (``ckpt.info(key)``, ``ckpt.meta_state()``), so whole configurations can be
-checked before any work. Every problem found when opening (a missing shard, an index that
-names a tensor its shard lacks, a truncated or corrupt file) raises one ``ValueError`` or
-``FileNotFoundError`` naming the file and what is wrong.
+the memory-mapped tensor ``torch.load(mmap=True)`` gave, to be read, not modified). Shapes,
+dtypes and sizes are known without reading any tensor (``ckpt.info(key)``,
+``ckpt.meta_state()``), so whole configurations can be checked before any work. Every
+problem found when opening (a missing shard, an index that names a tensor its shard lacks, a
+truncated or corrupt file) raises one ``ValueError`` or ``FileNotFoundError`` naming the
+file and what is wrong.
 
 The lazy state-dict protocol the layers below rely on (they cannot import this module):
 a ``Mapping`` with a ``meta_state()`` method returning ``{key: tensor on the meta device}``

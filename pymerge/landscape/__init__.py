@@ -69,6 +69,7 @@ __all__ = [
     "Aspect",
     "AspectsReport",
     "aspects_report",
+    "plot_curves",
     "HessianResult",
     "hessian_density",
     "hessian_eigenvalues",
@@ -84,5 +85,4 @@ __all__ = [
     "PathCurve",
     "connect",
     "path_curve",
-    "plot_curves",
 ]
