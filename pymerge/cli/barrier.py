@@ -84,29 +84,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _loss_fn(name: str):
-    import torch.nn.functional as F
-
-    if name == "ce":
-
-        def ce(out, y):
-            if y.is_floating_point():
-                raise ValueError("--loss ce needs integer class targets y; use --loss mse")
-            return F.cross_entropy(out, y)
-
-        return ce
-
-    def mse(out, y):
-        if out.shape != y.shape:
-            raise ValueError(
-                f"--loss mse: the model's outputs {tuple(out.shape)} and y {tuple(y.shape)} "
-                "differ in shape"
-            )
-        return F.mse_loss(out, y.to(out.dtype))
-
-    return mse
-
-
 def _barriers(curve, metric: str, error: bool) -> dict[str, float | None]:
     import numpy as np
 
@@ -156,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pymerge._util.checks import check_state_pair
-    from pymerge.cli.landscape import load_data, load_factory
+    from pymerge.cli.landscape import load_data, load_factory, loss_from_name
     from pymerge.io import (
         check_output_paths,
         load_spec,
@@ -189,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     x, y = load_data(args.data, args.max_samples)
     batches = [(x[i : i + args.batch_size], y[i : i + args.batch_size])
                for i in range(0, x.shape[0], args.batch_size)]  # fmt: skip
-    loss_fn = _loss_fn(args.loss)
+    loss_fn = loss_from_name(args.loss)
     evaluator = Evaluator(batches, loss_fn, accuracy=args.loss == "ce")
     model.load_state_dict(state_a)
     try:

@@ -207,7 +207,8 @@ def load_data(path: str, max_samples: int | None = None):
     return x, y
 
 
-def _loss(name: str):
+def loss_from_name(name: str):
+    """The ``--loss ce|mse`` choice as a loss function (clear errors on mismatched targets)."""
     import torch.nn.functional as F
 
     if name == "ce":
@@ -388,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     x, y = load_data(args.data, args.max_samples)
     batches = _batches(x, y, args.batch_size)
-    loss_fn = _loss(args.loss)
+    loss_fn = loss_from_name(args.loss)
 
     if view == "plane":
         from pymerge._util.checks import check_state_pair
