@@ -42,7 +42,8 @@
 // forces the portable loops): the same C++ loops compiled twice (GCC/Clang vectorise the
 // AVX2 copy; the hot loops are written with AVX2 intrinsics), no FMA contraction and no
 // reassociation, so both give the same bits. $PYMERGE_TV_PROFILE set: each call prints the
-// wall time of its selection and merge phases to stderr.
+// wall time of its selection steps (sampling, window pass, ...) and of its selection and
+// merge phases to stderr.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -856,6 +857,122 @@ PYMERGE_TV_AVX2 inline void fused_merge(const Plan& P, int64_t t, int64_t lo, in
     }
 }
 
+// fused_merge for tensors whose K models all keep a range with a lower boundary (TIES;
+// breadcrumbs when Hi): the models' loops unrolled, and the tie ordinals kept as vector
+// counts inside the chunk (all lanes equal), so the keep mask has no branch. The bounds are
+// relative to the chunk's counts before it, clamped into int32 (a chunk holds < 2^30
+// elements, so the comparisons are those of keep8); the same bits as fused_merge.
+template <int K, class I, class O, bool Hi>
+PYMERGE_TV_AVX2 inline void fused_range(const Plan& P, int64_t t, int64_t lo, int64_t hi,
+                                        Ties* ties, Scratch& s) {
+    using SI = typename I::S;
+    const SI* b = reinterpret_cast<const SI*>(P.b[t]);
+    const SI* x[K];
+    __m256i v0[K], v1[K], e0r[K], e1r[K], c0[K], c1[K], ra[K], rb0[K], rb1[K];
+    __m256 w[K], sc[K];
+    constexpr int64_t kBig = int64_t{1} << 30;
+    for (int k = 0; k < K; ++k) {
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
+        x[k] = reinterpret_cast<const SI*>(P.x[static_cast<size_t>(k) * P.T + t]);
+        v0[k] = _mm256_set1_epi32(static_cast<int>(sl.v0 ^ 0x80000000u));
+        v1[k] = _mm256_set1_epi32(static_cast<int>(sl.v1 ^ 0x80000000u));
+        e0r[k] = _mm256_set1_epi32(static_cast<int>(sl.v0));
+        e1r[k] = _mm256_set1_epi32(static_cast<int>(sl.v1));
+        c0[k] = _mm256_setzero_si256();
+        c1[k] = _mm256_setzero_si256();
+        // p: the inclusive count of ties in the chunk up to a lane, o = before + p - 1;
+        // o >= a0 <=> p > a0 - before; o < b1 <=> b1 - before + 1 > p
+        ra[k] = _mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(sl.a0 - ties[k].c0, -1, kBig)));
+        rb0[k] = _mm256_set1_epi32(
+            static_cast<int>(std::clamp<int64_t>(sl.b1 - ties[k].c0 + 1, -1, kBig)));
+        rb1[k] = _mm256_set1_epi32(
+            static_cast<int>(std::clamp<int64_t>(sl.b1 - ties[k].c1 + 1, -1, kBig)));
+        w[k] = _mm256_set1_ps(P.w[static_cast<size_t>(t) * K + k]);
+        sc[k] = _mm256_set1_ps(sl.scale);
+    }
+    auto* out = reinterpret_cast<typename O::S*>(P.out[t]);
+    const bool cons = P.consensus, norm = P.norm[t] != 0;
+    const __m256 lam = _mm256_set1_ps(P.lam[t]);
+    const float ws = P.wsum[t];
+    const __m256 flat_div = _mm256_set1_ps(norm ? (std::fabs(ws) < 1e-8f ? 1.0f : ws) : 1.0f);
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const __m256i ione = _mm256_set1_epi32(1), seven = _mm256_set1_epi32(7);
+    auto body = [&](auto cons_tag) PYMERGE_TV_AVX2 {
+        constexpr bool kCons = decltype(cons_tag)::value;
+        int64_t i = lo;
+        for (; i + 8 <= hi; i += 8) {
+            const __m256 bv = Vec8<I>::load(b + i);
+            __m256 d[K];
+            __m256 tot = zero;
+#pragma GCC unroll 4
+            for (int k = 0; k < K; ++k) {
+                __m256 tv;
+                __m256i kv;
+                tau8<I>(x[k] + i, bv, tv, kv);
+                const __m256i ks = _mm256_xor_si256(kv, sign);
+                __m256i kept = _mm256_cmpgt_epi32(ks, v0[k]);
+                if constexpr (Hi) kept = _mm256_and_si256(kept, _mm256_cmpgt_epi32(v1[k], ks));
+                const __m256i e0 = _mm256_cmpeq_epi32(kv, e0r[k]);
+                const __m256i q0 = prefix8(_mm256_and_si256(e0, ione));
+                const __m256i p0 = _mm256_add_epi32(q0, c0[k]);
+                c0[k] = _mm256_add_epi32(c0[k], _mm256_permutevar8x32_epi32(q0, seven));
+                const __m256i ge_a0 = _mm256_cmpgt_epi32(p0, ra[k]);
+                if constexpr (Hi) {
+                    const __m256i e1 = _mm256_cmpeq_epi32(kv, e1r[k]);
+                    const __m256i q1 = prefix8(_mm256_and_si256(e1, ione));
+                    const __m256i p1 = _mm256_add_epi32(q1, c1[k]);
+                    c1[k] = _mm256_add_epi32(c1[k], _mm256_permutevar8x32_epi32(q1, seven));
+                    const __m256i lt_b0 = _mm256_cmpgt_epi32(rb0[k], p0);
+                    const __m256i lt_b1 = _mm256_cmpgt_epi32(rb1[k], p1);
+                    const __m256i t0 = _mm256_and_si256(
+                        _mm256_and_si256(e0, ge_a0),
+                        _mm256_or_si256(_mm256_andnot_si256(e1, e0), lt_b0));
+                    const __m256i t1 = _mm256_and_si256(_mm256_andnot_si256(e0, e1), lt_b1);
+                    kept = _mm256_or_si256(kept, _mm256_or_si256(t0, t1));
+                } else {
+                    kept = _mm256_or_si256(kept, _mm256_and_si256(e0, ge_a0));
+                }
+                const __m256 keep = _mm256_and_ps(_mm256_castsi256_ps(kept), one);
+                d[k] = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(tv, keep), sc[k]), w[k]);
+                tot = _mm256_add_ps(tot, d[k]);
+            }
+            __m256 acc;
+            if constexpr (kCons) {
+                const __m256 up = _mm256_cmp_ps(tot, zero, _CMP_GE_OQ);
+                __m256 dv = zero;
+                acc = zero;
+#pragma GCC unroll 4
+                for (int k = 0; k < K; ++k) {
+                    const __m256 onm = _mm256_blendv_ps(_mm256_cmp_ps(d[k], zero, _CMP_LT_OQ),
+                                                        _mm256_cmp_ps(d[k], zero, _CMP_GT_OQ), up);
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(d[k], _mm256_and_ps(onm, one)));
+                    // w * on: w or a zero, and a zero's sign cannot change a sum that starts
+                    // at +0, so the mask gives the same dv as the product
+                    dv = _mm256_add_ps(dv, _mm256_and_ps(w[k], onm));
+                }
+                dv = _mm256_blendv_ps(dv, one, _mm256_cmp_ps(dv, zero, _CMP_EQ_OQ));
+                acc = _mm256_div_ps(acc, norm ? dv : one);
+            } else {
+                acc = _mm256_div_ps(tot, flat_div);
+            }
+            Vec8<O>::store(out + i, _mm256_add_ps(bv, _mm256_mul_ps(acc, lam)));
+        }
+        return i;
+    };
+    const int64_t i = cons ? body(std::true_type{}) : body(std::false_type{});
+    for (int k = 0; k < K; ++k) {
+        ties[k].c0 += _mm256_extract_epi32(c0[k], 0);
+        ties[k].c1 += _mm256_extract_epi32(c1[k], 0);
+    }
+    if (i < hi) {
+        const int64_t m = hi - i;
+        load_block<I, true>(P, t, i, m, s);
+        masks<true>(P, t, i, m, s, ties, nullptr);
+        merge_store_k_avx2<K, O>(P, t, m, s, out + i);
+    }
+}
+
 // The window pass in registers: per 8 elements the base once and each model's key once, the
 // count above each window as lane counters, and histogram increments only for the lanes
 // inside a window. Up to kFusedK models (more: the staged loop).
@@ -864,14 +981,30 @@ constexpr int kFusedK = 16;
 struct Win8 {
     const void* x;
     bool act[2];
-    __m256i wl[2], wh[2], above[2], base[2], spare[2];
+    __m256i wl[2], wh[2], above[2], base[2];
     uint32_t* h[2];
-    uint32_t lo[2];
+    uint32_t* buf[2];  // the offsets (key - wlo) of inside keys, left-packed, kPack + 8
+    int64_t nbuf[2];
 };
+
+constexpr int64_t kPack = 2048;
+
+// kLeftPack[m]: the lanes of the set bits of m in ascending order, as bytes (then zeros)
+struct LeftPack {
+    alignas(64) uint8_t idx[256][8];
+    constexpr LeftPack() : idx() {
+        for (int m = 0; m < 256; ++m) {
+            int n = 0;
+            for (int l = 0; l < 8; ++l)
+                if (m & (1 << l)) idx[m][n++] = static_cast<uint8_t>(l);
+        }
+    }
+};
+constexpr LeftPack kLeftPack{};
 
 template <class I>
 PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_t lo,
-                                         int64_t hi) {
+                                         int64_t hi, Scratch& s) {
     using SI = typename I::S;
     Plan& P = *S.P;
     const int K = P.K;
@@ -880,28 +1013,30 @@ PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_
     Win8 win[kFusedK];
     int models[kFusedK];
     int nm = 0;
+    s.rk.resize(static_cast<size_t>(2 * kFusedK) * (kPack + 8));
     for (int k = 0; k < K; ++k) {
         const Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
         if (sl.mode != Keep::kRange || !sl.win) continue;
         Win8& wv = win[nm];
-        models[nm++] = k;
-        wv.x = P.x[static_cast<size_t>(k) * P.T + t];
         for (int j = 0; j < 2; ++j) {
             wv.act[j] = !(j == 0 ? sl.lo_open : sl.hi_open);
             wv.wl[j] = _mm256_set1_epi32(static_cast<int>(sl.wlo[j] ^ 0x80000000u));
             wv.wh[j] = _mm256_set1_epi32(static_cast<int>(sl.whi[j] ^ 0x80000000u));
             wv.above[j] = _mm256_setzero_si256();
             wv.h[j] = S.hw.data() + S.hw_off[(ci * K + k) * 2 + j];
-            wv.lo[j] = sl.wlo[j];
             wv.base[j] = _mm256_set1_epi32(static_cast<int>(sl.wlo[j]));
-            // lanes outside the window count into 8 spare bins past the window's (one per
-            // lane: no branch, no chain of increments on one address)
-            wv.spare[j] = _mm256_add_epi32(
-                _mm256_set1_epi32(static_cast<int>(sl.whi[j] - sl.wlo[j]) + 1),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            wv.buf[j] = s.rk.data() + static_cast<size_t>(2 * nm + j) * (kPack + 8);
+            wv.nbuf[j] = 0;
         }
+        models[nm++] = k;
+        wv.x = P.x[static_cast<size_t>(k) * P.T + t];
     }
-    alignas(32) uint32_t lanes[8];
+    auto flush = [](Win8& wv, int j) {
+        uint32_t* h = wv.h[j];
+        const uint32_t* q = wv.buf[j];
+        for (int64_t e = 0, m = wv.nbuf[j]; e < m; ++e) ++h[q[e]];
+        wv.nbuf[j] = 0;
+    };
     int64_t i = lo;
     for (; i + 8 <= hi; i += 8) {
         const __m256 bv = Vec8<I>::load(b + i);
@@ -916,14 +1051,22 @@ PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_
                 const __m256i gt = _mm256_cmpgt_epi32(ks, wv.wh[j]);
                 wv.above[j] = _mm256_sub_epi32(wv.above[j], gt);
                 const __m256i outside = _mm256_or_si256(gt, _mm256_cmpgt_epi32(wv.wl[j], ks));
-                const __m256i idx =
-                    _mm256_blendv_epi8(_mm256_sub_epi32(kv, wv.base[j]), wv.spare[j], outside);
-                _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), idx);
-                uint32_t* h = wv.h[j];
-                for (int l = 0; l < 8; ++l) ++h[lanes[l]];
+                // inside lanes (a few percent): left-pack their offsets into the buffer
+                const unsigned in = ~static_cast<unsigned>(
+                                        _mm256_movemask_ps(_mm256_castsi256_ps(outside))) & 0xFFu;
+                const __m256i perm = _mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kLeftPack.idx[in])));
+                _mm256_storeu_si256(
+                    reinterpret_cast<__m256i*>(wv.buf[j] + wv.nbuf[j]),
+                    _mm256_permutevar8x32_epi32(_mm256_sub_epi32(kv, wv.base[j]), perm));
+                wv.nbuf[j] += __builtin_popcount(in);
+                if (wv.nbuf[j] >= kPack) flush(wv, j);
             }
         }
     }
+    for (int q = 0; q < nm; ++q)
+        for (int j = 0; j < 2; ++j)
+            if (win[q].act[j]) flush(win[q], j);
     for (int q = 0; q < nm; ++q) {
         Win8& wv = win[q];
         const size_t slot = (ci * K + models[q]) * 2;
@@ -988,11 +1131,31 @@ PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
     auto* out = pass == Pass::kMerge ? reinterpret_cast<typename O::S*>(P.out[t]) : nullptr;
 #if PYMERGE_TV_X86
     if constexpr (V) {
-        if (pass == Pass::kWindow && K <= kFusedK) return fused_window<I>(S, ci, t, c.lo, c.hi);
+        if (pass == Pass::kWindow && K <= kFusedK) return fused_window<I>(S, ci, t, c.lo, c.hi, s);
         bool simple = pass == Pass::kMerge && !della && K <= 4;
         for (int k = 0; k < K && simple; ++k) {
             const Keep md = P.sel[static_cast<size_t>(t) * K + k].mode;
             simple = md == Keep::kAll || md == Keep::kRange || md == Keep::kNothing;
+        }
+        // every model a range with a lower boundary, all with or all without an upper one
+        bool ranged = simple;
+        for (int k = 0; k < K && ranged; ++k) {
+            const Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
+            const Sel& s0 = P.sel[static_cast<size_t>(t) * K];
+            ranged = sl.mode == Keep::kRange && !sl.lo_open && sl.hi_open == s0.hi_open;
+        }
+        if (ranged) {
+            const bool h = !P.sel[static_cast<size_t>(t) * K].hi_open;
+            switch (K * 2 + (h ? 1 : 0)) {
+                case 2: return fused_range<1, I, O, false>(P, t, c.lo, c.hi, ties.data(), s);
+                case 3: return fused_range<1, I, O, true>(P, t, c.lo, c.hi, ties.data(), s);
+                case 4: return fused_range<2, I, O, false>(P, t, c.lo, c.hi, ties.data(), s);
+                case 5: return fused_range<2, I, O, true>(P, t, c.lo, c.hi, ties.data(), s);
+                case 6: return fused_range<3, I, O, false>(P, t, c.lo, c.hi, ties.data(), s);
+                case 7: return fused_range<3, I, O, true>(P, t, c.lo, c.hi, ties.data(), s);
+                case 8: return fused_range<4, I, O, false>(P, t, c.lo, c.hi, ties.data(), s);
+                default: return fused_range<4, I, O, true>(P, t, c.lo, c.hi, ties.data(), s);
+            }
         }
         if (simple) {
             switch (K) {
@@ -1295,14 +1458,43 @@ constexpr int64_t kWindowMin = 8 * kSampleBlocks * kSampleLen;  // sample <= 1/8
 // margin of 4.5 standard deviations of the sampled quantile (plus 8 ranks). One pass then
 // counts the keys above each window and histograms the keys inside it; a boundary whose
 // position falls outside its window (a skewed sample) is selected by full histograms.
+// The key of rank r (0-based, ascending) among the ns 15-bit sampled keys c, given hist, the
+// counts of their top 8 bits: the bucket holding rank r, then a selection inside it.
+uint32_t sample_rank(const int64_t* hist, const uint32_t* c, int64_t ns, int64_t r,
+                     std::vector<uint32_t>& pick) {
+    int64_t below = 0, b = 0;
+    while (below + hist[b] <= r) below += hist[b++];
+    pick.resize(static_cast<size_t>(hist[b]) + 1);
+    size_t np = 0;
+    for (int64_t i = 0; i < ns; ++i) {  // branch-free: the bucket is often a dense one
+        pick[np] = c[i];
+        np += (c[i] >> 7) == static_cast<uint32_t>(b) ? 1 : 0;
+    }
+    std::nth_element(pick.begin(), pick.begin() + (r - below), pick.begin() + hist[b]);
+    return pick[static_cast<size_t>(r - below)];
+}
+
 template <class I>
 void plan_windows(Plan& P, int64_t t, Scratch& s) {
     const int K = P.K;
     const int64_t n = P.n[t], ns = kSampleBlocks * kSampleLen;
     s.ensure(K);
-    std::vector<uint32_t> keys(static_cast<size_t>(K) * ns);
+    std::vector<uint32_t> keys(static_cast<size_t>(K) * ns), pick;
+    int64_t hist[256];
+    auto start_of = [&](int64_t j) { return j * (n - kSampleLen) / (kSampleBlocks - 1); };
+    constexpr int64_t kAhead = 8;  // the blocks are pages apart: prefetch a few blocks ahead
+    auto prefetch = [&](int64_t j) {
+        const int64_t e = start_of(j) * static_cast<int64_t>(sizeof(typename I::S));
+        constexpr int64_t bytes = kSampleLen * static_cast<int64_t>(sizeof(typename I::S));
+        for (int64_t o = 0; o < bytes; o += 64) {
+            __builtin_prefetch(P.b[t] + e + o);
+            for (int k = 0; k < K; ++k) __builtin_prefetch(P.x[static_cast<size_t>(k) * P.T + t] + e + o);
+        }
+    };
+    for (int64_t j = 0; j < std::min(kAhead, kSampleBlocks); ++j) prefetch(j);
     for (int64_t j = 0; j < kSampleBlocks; ++j) {
-        const int64_t start = j * (n - kSampleLen) / (kSampleBlocks - 1);
+        if (j + kAhead < kSampleBlocks) prefetch(j + kAhead);
+        const int64_t start = start_of(j);
         load_block<I>(P, t, start, kSampleLen, s);
         for (int k = 0; k < K; ++k)
             std::memcpy(keys.data() + k * ns + j * kSampleLen, s.key.data() + k * kBlk,
@@ -1312,25 +1504,17 @@ void plan_windows(Plan& P, int64_t t, Scratch& s) {
         Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
         if (sl.mode != Keep::kRange) continue;
         sl.win = true;
-        uint32_t* c = keys.data() + k * ns;
+        const uint32_t* c = keys.data() + k * ns;
+        std::fill(hist, hist + 256, 0);
+        for (int64_t i = 0; i < ns; ++i) ++hist[c[i] >> 7];
         for (int j = 0; j < 2; ++j) {
             if (j == 0 ? sl.lo_open : sl.hi_open) continue;
             const double q = static_cast<double>(j == 0 ? sl.P0 : sl.P1 - 1) / n;
             const double r = q * ns, margin = 4.5 * std::sqrt(ns * q * (1.0 - q)) + 8.0;
             const int64_t lo = static_cast<int64_t>(std::floor(r - margin));
             const int64_t hi = static_cast<int64_t>(std::ceil(r + margin));
-            if (lo < 0) {
-                sl.wlo[j] = 0;
-            } else {
-                std::nth_element(c, c + lo, c + ns);
-                sl.wlo[j] = c[lo];
-            }
-            if (hi >= ns) {
-                sl.whi[j] = 0x7FFFu;
-            } else {
-                std::nth_element(c, c + hi, c + ns);
-                sl.whi[j] = c[hi];
-            }
+            sl.wlo[j] = lo < 0 ? 0u : sample_rank(hist, c, ns, lo, pick);
+            sl.whi[j] = hi >= ns ? 0x7FFFu : sample_rank(hist, c, ns, hi, pick);
         }
     }
 }
@@ -1340,6 +1524,15 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
     Plan& P = *S.P;
     const int K = P.K;
     auto sel = [&](int64_t t, int k) -> Sel& { return P.sel[static_cast<size_t>(t) * K + k]; };
+    const bool prof = std::getenv("PYMERGE_TV_PROFILE") != nullptr;
+    auto tp = std::chrono::steady_clock::now();
+    auto mark = [&](const char* what) {
+        if (!prof) return;
+        const auto t1 = std::chrono::steady_clock::now();
+        std::fprintf(stderr, "  %s %.1f ms\n", what,
+                     std::chrono::duration<double, std::milli>(t1 - tp).count());
+        tp = t1;
+    };
     std::vector<std::vector<size_t>> of_tensor(static_cast<size_t>(P.T));
     for (size_t ci = 0; ci < S.chunks.size(); ++ci) of_tensor[S.chunks[ci].t].push_back(ci);
     std::vector<int64_t> small_t, window_t, large_t;
@@ -1361,6 +1554,7 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
         thread_local Scratch local;
         plan_windows<I>(P, window_t[i], local);
     });
+    mark("sample");
     std::vector<size_t> win_chunks;
     for (int64_t t : window_t)
         for (size_t ci : of_tensor[t]) win_chunks.push_back(ci);
@@ -1372,10 +1566,11 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
             for (int j = 0; j < 2; ++j) {
                 const Sel& sl = sel(S.chunks[ci].t, k);
                 S.hw_off[(ci * K + k) * 2 + j] = hw_total;
-                if (sl.win && !(j == 0 ? sl.lo_open : sl.hi_open))  // + 8 spare bins
-                    hw_total += static_cast<int64_t>(sl.whi[j] - sl.wlo[j]) + 1 + 8;
+                if (sl.win && !(j == 0 ? sl.lo_open : sl.hi_open))
+                    hw_total += static_cast<int64_t>(sl.whi[j] - sl.wlo[j]) + 1;
             }
     S.hw.assign(static_cast<size_t>(hw_total), 0u);
+    mark("alloc");
     const int64_t n_first = static_cast<int64_t>(win_chunks.size() + small_t.size());
     parallel(n_first, a.threads, [&](int64_t i) {
         thread_local Scratch local;
@@ -1384,6 +1579,7 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
         else
             select_small<I>(P, small_t[i - win_chunks.size()], local);
     });
+    mark("window pass");
     // resolve the windows; a position outside its window: full histograms for that model
     std::vector<int64_t> fallback_t;
     for (int64_t t : window_t) {
@@ -1425,6 +1621,7 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
         if (any_full) fallback_t.push_back(t);
     }
     for (int64_t t : fallback_t) large_t.push_back(t);
+    mark("resolve");
     if (std::getenv("PYMERGE_TV_PROFILE") != nullptr)
         std::fprintf(stderr, "task_vectors: %zu windowed, %zu fell back, %zu by full histograms, "
                      "%zu sorted\n", window_t.size(), fallback_t.size(), large_t.size(),
@@ -1499,6 +1696,7 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
             }
         });
     }
+    mark("full hist");
     // tie ordinals before each chunk, from the per-chunk histograms that found the boundary
     S.tie0.assign(S.chunks.size() * K, 0);
     S.tie1.assign(S.chunks.size() * K, 0);
@@ -1531,6 +1729,7 @@ void select_all(Shared& S, ChunkFn fn, const Args& a) {
         v->clear();
         v->shrink_to_fit();
     }
+    mark("ties+free");
 }
 
 void run(Plan& P, const Args& a) {
