@@ -973,6 +973,174 @@ PYMERGE_TV_AVX2 inline void fused_range(const Plan& P, int64_t t, int64_t lo, in
     }
 }
 
+// ------------------------------------------------------------------ AVX-512 TIES merge
+// (GCC 12 warns of _mm512_undefined_* inside its own intrinsics: silenced here)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// fused_range without an upper boundary (TIES) 16 lanes at a time, where the CPU has
+// AVX-512 (F, BW, VL, DQ): the same operations, so the same bits (masks select 1 or +0 as
+// the AVX2 and-masks do). The tie ordinals need no prefix sums: while a model's count of
+// ties before the lanes is below a0, a group of ties whose count stays at most a0 keeps none
+// and only its popcount is added; the one group that crosses a0 drops its first a0 - count
+// ties; after it every tie is kept.
+#define PYMERGE_TV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c,popcnt"), noinline))
+#define PYMERGE_TV_AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c,popcnt")))
+#define PYMERGE_TV_AVX512_INLINE PYMERGE_TV_AVX512_ATTR inline
+
+template <class T>
+struct Vec16;
+
+template <>
+struct Vec16<F32> {
+    static PYMERGE_TV_AVX512_INLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+    static PYMERGE_TV_AVX512_INLINE void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+};
+
+PYMERGE_TV_AVX512_INLINE __m512i bf16_round_bits16(__m512 v) {  // BF16::store, 32-bit lanes
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet);
+}
+
+template <>
+struct Vec16<BF16> {
+    static PYMERGE_TV_AVX512_INLINE __m512 load(const uint16_t* p) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    static PYMERGE_TV_AVX512_INLINE void store(uint16_t* p, __m512 v) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                            _mm512_cvtepi32_epi16(bf16_round_bits16(v)));
+    }
+};
+
+template <>
+struct Vec16<F16> {
+    static PYMERGE_TV_AVX512_INLINE __m512 load(const uint16_t* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static PYMERGE_TV_AVX512_INLINE void store(uint16_t* p, __m512 v) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+};
+
+template <class I>
+PYMERGE_TV_AVX512_INLINE void tau16(const typename I::S* x, __m512 bv, __m512& tv, __m512i& kv) {
+    const __m512 v = _mm512_sub_ps(Vec16<I>::load(x), bv);
+    if constexpr (std::is_same_v<I, F32>) {
+        tv = v;
+        kv = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+    } else if constexpr (std::is_same_v<I, BF16>) {
+        const __m512i r = bf16_round_bits16(v);
+        tv = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
+        kv = _mm512_and_si512(r, _mm512_set1_epi32(0x7FFF));
+    } else {
+        const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        tv = _mm512_cvtph_ps(h);
+        kv = _mm512_and_si512(_mm512_cvtepu16_epi32(h), _mm512_set1_epi32(0x7FFF));
+    }
+}
+
+// Elements [lo, hi) of tensor t; returns the first element not done (the < 16 left over).
+template <int K, class I, class O>
+PYMERGE_TV_AVX512 int64_t fused_ties512(const Plan& P, int64_t t, int64_t lo, int64_t hi,
+                                        Ties* ties) {
+    using SI = typename I::S;
+    const SI* b = reinterpret_cast<const SI*>(P.b[t]);
+    const SI* x[K];
+    __m512i v0[K];
+    __m512 w[K], sc[K];
+    int64_t c0[K], a0[K];
+    bool counting[K];
+    for (int k = 0; k < K; ++k) {
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
+        x[k] = reinterpret_cast<const SI*>(P.x[static_cast<size_t>(k) * P.T + t]);
+        v0[k] = _mm512_set1_epi32(static_cast<int>(sl.v0));
+        w[k] = _mm512_set1_ps(P.w[static_cast<size_t>(t) * K + k]);
+        sc[k] = _mm512_set1_ps(sl.scale);
+        c0[k] = ties[k].c0;
+        a0[k] = sl.a0;
+        counting[k] = c0[k] < a0[k];
+    }
+    auto* out = reinterpret_cast<typename O::S*>(P.out[t]);
+    const bool cons = P.consensus, norm = P.norm[t] != 0;
+    const __m512 lam = _mm512_set1_ps(P.lam[t]);
+    const float ws = P.wsum[t];
+    const __m512 flat_div = _mm512_set1_ps(norm ? (std::fabs(ws) < 1e-8f ? 1.0f : ws) : 1.0f);
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    auto body = [&](auto cons_tag) PYMERGE_TV_AVX512_ATTR {
+        constexpr bool kCons = decltype(cons_tag)::value;
+        int64_t i = lo;
+        for (; i + 16 <= hi; i += 16) {
+            const __m512 bv = Vec16<I>::load(b + i);
+            __m512 d[K];
+            __m512 tot = zero;
+#pragma GCC unroll 4
+            for (int k = 0; k < K; ++k) {
+                __m512 tv;
+                __m512i kv;
+                tau16<I>(x[k] + i, bv, tv, kv);
+                __mmask16 kept = _mm512_cmpgt_epu32_mask(kv, v0[k]);
+                const __mmask16 eq = _mm512_cmpeq_epi32_mask(kv, v0[k]);
+                if (!counting[k]) {
+                    kept = static_cast<__mmask16>(kept | eq);
+                } else if (eq != 0) {
+                    const int64_t c = __builtin_popcount(static_cast<unsigned>(eq));
+                    if (c0[k] + c > a0[k]) {  // the crossing group: drop its first ties
+                        unsigned m = eq;
+                        for (int64_t j = a0[k] - c0[k]; j > 0; --j) m &= m - 1;
+                        kept = static_cast<__mmask16>(kept | m);
+                        counting[k] = false;
+                    }
+                    c0[k] += c;
+                }
+                const __m512 keep = _mm512_maskz_mov_ps(kept, one);
+                d[k] = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(tv, keep), sc[k]), w[k]);
+                tot = _mm512_add_ps(tot, d[k]);
+            }
+            __m512 acc;
+            if constexpr (kCons) {
+                const __mmask16 up = _mm512_cmp_ps_mask(tot, zero, _CMP_GE_OQ);
+                __m512 dv = zero;
+                acc = zero;
+#pragma GCC unroll 4
+                for (int k = 0; k < K; ++k) {
+                    const __mmask16 onm = static_cast<__mmask16>(
+                        (up & _mm512_cmp_ps_mask(d[k], zero, _CMP_GT_OQ)) |
+                        (~up & _mm512_cmp_ps_mask(d[k], zero, _CMP_LT_OQ)));
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(d[k], _mm512_maskz_mov_ps(onm, one)));
+                    dv = _mm512_add_ps(dv, _mm512_maskz_mov_ps(onm, w[k]));  // as fused_range
+                }
+                dv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(dv, zero, _CMP_EQ_OQ), dv, one);
+                acc = _mm512_div_ps(acc, norm ? dv : one);
+            } else {
+                acc = _mm512_div_ps(tot, flat_div);
+            }
+            Vec16<O>::store(out + i, _mm512_add_ps(bv, _mm512_mul_ps(acc, lam)));
+        }
+        return i;
+    };
+    const int64_t i = cons ? body(std::true_type{}) : body(std::false_type{});
+    for (int k = 0; k < K; ++k) ties[k].c0 = c0[k];  // exact while counting; else >= a0 + 1
+    return i;
+}
+
+bool avx512_supported() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+// AVX-512 is used inside the "avx2" loop set unless $PYMERGE_TV_SIMD is "avx2"
+const bool g_avx512 = []() {
+    const char* env = std::getenv("PYMERGE_TV_SIMD");
+    return avx512_supported() && !(env != nullptr && std::string(env) == "avx2");
+}();
+
 // The window pass in registers: per 8 elements the base once and each model's key once, the
 // count above each window as lane counters, and histogram increments only for the lanes
 // inside a window. Up to kFusedK models (more: the staged loop).
@@ -1095,6 +1263,97 @@ PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_
         }
     }
 }
+
+// fused_window 16 lanes at a time (AVX-512): the inside lanes left-packed by a compress.
+template <class I>
+PYMERGE_TV_AVX512 void fused_window512(Shared& S, size_t ci, int64_t t, int64_t lo,
+                                       int64_t hi, Scratch& s) {
+    using SI = typename I::S;
+    Plan& P = *S.P;
+    const int K = P.K;
+    const SI* b = reinterpret_cast<const SI*>(P.b[t]);
+    struct W {
+        const SI* x;
+        bool act[2];
+        __m512i wl[2], wh[2], base[2];
+        int64_t above[2];
+        uint32_t* h[2];
+        uint32_t* buf[2];
+        int64_t nbuf[2];
+    };
+    W win[kFusedK];
+    int models[kFusedK];
+    int nm = 0;
+    s.rk.resize(static_cast<size_t>(2 * kFusedK) * (kPack + 16));
+    for (int k = 0; k < K; ++k) {
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
+        if (sl.mode != Keep::kRange || !sl.win) continue;
+        W& wv = win[nm];
+        for (int j = 0; j < 2; ++j) {
+            wv.act[j] = !(j == 0 ? sl.lo_open : sl.hi_open);
+            wv.wl[j] = _mm512_set1_epi32(static_cast<int>(sl.wlo[j]));
+            wv.wh[j] = _mm512_set1_epi32(static_cast<int>(sl.whi[j]));
+            wv.base[j] = _mm512_set1_epi32(static_cast<int>(sl.wlo[j]));
+            wv.above[j] = 0;
+            wv.h[j] = S.hw.data() + S.hw_off[(ci * K + k) * 2 + j];
+            wv.buf[j] = s.rk.data() + static_cast<size_t>(2 * nm + j) * (kPack + 16);
+            wv.nbuf[j] = 0;
+        }
+        wv.x = reinterpret_cast<const SI*>(P.x[static_cast<size_t>(k) * P.T + t]);
+        models[nm++] = k;
+    }
+    auto flush = [](W& wv, int j) {
+        uint32_t* h = wv.h[j];
+        const uint32_t* q = wv.buf[j];
+        for (int64_t e = 0, m = wv.nbuf[j]; e < m; ++e) ++h[q[e]];
+        wv.nbuf[j] = 0;
+    };
+    int64_t i = lo;
+    for (; i + 16 <= hi; i += 16) {
+        const __m512 bv = Vec16<I>::load(b + i);
+        for (int q = 0; q < nm; ++q) {
+            W& wv = win[q];
+            __m512 tv;
+            __m512i kv;
+            tau16<I>(wv.x + i, bv, tv, kv);
+            for (int j = 0; j < 2; ++j) {
+                if (!wv.act[j]) continue;
+                const __mmask16 gt = _mm512_cmpgt_epu32_mask(kv, wv.wh[j]);
+                const __mmask16 in = static_cast<__mmask16>(
+                    _mm512_cmpge_epu32_mask(kv, wv.wl[j]) & ~gt);
+                wv.above[j] += __builtin_popcount(static_cast<unsigned>(gt));
+                _mm512_storeu_si512(wv.buf[j] + wv.nbuf[j],
+                                    _mm512_maskz_compress_epi32(in, _mm512_sub_epi32(kv, wv.base[j])));
+                wv.nbuf[j] += __builtin_popcount(static_cast<unsigned>(in));
+                if (wv.nbuf[j] >= kPack) flush(wv, j);
+            }
+        }
+    }
+    for (int q = 0; q < nm; ++q) {
+        W& wv = win[q];
+        const size_t slot = (ci * K + models[q]) * 2;
+        for (int j = 0; j < 2; ++j) {
+            if (!wv.act[j]) continue;
+            flush(wv, j);
+            S.above[slot + j] += wv.above[j];
+        }
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + models[q]];
+        for (int64_t e = i; e < hi; ++e) {  // the tail, one element at a time
+            const float bf = I::load(b[e]);
+            float tau;
+            uint32_t key;
+            Tau<I>::run(wv.x + e, &bf, &tau, &key, 1);
+            for (int j = 0; j < 2; ++j) {
+                if (!wv.act[j]) continue;
+                if (key > sl.whi[j])
+                    ++S.above[slot + j];
+                else if (key >= sl.wlo[j])
+                    ++wv.h[j][key - sl.wlo[j]];
+            }
+        }
+    }
+}
+#pragma GCC diagnostic pop
 #endif
 
 // One chunk for one pass. `rank_buf` holds the DELLA ranks of the slab being processed.
@@ -1131,7 +1390,10 @@ PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
     auto* out = pass == Pass::kMerge ? reinterpret_cast<typename O::S*>(P.out[t]) : nullptr;
 #if PYMERGE_TV_X86
     if constexpr (V) {
-        if (pass == Pass::kWindow && K <= kFusedK) return fused_window<I>(S, ci, t, c.lo, c.hi, s);
+        if (pass == Pass::kWindow && K <= kFusedK) {
+            if (g_avx512) return fused_window512<I>(S, ci, t, c.lo, c.hi, s);
+            return fused_window<I>(S, ci, t, c.lo, c.hi, s);
+        }
         bool simple = pass == Pass::kMerge && !della && K <= 4;
         for (int k = 0; k < K && simple; ++k) {
             const Keep md = P.sel[static_cast<size_t>(t) * K + k].mode;
@@ -1146,6 +1408,24 @@ PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
         }
         if (ranged) {
             const bool h = !P.sel[static_cast<size_t>(t) * K].hi_open;
+            if (!h && g_avx512 && K <= 4) {
+                int64_t i = c.lo;
+                switch (K) {
+                    case 1: i = fused_ties512<1, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                    case 2: i = fused_ties512<2, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                    case 3: i = fused_ties512<3, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                    default: i = fused_ties512<4, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                }
+                if (i < c.hi) {  // the last < 16 elements: the 8-lane loop and its tail
+                    switch (K) {
+                        case 1: return fused_range<1, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                        case 2: return fused_range<2, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                        case 3: return fused_range<3, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                        default: return fused_range<4, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                    }
+                }
+                return;
+            }
             switch (K * 2 + (h ? 1 : 0)) {
                 case 2: return fused_range<1, I, O, false>(P, t, c.lo, c.hi, ties.data(), s);
                 case 3: return fused_range<1, I, O, true>(P, t, c.lo, c.hi, ties.data(), s);
