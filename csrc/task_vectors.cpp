@@ -1739,28 +1739,27 @@ constexpr int64_t kWindowMin = 8 * kSampleBlocks * kSampleLen;  // sample <= 1/8
 // counts the keys above each window and histograms the keys inside it; a boundary whose
 // position falls outside its window (a skewed sample) is selected by full histograms.
 // The key of rank r (0-based, ascending) among the ns 15-bit sampled keys c, given hist, the
-// counts of their top 8 bits: the bucket holding rank r, then a selection inside it.
-uint32_t sample_rank(const int64_t* hist, const uint32_t* c, int64_t ns, int64_t r,
-                     std::vector<uint32_t>& pick) {
-    int64_t below = 0, b = 0;
+// counts of their top 8 bits: the bucket holding rank r, then a histogram of the low 7 bits
+// of the keys in it (branch-free: the bucket is often a dense one).
+uint32_t sample_rank(const int64_t* hist, const uint32_t* c, int64_t ns, int64_t r) {
+    int64_t below = 0;
+    uint32_t b = 0;
     while (below + hist[b] <= r) below += hist[b++];
-    pick.resize(static_cast<size_t>(hist[b]) + 1);
-    size_t np = 0;
-    for (int64_t i = 0; i < ns; ++i) {  // branch-free: the bucket is often a dense one
-        pick[np] = c[i];
-        np += (c[i] >> 7) == static_cast<uint32_t>(b) ? 1 : 0;
-    }
-    std::nth_element(pick.begin(), pick.begin() + (r - below), pick.begin() + hist[b]);
-    return pick[static_cast<size_t>(r - below)];
+    int64_t low[128] = {};
+    for (int64_t i = 0; i < ns; ++i) low[c[i] & 127u] += (c[i] >> 7) == b ? 1 : 0;
+    uint32_t v = 0;
+    while (below + low[v] <= r) below += low[v++];
+    return (b << 7) | v;
 }
 
-template <class I>
-void plan_windows(Plan& P, int64_t t, Scratch& s) {
+template <class I, bool V>
+PYMERGE_TV_INLINE void plan_windows_impl(Plan& P, int64_t t, Scratch& s) {
     const int K = P.K;
     const int64_t n = P.n[t], ns = kSampleBlocks * kSampleLen;
     s.ensure(K);
-    std::vector<uint32_t> keys(static_cast<size_t>(K) * ns), pick;
+    std::vector<uint32_t> keys(static_cast<size_t>(K) * ns);
     int64_t hist[256];
+    uint32_t part[4][256];  // four partial histograms: no chain of increments on one bin
     auto start_of = [&](int64_t j) { return j * (n - kSampleLen) / (kSampleBlocks - 1); };
     constexpr int64_t kAhead = 8;  // the blocks are pages apart: prefetch a few blocks ahead
     auto prefetch = [&](int64_t j) {
@@ -1775,7 +1774,7 @@ void plan_windows(Plan& P, int64_t t, Scratch& s) {
     for (int64_t j = 0; j < kSampleBlocks; ++j) {
         if (j + kAhead < kSampleBlocks) prefetch(j + kAhead);
         const int64_t start = start_of(j);
-        load_block<I>(P, t, start, kSampleLen, s);
+        load_block<I, V>(P, t, start, kSampleLen, s);
         for (int k = 0; k < K; ++k)
             std::memcpy(keys.data() + k * ns + j * kSampleLen, s.key.data() + k * kBlk,
                         kSampleLen * 4);
@@ -1785,18 +1784,41 @@ void plan_windows(Plan& P, int64_t t, Scratch& s) {
         if (sl.mode != Keep::kRange) continue;
         sl.win = true;
         const uint32_t* c = keys.data() + k * ns;
-        std::fill(hist, hist + 256, 0);
-        for (int64_t i = 0; i < ns; ++i) ++hist[c[i] >> 7];
+        std::memset(part, 0, sizeof part);
+        for (int64_t i = 0; i + 4 <= ns; i += 4)
+            for (int u = 0; u < 4; ++u) ++part[u][c[i + u] >> 7];
+        for (int v = 0; v < 256; ++v) hist[v] = int64_t{part[0][v]} + part[1][v] + part[2][v] + part[3][v];
         for (int j = 0; j < 2; ++j) {
             if (j == 0 ? sl.lo_open : sl.hi_open) continue;
             const double q = static_cast<double>(j == 0 ? sl.P0 : sl.P1 - 1) / n;
             const double r = q * ns, margin = 4.5 * std::sqrt(ns * q * (1.0 - q)) + 8.0;
             const int64_t lo = static_cast<int64_t>(std::floor(r - margin));
             const int64_t hi = static_cast<int64_t>(std::ceil(r + margin));
-            sl.wlo[j] = lo < 0 ? 0u : sample_rank(hist, c, ns, lo, pick);
-            sl.whi[j] = hi >= ns ? 0x7FFFu : sample_rank(hist, c, ns, hi, pick);
+            sl.wlo[j] = lo < 0 ? 0u : sample_rank(hist, c, ns, lo);
+            sl.whi[j] = hi >= ns ? 0x7FFFu : sample_rank(hist, c, ns, hi);
         }
     }
+}
+
+template <class I>
+void plan_windows_scalar(Plan& P, int64_t t, Scratch& s) {
+    plan_windows_impl<I, false>(P, t, s);
+}
+
+#if PYMERGE_TV_X86
+template <class I>
+PYMERGE_TV_AVX2 void plan_windows_avx2(Plan& P, int64_t t, Scratch& s) {
+    plan_windows_impl<I, true>(P, t, s);
+}
+#endif
+
+// the same keys either way (the AVX2 loads give the portable loops' bits)
+template <class I>
+void plan_windows(Plan& P, int64_t t, Scratch& s) {
+#if PYMERGE_TV_X86
+    if (g_avx2.load()) return plan_windows_avx2<I>(P, t, s);
+#endif
+    plan_windows_scalar<I>(P, t, s);
 }
 
 template <class I>
