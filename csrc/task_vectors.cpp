@@ -41,7 +41,13 @@
 // count) from a shared counter. __simd__ is "avx2" or "scalar" ($PYMERGE_TV_SIMD=scalar
 // forces the portable loops): the same C++ loops compiled twice (GCC/Clang vectorise the
 // AVX2 copy; the hot loops are written with AVX2 intrinsics), no FMA contraction and no
-// reassociation, so both give the same bits. $PYMERGE_TV_PROFILE set: each call prints the
+// reassociation, so both give the same bits. Inside "avx2", where the CPU has AVX-512
+// (F/BW/VL/DQ), the window pass and the TIES merge (ranges with no upper boundary, K <= 4)
+// run 16-lane copies of the same operations ($PYMERGE_TV_SIMD=avx2 keeps them to 8 lanes).
+// The window pass counts the keys above a window with vector compares and left-packs the
+// keys inside it (a few percent) into a buffer that is histogrammed in bulk; the merge keeps
+// the tie ordinals as vector counts (8 lanes) or mask popcounts (16 lanes), without branches
+// per group. $PYMERGE_TV_PROFILE set: each call prints the
 // wall time of its selection steps (sampling, window pass, ...) and of its selection and
 // merge phases to stderr.
 #include <pybind11/pybind11.h>
