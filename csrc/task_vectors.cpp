@@ -38,18 +38,17 @@
 //
 // Everything is checked before any work; the GIL is released for the work; `threads`
 // threads take chunks (kChunk elements, fixed, so results do not depend on the thread
-// count) from a shared counter. __simd__ is "avx2" or "scalar" ($PYMERGE_TV_SIMD=scalar
-// forces the portable loops): the same C++ loops compiled twice (GCC/Clang vectorise the
-// AVX2 copy; the hot loops are written with AVX2 intrinsics), no FMA contraction and no
-// reassociation, so both give the same bits. Inside "avx2", where the CPU has AVX-512
-// (F/BW/VL/DQ), the window pass and the TIES merge (ranges with no upper boundary, K <= 4)
-// run 16-lane copies of the same operations ($PYMERGE_TV_SIMD=avx2 keeps them to 8 lanes).
-// The window pass counts the keys above a window with vector compares and left-packs the
-// keys inside it (a few percent) into a buffer that is histogrammed in bulk; the merge keeps
-// the tie ordinals as vector counts (8 lanes) or mask popcounts (16 lanes), without branches
-// per group. $PYMERGE_TV_PROFILE set: each call prints the
-// wall time of its selection steps (sampling, window pass, ...) and of its selection and
-// merge phases to stderr.
+// count) from a shared counter. __simd__ names the loop set: "scalar" (the portable loops),
+// "avx2" (the same loops compiled for AVX2, the hot ones written with intrinsics) or
+// "avx512" ("avx2" plus 16-lane copies of the window pass and of the TIES merge: ranges with
+// no upper boundary, K <= 4; CPUs with AVX-512 F/BW/VL/DQ). The best the CPU has is picked at
+// import; $PYMERGE_TV_SIMD=avx2 or =scalar caps it, `_set_simd` switches it (tests). No FMA
+// contraction and no reassociation: every set gives the same bits. The window pass counts
+// the keys above a window with vector compares and left-packs the keys inside it (a few
+// percent) into a buffer that is histogrammed in bulk; the merge keeps the tie ordinals as
+// vector counts (8 lanes) or mask popcounts (16 lanes), without branches per group.
+// $PYMERGE_TV_PROFILE set: each call prints the wall time of its selection steps (sampling,
+// window pass, ...) and of its selection and merge phases to stderr.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -1141,11 +1140,16 @@ bool avx512_supported() {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
-// AVX-512 is used inside the "avx2" loop set unless $PYMERGE_TV_SIMD is "avx2"
-const bool g_avx512 = []() {
+// The AVX-512 copies run inside the AVX2 loop set when the CPU has them, unless
+// $PYMERGE_TV_SIMD is "avx2" or "scalar" (or _set_simd picks another level).
+bool initial_avx512() {
     const char* env = std::getenv("PYMERGE_TV_SIMD");
-    return avx512_supported() && !(env != nullptr && std::string(env) == "avx2");
-}();
+    if (env != nullptr && (std::string(env) == "avx2" || std::string(env) == "scalar"))
+        return false;
+    return avx512_supported();
+}
+
+std::atomic<bool> g_avx512{false};
 
 // The window pass in registers: per 8 elements the base once and each model's key once, the
 // count above each window as lane counters, and histogram increments only for the lanes
@@ -1360,6 +1364,10 @@ PYMERGE_TV_AVX512 void fused_window512(Shared& S, size_t ci, int64_t t, int64_t 
     }
 }
 #pragma GCC diagnostic pop
+#else
+bool avx512_supported() { return false; }
+bool initial_avx512() { return false; }
+std::atomic<bool> g_avx512{false};
 #endif
 
 // One chunk for one pass. `rank_buf` holds the DELLA ranks of the slab being processed.
@@ -1397,7 +1405,7 @@ PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
 #if PYMERGE_TV_X86
     if constexpr (V) {
         if (pass == Pass::kWindow && K <= kFusedK) {
-            if (g_avx512) return fused_window512<I>(S, ci, t, c.lo, c.hi, s);
+            if (g_avx512.load()) return fused_window512<I>(S, ci, t, c.lo, c.hi, s);
             return fused_window<I>(S, ci, t, c.lo, c.hi, s);
         }
         bool simple = pass == Pass::kMerge && !della && K <= 4;
@@ -1414,7 +1422,7 @@ PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
         }
         if (ranged) {
             const bool h = !P.sel[static_cast<size_t>(t) * K].hi_open;
-            if (!h && g_avx512 && K <= 4) {
+            if (!h && g_avx512.load() && K <= 4) {
                 int64_t i = c.lo;
                 switch (K) {
                     case 1: i = fused_ties512<1, I, O>(P, t, c.lo, c.hi, ties.data()); break;
@@ -1650,7 +1658,9 @@ bool initial_avx2() {
 
 std::atomic<bool> g_avx2{false};
 
-const char* simd_name() { return g_avx2.load() ? "avx2" : "scalar"; }
+const char* simd_name() {
+    return !g_avx2.load() ? "scalar" : g_avx512.load() ? "avx512" : "avx2";
+}
 
 // fn(i) for i in [0, n), on up to `threads` threads taking items from a shared counter
 template <class Fn>
@@ -2354,6 +2364,7 @@ PYBIND11_MODULE(_task_vectors, m) {
     m.doc() = "Fused task-vector merges (TIES, DARE, breadcrumbs, DELLA, task arithmetic) on "
               "checked CPU buffers.";
     g_avx2.store(initial_avx2());
+    g_avx512.store(g_avx2.load() && initial_avx512());
     py::register_exception<NotContiguous>(m, "NotContiguousError", PyExc_ValueError);
     m.def("merge", &merge, py::arg("models"), py::arg("base"), py::arg("out"),
           py::arg("sparsify"), py::arg("consensus"), py::arg("weights"), py::arg("densities"),
@@ -2380,18 +2391,25 @@ exact arithmetic. Everything is checked before any work; the GIL is released.)do
     m.def("_simd_available", []() {
         std::vector<std::string> out{"scalar"};
         if (avx2_supported()) out.emplace_back("avx2");
+        if (avx2_supported() && avx512_supported()) out.emplace_back("avx512");
         return out;
     });
     m.def(
         "_set_simd",
         [m](const std::string& name) mutable {
-            if (name == "scalar")
+            if (name == "scalar") {
                 g_avx2.store(false);
-            else if (name == "avx2" && avx2_supported())
+                g_avx512.store(false);
+            } else if (name == "avx2" && avx2_supported()) {
                 g_avx2.store(true);
-            else
+                g_avx512.store(false);
+            } else if (name == "avx512" && avx2_supported() && avx512_supported()) {
+                g_avx2.store(true);
+                g_avx512.store(true);
+            } else {
                 throw py::value_error("simd '" + name + "' is not available here");
+            }
             m.attr("__simd__") = simd_name();
         },
-        "Test hook: pick the loop set ('scalar' or 'avx2').");
+        "Test hook: pick the loop set ('scalar', 'avx2' or 'avx512').");
 }

@@ -257,9 +257,11 @@ def test_native_window_that_misses_falls_back_to_exact_histograms():
 
 @needs_native
 @pytest.mark.parametrize("sparsify,consensus", METHODS)
-def test_native_scalar_and_avx2_are_bit_identical_and_threads_do_not_matter(sparsify, consensus):
-    if "avx2" not in TV._simd_available():
-        pytest.skip("no AVX2 here")
+def test_native_loop_sets_are_bit_identical_and_threads_do_not_matter(sparsify, consensus):
+    """scalar, AVX2 and (where the CPU has it) AVX-512 give the same bits, on 1 or 2 threads."""
+    available = TV._simd_available()
+    if "avx2" not in available:
+        pytest.skip("no AVX2 here: only the portable loops exist")
     states, base = awkward(torch.bfloat16, seed=6)
     g = torch.Generator().manual_seed(0)
     big = torch.randn(3 * TV._chunk // 2, generator=g).to(torch.bfloat16)
@@ -271,7 +273,10 @@ def test_native_scalar_and_avx2_are_bit_identical_and_threads_do_not_matter(spar
     threads = torch.get_num_threads()
     try:
         outs = []
-        for simd, nt in (("scalar", 1), ("avx2", 1), ("avx2", 2)):
+        runs = [("scalar", 1), ("avx2", 1), ("avx2", 2)]
+        if "avx512" in available:
+            runs += [("avx512", 1), ("avx512", 2)]
+        for simd, nt in runs:
             TV._set_simd(simd)
             torch.set_num_threads(nt)
             outs.append(
@@ -285,6 +290,22 @@ def test_native_scalar_and_avx2_are_bit_identical_and_threads_do_not_matter(spar
     for o in outs[1:]:
         for k in o:
             assert torch.equal(o[k], outs[0][k]), k
+
+
+@needs_native
+def test_simd_levels_are_reported_and_bad_ones_refused():
+    assert TV.__simd__ in TV._simd_available()
+    assert TV._simd_available()[0] == "scalar"
+    before = TV.__simd__
+    try:
+        with pytest.raises(ValueError, match="avx9000"):
+            TV._set_simd("avx9000")
+        assert TV.__simd__ == before
+        for simd in TV._simd_available():
+            TV._set_simd(simd)
+            assert TV.__simd__ == simd
+    finally:
+        TV._set_simd(before)
 
 
 @needs_native
