@@ -978,6 +978,105 @@ PYMERGE_TV_AVX2 inline void fused_range(const Plan& P, int64_t t, int64_t lo, in
     }
 }
 
+// fused_range without an upper boundary (TIES), 8 lanes, with the tie ordinals of
+// fused_ties512: no prefix sums. While a model's count of ties before the lanes is below
+// a0, a group whose count stays at most a0 keeps none of its ties and only its popcount
+// (of the equal-key movemask) is added; the one group that crosses a0 drops its first
+// a0 - count ties; after it every tie is kept (an all-ones mask, no more counting). Keys
+// are below 2^31, so the compares are signed ones without the sign flip. The same bits as
+// fused_range; returns the first element not done (the < 8 left over).
+template <int K, class I, class O>
+PYMERGE_TV_AVX2 inline int64_t fused_ties8(const Plan& P, int64_t t, int64_t lo, int64_t hi,
+                                           Ties* ties) {
+    using SI = typename I::S;
+    const SI* b = reinterpret_cast<const SI*>(P.b[t]);
+    const SI* x[K];
+    __m256i v0g[K], v0e[K], all[K];
+    __m256 w[K], sc[K];
+    int64_t c0[K], a0[K];
+    bool counting[K];
+    for (int k = 0; k < K; ++k) {
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + k];
+        x[k] = reinterpret_cast<const SI*>(P.x[static_cast<size_t>(k) * P.T + t]);
+        // key > v0 with keys < 2^31: v0 clamped to 2^31 - 1 keeps the unsigned compare
+        v0g[k] = _mm256_set1_epi32(static_cast<int>(std::min<uint32_t>(sl.v0, 0x7FFFFFFFu)));
+        v0e[k] = _mm256_set1_epi32(static_cast<int>(sl.v0));
+        w[k] = _mm256_set1_ps(P.w[static_cast<size_t>(t) * K + k]);
+        sc[k] = _mm256_set1_ps(sl.scale);
+        c0[k] = ties[k].c0;
+        a0[k] = sl.a0;
+        counting[k] = c0[k] < a0[k];
+        all[k] = _mm256_set1_epi32(counting[k] ? 0 : -1);
+    }
+    auto* out = reinterpret_cast<typename O::S*>(P.out[t]);
+    const bool cons = P.consensus, norm = P.norm[t] != 0;
+    const __m256 lam = _mm256_set1_ps(P.lam[t]);
+    const float ws = P.wsum[t];
+    const __m256 flat_div = _mm256_set1_ps(norm ? (std::fabs(ws) < 1e-8f ? 1.0f : ws) : 1.0f);
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    auto body = [&](auto cons_tag) PYMERGE_TV_AVX2 {
+        constexpr bool kCons = decltype(cons_tag)::value;
+        int64_t i = lo;
+        for (; i + 8 <= hi; i += 8) {
+            const __m256 bv = Vec8<I>::load(b + i);
+            __m256 d[K];
+            __m256 tot = zero;
+#pragma GCC unroll 4
+            for (int k = 0; k < K; ++k) {
+                __m256 tv;
+                __m256i kv;
+                tau8<I>(x[k] + i, bv, tv, kv);
+                const __m256i eq = _mm256_cmpeq_epi32(kv, v0e[k]);
+                __m256i kept = _mm256_or_si256(_mm256_cmpgt_epi32(kv, v0g[k]),
+                                               _mm256_and_si256(eq, all[k]));
+                if (counting[k]) {
+                    const unsigned em =
+                        static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(eq)));
+                    const int64_t c = __builtin_popcount(em);
+                    if (__builtin_expect(c0[k] + c > a0[k], 0)) {  // the crossing group
+                        unsigned m = em;
+                        for (int64_t j = a0[k] - c0[k]; j > 0; --j) m &= m - 1;
+                        const __m256i mv = _mm256_and_si256(
+                            _mm256_set1_epi32(static_cast<int>(m)), bits);
+                        kept = _mm256_or_si256(kept, _mm256_cmpeq_epi32(mv, bits));
+                        counting[k] = false;
+                        all[k] = _mm256_set1_epi32(-1);
+                    }
+                    c0[k] += c;
+                }
+                const __m256 keep = _mm256_and_ps(_mm256_castsi256_ps(kept), one);
+                d[k] = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(tv, keep), sc[k]), w[k]);
+                tot = _mm256_add_ps(tot, d[k]);
+            }
+            __m256 acc;
+            if constexpr (kCons) {
+                const __m256 up = _mm256_cmp_ps(tot, zero, _CMP_GE_OQ);
+                // on: d > 0 where up, else d < 0, i.e. -d > 0 (NaN and zeros: false both ways)
+                const __m256 flip = _mm256_andnot_ps(up, _mm256_set1_ps(-0.0f));
+                __m256 dv = zero;
+                acc = zero;
+#pragma GCC unroll 4
+                for (int k = 0; k < K; ++k) {
+                    const __m256 onm =
+                        _mm256_cmp_ps(_mm256_xor_ps(d[k], flip), zero, _CMP_GT_OQ);
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(d[k], _mm256_and_ps(onm, one)));
+                    dv = _mm256_add_ps(dv, _mm256_and_ps(w[k], onm));  // as fused_range
+                }
+                dv = _mm256_blendv_ps(dv, one, _mm256_cmp_ps(dv, zero, _CMP_EQ_OQ));
+                acc = _mm256_div_ps(acc, norm ? dv : one);
+            } else {
+                acc = _mm256_div_ps(tot, flat_div);
+            }
+            Vec8<O>::store(out + i, _mm256_add_ps(bv, _mm256_mul_ps(acc, lam)));
+        }
+        return i;
+    };
+    const int64_t i = cons ? body(std::true_type{}) : body(std::false_type{});
+    for (int k = 0; k < K; ++k) ties[k].c0 = c0[k];  // exact while counting; else >= a0 + 1
+    return i;
+}
+
 // ------------------------------------------------------------------ AVX-512 TIES merge
 // (GCC 12 warns of _mm512_undefined_* inside its own intrinsics: silenced here)
 #pragma GCC diagnostic push
@@ -1159,7 +1258,7 @@ constexpr int kFusedK = 16;
 struct Win8 {
     const void* x;
     bool act[2];
-    __m256i wl[2], wh[2], above[2], base[2];
+    __m256i wl[2], wh[2], above[2], base[2];  // wl: the window's width - 1, sign flipped
     uint32_t* h[2];
     uint32_t* buf[2];  // the offsets (key - wlo) of inside keys, left-packed, kPack + 8
     int64_t nbuf[2];
@@ -1180,6 +1279,82 @@ struct LeftPack {
 };
 constexpr LeftPack kLeftPack{};
 
+// fused_window for NM models whose windows are all of the lower boundary (TIES): the same
+// counts and packed offsets, with the models unrolled and their counters in registers.
+template <class I, int NM>
+PYMERGE_TV_AVX2 inline void fused_window_lo(Shared& S, size_t ci, int64_t t, int64_t lo,
+                                            int64_t hi, Scratch& s, const int* models) {
+    using SI = typename I::S;
+    Plan& P = *S.P;
+    const int K = P.K;
+    const SI* b = reinterpret_cast<const SI*>(P.b[t]);
+    const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const SI* x[NM];
+    __m256i wd[NM], wh[NM], above[NM], base[NM];
+    uint32_t* h[NM];
+    uint32_t* buf[NM];
+    int64_t nbuf[NM];
+    s.rk.resize(static_cast<size_t>(NM) * (kPack + 8));
+    for (int q = 0; q < NM; ++q) {
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + models[q]];
+        wd[q] = _mm256_set1_epi32(static_cast<int>((sl.whi[0] - sl.wlo[0]) ^ 0x80000000u));
+        wh[q] = _mm256_set1_epi32(static_cast<int>(std::min<uint32_t>(sl.whi[0], 0x7FFFFFFFu)));
+        base[q] = _mm256_set1_epi32(static_cast<int>(sl.wlo[0]));
+        above[q] = _mm256_setzero_si256();
+        h[q] = S.hw.data() + S.hw_off[(ci * K + models[q]) * 2];
+        buf[q] = s.rk.data() + static_cast<size_t>(q) * (kPack + 8);
+        nbuf[q] = 0;
+        x[q] = reinterpret_cast<const SI*>(P.x[static_cast<size_t>(models[q]) * P.T + t]);
+    }
+    auto flush = [&](int q) {
+        uint32_t* hq = h[q];
+        const uint32_t* p = buf[q];
+        for (int64_t e = 0, m = nbuf[q]; e < m; ++e) ++hq[p[e]];
+        nbuf[q] = 0;
+    };
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        const __m256 bv = Vec8<I>::load(b + i);
+#pragma GCC unroll 16
+        for (int q = 0; q < NM; ++q) {
+            __m256 tv;
+            __m256i kv;
+            tau8<I>(x[q] + i, bv, tv, kv);
+            above[q] = _mm256_sub_epi32(above[q], _mm256_cmpgt_epi32(kv, wh[q]));
+            const __m256i off = _mm256_sub_epi32(kv, base[q]);
+            const __m256i outside = _mm256_cmpgt_epi32(_mm256_xor_si256(off, sign), wd[q]);
+            const unsigned in =
+                ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(outside))) & 0xFFu;
+            const __m256i perm = _mm256_cvtepu8_epi32(
+                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kLeftPack.idx[in])));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf[q] + nbuf[q]),
+                                _mm256_permutevar8x32_epi32(off, perm));
+            nbuf[q] += __builtin_popcount(in);
+            if (__builtin_expect(nbuf[q] >= kPack, 0)) flush(q);
+        }
+    }
+    for (int q = 0; q < NM; ++q) {
+        flush(q);
+        const size_t slot = (ci * K + models[q]) * 2;
+        const Sel& sl = P.sel[static_cast<size_t>(t) * K + models[q]];
+        for (int64_t e = i; e < hi; ++e) {  // the tail, one element at a time
+            const float bf = I::load(b[e]);
+            float tau;
+            uint32_t key;
+            Tau<I>::run(x[q] + e, &bf, &tau, &key, 1);
+            if (key > sl.whi[0])
+                ++S.above[slot];
+            else if (key >= sl.wlo[0])
+                ++h[q][key - sl.wlo[0]];
+        }
+        alignas(32) uint32_t a[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(a), above[q]);
+        int64_t tot = 0;
+        for (int l = 0; l < 8; ++l) tot += a[l];
+        S.above[slot] += tot;
+    }
+}
+
 template <class I>
 PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_t lo,
                                          int64_t hi, Scratch& s) {
@@ -1198,8 +1373,12 @@ PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_
         Win8& wv = win[nm];
         for (int j = 0; j < 2; ++j) {
             wv.act[j] = !(j == 0 ? sl.lo_open : sl.hi_open);
-            wv.wl[j] = _mm256_set1_epi32(static_cast<int>(sl.wlo[j] ^ 0x80000000u));
-            wv.wh[j] = _mm256_set1_epi32(static_cast<int>(sl.whi[j] ^ 0x80000000u));
+            // keys < 2^31: "above" is a signed compare with whi clamped to 2^31 - 1;
+            // inside: key - wlo <= whi - wlo unsigned (a signed compare, sign flipped)
+            wv.wl[j] = _mm256_set1_epi32(
+                static_cast<int>((sl.whi[j] - sl.wlo[j]) ^ 0x80000000u));
+            wv.wh[j] = _mm256_set1_epi32(
+                static_cast<int>(std::min<uint32_t>(sl.whi[j], 0x7FFFFFFFu)));
             wv.above[j] = _mm256_setzero_si256();
             wv.h[j] = S.hw.data() + S.hw_off[(ci * K + k) * 2 + j];
             wv.base[j] = _mm256_set1_epi32(static_cast<int>(sl.wlo[j]));
@@ -1208,6 +1387,17 @@ PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_
         }
         models[nm++] = k;
         wv.x = P.x[static_cast<size_t>(k) * P.T + t];
+    }
+    bool lo_only = nm <= 4;
+    for (int q = 0; q < nm && lo_only; ++q) lo_only = win[q].act[0] && !win[q].act[1];
+    if (lo_only) {
+        switch (nm) {
+            case 0: break;
+            case 1: return fused_window_lo<I, 1>(S, ci, t, lo, hi, s, models);
+            case 2: return fused_window_lo<I, 2>(S, ci, t, lo, hi, s, models);
+            case 3: return fused_window_lo<I, 3>(S, ci, t, lo, hi, s, models);
+            default: return fused_window_lo<I, 4>(S, ci, t, lo, hi, s, models);
+        }
     }
     auto flush = [](Win8& wv, int j) {
         uint32_t* h = wv.h[j];
@@ -1223,12 +1413,13 @@ PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_
             __m256 tv;
             __m256i kv;
             tau8<I>(reinterpret_cast<const SI*>(wv.x) + i, bv, tv, kv);
-            const __m256i ks = _mm256_xor_si256(kv, sign);
             for (int j = 0; j < 2; ++j) {
                 if (!wv.act[j]) continue;
-                const __m256i gt = _mm256_cmpgt_epi32(ks, wv.wh[j]);
+                const __m256i gt = _mm256_cmpgt_epi32(kv, wv.wh[j]);
                 wv.above[j] = _mm256_sub_epi32(wv.above[j], gt);
-                const __m256i outside = _mm256_or_si256(gt, _mm256_cmpgt_epi32(wv.wl[j], ks));
+                const __m256i off = _mm256_sub_epi32(kv, wv.base[j]);
+                const __m256i outside =
+                    _mm256_cmpgt_epi32(_mm256_xor_si256(off, sign), wv.wl[j]);
                 // inside lanes (a few percent): left-pack their offsets into the buffer
                 const unsigned in = ~static_cast<unsigned>(
                                         _mm256_movemask_ps(_mm256_castsi256_ps(outside))) & 0xFFu;
@@ -1236,7 +1427,7 @@ PYMERGE_TV_AVX2 inline void fused_window(Shared& S, size_t ci, int64_t t, int64_
                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kLeftPack.idx[in])));
                 _mm256_storeu_si256(
                     reinterpret_cast<__m256i*>(wv.buf[j] + wv.nbuf[j]),
-                    _mm256_permutevar8x32_epi32(_mm256_sub_epi32(kv, wv.base[j]), perm));
+                    _mm256_permutevar8x32_epi32(off, perm));
                 wv.nbuf[j] += __builtin_popcount(in);
                 if (wv.nbuf[j] >= kPack) flush(wv, j);
             }
@@ -1431,6 +1622,24 @@ PYMERGE_TV_INLINE void run_chunk(Shared& S, size_t ci, Pass pass, Scratch& s) {
                     default: i = fused_ties512<4, I, O>(P, t, c.lo, c.hi, ties.data()); break;
                 }
                 if (i < c.hi) {  // the last < 16 elements: the 8-lane loop and its tail
+                    switch (K) {
+                        case 1: return fused_range<1, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                        case 2: return fused_range<2, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                        case 3: return fused_range<3, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                        default: return fused_range<4, I, O, false>(P, t, i, c.hi, ties.data(), s);
+                    }
+                }
+                return;
+            }
+            if (!h) {  // 8 lanes: the same ordinals by popcounts, then the tail
+                int64_t i = c.lo;
+                switch (K) {
+                    case 1: i = fused_ties8<1, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                    case 2: i = fused_ties8<2, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                    case 3: i = fused_ties8<3, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                    default: i = fused_ties8<4, I, O>(P, t, c.lo, c.hi, ties.data()); break;
+                }
+                if (i < c.hi) {
                     switch (K) {
                         case 1: return fused_range<1, I, O, false>(P, t, i, c.hi, ties.data(), s);
                         case 2: return fused_range<2, I, O, false>(P, t, i, c.hi, ties.data(), s);
