@@ -67,7 +67,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "task_vectors.hpp"
+#include "checked_buffers.hpp"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -81,9 +81,16 @@
 #define PYMERGE_TV_AVX2
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PYMERGE_TV_INLINE inline __attribute__((always_inline))
+#else
+#define PYMERGE_TV_INLINE inline
+#endif
+
 namespace py = pybind11;
 
 namespace pymerge_tv {
+using namespace pymerge_buf;
 namespace {
 
 // ------------------------------------------------------------------ the random stream
@@ -2574,7 +2581,7 @@ PYBIND11_MODULE(_task_vectors, m) {
               "checked CPU buffers.";
     g_avx2.store(initial_avx2());
     g_avx512.store(g_avx2.load() && initial_avx512());
-    py::register_exception<NotContiguous>(m, "NotContiguousError", PyExc_ValueError);
+    py::register_local_exception<NotContiguous>(m, "NotContiguousError", PyExc_ValueError);
     m.def("merge", &merge, py::arg("models"), py::arg("base"), py::arg("out"),
           py::arg("sparsify"), py::arg("consensus"), py::arg("weights"), py::arg("densities"),
           py::arg("gammas"), py::arg("epsilons"), py::arg("lambdas"), py::arg("normalize"),

@@ -253,6 +253,18 @@ def test_wrong_sizes_are_errors_naming_the_buffer_and_nothing_is_written():
     )
 
 
+def test_each_module_raises_its_own_not_contiguous_error():
+    """The two compiled modules share the checked-buffer code (one C++ exception type): each
+    must still raise its own NotContiguousError, whichever was imported last."""
+    tv = pytest.importorskip("pymerge._task_vectors", reason="pymerge._task_vectors is not built")
+    assert tv.NotContiguousError is not mt.NotContiguousError
+    x = torch.randn(4, 6)
+    with pytest.raises(mt.NotContiguousError, match="not contiguous"):
+        mt.weighted_sum(
+            [[to_dlpack(x.t())]], to_dlpack(torch.empty(24)), [1.0], "float32", "float32"
+        )
+
+
 def test_wrong_dtypes_layouts_and_kinds_are_errors():
     D = to_dlpack
     x = torch.randn(4, 6)

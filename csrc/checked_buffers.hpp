@@ -1,11 +1,9 @@
-// Checked CPU buffers and storage-type conversions for pymerge._task_vectors.
+// Checked CPU buffers and storage-type conversions, shared by pymerge._multi_tensor
+// (csrc/multi_tensor.cpp) and pymerge._task_vectors (csrc/task_vectors.cpp).
 //
-// The same contract as pymerge._multi_tensor's (csrc/multi_tensor.cpp): every buffer is a
-// NumPy array or a DLPack capsule, read from its own description (pointer, element count,
-// element type, contiguity, alignment, device) before any work, and a wrong one is a
-// ValueError / TypeError naming it. The code is the multi-tensor module's, kept here as a
-// header so that the task-vector module builds on its own while that file is being edited
-// (see CMakeLists.txt: the two modules could share this header later).
+// Every buffer is a NumPy array or a DLPack capsule, read from its own description (pointer,
+// element count, element type, contiguity, alignment, device) before any work, and a wrong
+// one is a ValueError / TypeError naming it.
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -20,12 +18,12 @@
 #include "py_args.hpp"
 
 #if defined(__GNUC__) || defined(__clang__)
-#define PYMERGE_TV_INLINE inline __attribute__((always_inline))
+#define PYMERGE_BUF_INLINE inline __attribute__((always_inline))
 #else
-#define PYMERGE_TV_INLINE inline
+#define PYMERGE_BUF_INLINE inline
 #endif
 
-namespace pymerge_tv {
+namespace pymerge_buf {
 
 namespace py = pybind11;
 
@@ -33,13 +31,13 @@ namespace py = pybind11;
 // Each type converts one element to / from fp32 exactly as IEEE (and torch) do: widening
 // is exact, narrowing rounds to nearest even, NaN stays a (quiet) NaN.
 
-PYMERGE_TV_INLINE uint32_t bits_of(float f) {
+PYMERGE_BUF_INLINE uint32_t bits_of(float f) {
     uint32_t u;
     std::memcpy(&u, &f, sizeof u);
     return u;
 }
 
-PYMERGE_TV_INLINE float float_of(uint32_t u) {
+PYMERGE_BUF_INLINE float float_of(uint32_t u) {
     float f;
     std::memcpy(&f, &u, sizeof f);
     return f;
@@ -47,15 +45,15 @@ PYMERGE_TV_INLINE float float_of(uint32_t u) {
 
 struct F32 {
     using S = float;
-    static PYMERGE_TV_INLINE float load(S v) { return v; }
-    static PYMERGE_TV_INLINE S store(float v) { return v; }
+    static PYMERGE_BUF_INLINE float load(S v) { return v; }
+    static PYMERGE_BUF_INLINE S store(float v) { return v; }
 };
 
 struct BF16 {
     using S = uint16_t;
-    static PYMERGE_TV_INLINE float load(S v) { return float_of(static_cast<uint32_t>(v) << 16); }
+    static PYMERGE_BUF_INLINE float load(S v) { return float_of(static_cast<uint32_t>(v) << 16); }
     // a NaN keeps its sign and top payload bits and is made quiet
-    static PYMERGE_TV_INLINE S store(float f) {
+    static PYMERGE_BUF_INLINE S store(float f) {
         const uint32_t u = bits_of(f);
         const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
         const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
@@ -68,14 +66,14 @@ struct BF16 {
 // against torch on every binary16 value by the tests.
 struct F16 {
     using S = uint16_t;
-    static PYMERGE_TV_INLINE float load(S h) {
+    static PYMERGE_BUF_INLINE float load(S h) {
         const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
         const uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
         if (exp == 0x1F) return float_of(sign | 0x7F800000u | (man << 13));  // inf / nan
         if (exp != 0) return float_of(sign | ((exp + 112u) << 23) | (man << 13));
         return float_of(sign | bits_of(static_cast<float>(man) * 5.9604644775390625e-8f));
     }
-    static PYMERGE_TV_INLINE S store(float f) {
+    static PYMERGE_BUF_INLINE S store(float f) {
         const uint32_t u = bits_of(f);
         const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
         const uint32_t a = u & 0x7FFFFFFFu;
@@ -182,8 +180,11 @@ inline int64_t elem_size(Elem e) {
     }
 }
 
-// A buffer that is not contiguous: raised as pymerge._multi_tensor.NotContiguousError (a
-// ValueError), so that a caller can tell it apart and retry with contiguous copies.
+// A buffer that is not contiguous: raised as the calling module's NotContiguousError (a
+// ValueError), so that a caller can tell it apart and retry with contiguous copies. Both
+// modules share this type, so each registers its translator module-locally
+// (py::register_local_exception): a global one would make the last module imported raise
+// its own class for the other's calls.
 struct NotContiguous : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -405,4 +406,4 @@ inline bool overlap(const char* p, int64_t n, const char* q, int64_t m) {
 }
 
 
-}  // namespace pymerge_tv
+}  // namespace pymerge_buf
