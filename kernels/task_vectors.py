@@ -240,6 +240,63 @@ def _sums_kernel(
 
 
 @triton.jit
+def _model_term(
+    k,
+    x0_ptr,
+    delta_ptr,
+    b_ptr,
+    offs,
+    mask,
+    n,
+    par_ptr,
+    ipar_ptr,
+    ties_ptr,
+    nblocks,
+    pid,
+    rank_ptr,
+    C,
+    stream,
+    golden,
+    m1,
+    m2,
+    STORE: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """Model k's weighted, sparsified task vector d_k = ((tau * keep) * scale) * w on one
+    block (recomputed from the inputs in each sweep, not kept), and its weight w."""
+    x_ptr = x0_ptr + tl.load(delta_ptr + k)
+    tau, key, _ = _tau_key(x_ptr, b_ptr, offs, mask, STORE, WIDE)
+    w = tl.load(par_ptr + 6 * k)
+    sc = tl.load(par_ptr + 6 * k + 1)
+    keep = _keep(
+        key,
+        tau,
+        offs,
+        mask,
+        n,
+        k,
+        tl.load(ipar_ptr + 6 * k),
+        tl.load(ipar_ptr + 6 * k + 1),
+        tl.load(ipar_ptr + 6 * k + 2),
+        tl.load(ipar_ptr + 6 * k + 3),
+        tl.load(ipar_ptr + 6 * k + 4),
+        tl.load(ipar_ptr + 6 * k + 5),
+        tl.load(ties_ptr + (k * nblocks + pid) * 2),
+        tl.load(ties_ptr + (k * nblocks + pid) * 2 + 1),
+        tl.load(par_ptr + 6 * k + 2),
+        tl.load(par_ptr + 6 * k + 3),
+        tl.load(par_ptr + 6 * k + 4),
+        rank_ptr,
+        C,
+        stream,
+        golden,
+        m1,
+        m2,
+    )
+    return ((tau * keep) * sc) * w, w
+
+
+@triton.jit
 def _merge_kernel(
     x0_ptr,
     delta_ptr,
@@ -275,69 +332,54 @@ def _merge_kernel(
     # first sweep: the sum of the weighted task vectors (the elected sign); without
     # consensus it is the result
     for k in tl.static_range(K):
-        x_ptr = x0_ptr + tl.load(delta_ptr + k)
-        tau, key, _ = _tau_key(x_ptr, b_ptr, offs, mask, STORE, WIDE)
-        w = tl.load(par_ptr + 6 * k)
-        sc = tl.load(par_ptr + 6 * k + 1)
-        keep = _keep(
-            key,
-            tau,
+        dk, _ = _model_term(
+            k,
+            x0_ptr,
+            delta_ptr,
+            b_ptr,
             offs,
             mask,
             n,
-            k,
-            tl.load(ipar_ptr + 6 * k),
-            tl.load(ipar_ptr + 6 * k + 1),
-            tl.load(ipar_ptr + 6 * k + 2),
-            tl.load(ipar_ptr + 6 * k + 3),
-            tl.load(ipar_ptr + 6 * k + 4),
-            tl.load(ipar_ptr + 6 * k + 5),
-            tl.load(ties_ptr + (k * nblocks + pid) * 2),
-            tl.load(ties_ptr + (k * nblocks + pid) * 2 + 1),
-            tl.load(par_ptr + 6 * k + 2),
-            tl.load(par_ptr + 6 * k + 3),
-            tl.load(par_ptr + 6 * k + 4),
+            par_ptr,
+            ipar_ptr,
+            ties_ptr,
+            nblocks,
+            pid,
             rank_ptr,
             C,
             stream,
             golden,
             m1,
             m2,
+            STORE,
+            WIDE,
         )
-        tot += ((tau * keep) * sc) * w
+        tot += dk
     if CONSENSUS:
         up = tot >= 0.0
         for k in tl.static_range(K):
-            x_ptr = x0_ptr + tl.load(delta_ptr + k)
-            tau, key, _ = _tau_key(x_ptr, b_ptr, offs, mask, STORE, WIDE)
-            w = tl.load(par_ptr + 6 * k)
-            sc = tl.load(par_ptr + 6 * k + 1)
-            keep = _keep(
-                key,
-                tau,
+            dk, w = _model_term(
+                k,
+                x0_ptr,
+                delta_ptr,
+                b_ptr,
                 offs,
                 mask,
                 n,
-                k,
-                tl.load(ipar_ptr + 6 * k),
-                tl.load(ipar_ptr + 6 * k + 1),
-                tl.load(ipar_ptr + 6 * k + 2),
-                tl.load(ipar_ptr + 6 * k + 3),
-                tl.load(ipar_ptr + 6 * k + 4),
-                tl.load(ipar_ptr + 6 * k + 5),
-                tl.load(ties_ptr + (k * nblocks + pid) * 2),
-                tl.load(ties_ptr + (k * nblocks + pid) * 2 + 1),
-                tl.load(par_ptr + 6 * k + 2),
-                tl.load(par_ptr + 6 * k + 3),
-                tl.load(par_ptr + 6 * k + 4),
+                par_ptr,
+                ipar_ptr,
+                ties_ptr,
+                nblocks,
+                pid,
                 rank_ptr,
                 C,
                 stream,
                 golden,
                 m1,
                 m2,
+                STORE,
+                WIDE,
             )
-            dk = ((tau * keep) * sc) * w
             on = tl.where(up, (dk > 0.0).to(tl.float32), (dk < 0.0).to(tl.float32))
             acc += dk * on
             dv += w * on
