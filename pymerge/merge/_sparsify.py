@@ -145,6 +145,14 @@ def _make_check(name: str, sparsify: str, consensus: bool):
     return check
 
 
+#: the deliberate differences from mergekit every method of the family shares (appended to
+#: each method's docstring)
+DIFFERENCES = """Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight``
+defaults to 1; ties at a trimming boundary go by flat position; the task vector is rounded to
+the storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
+``int8_mask`` has no counterpart."""
+
+
 def register_task_vector_method(
     *,
     name: str,
@@ -157,7 +165,8 @@ def register_task_vector_method(
     module: str,
 ):
     """Register one method of the family (its per-tensor function and the whole-state fast
-    path through :func:`pymerge.ops.merge_task_vectors`); returns the per-tensor function."""
+    path through :func:`pymerge.ops.merge_task_vectors`); returns the per-tensor function,
+    documented by ``doc`` followed by :data:`DIFFERENCES`."""
     stochastic = sparsify in ("random", "della_magprune")
 
     def merge_state(ctx: StateContext) -> dict[str, torch.Tensor]:
@@ -181,7 +190,7 @@ def register_task_vector_method(
             seed=ctx.seed,
         )
 
-    merge_tensor.__doc__ = doc
+    merge_tensor.__doc__ = f"{doc}\n\n{DIFFERENCES}"
     merge_tensor.__module__ = module
     merge_tensor.__name__ = f"merge_tensor_{name}"
     merge_tensor.__qualname__ = merge_tensor.__name__

@@ -19,12 +19,7 @@ merge_breadcrumbs = register_task_vector_method(
 when both do not fit), then task arithmetic.
 
 As mergekit's ``breadcrumbs`` (``gamma=0.01``; ``density=1`` keeps everything, outliers
-included).
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+included).""",
     module=__name__,
 )
 
@@ -40,11 +35,6 @@ merge_breadcrumbs_ties = register_task_vector_method(
     ),
     doc="""Model Breadcrumbs with TIES: the breadcrumbs trim (see ``breadcrumbs``), then TIES' sign
 election and disjoint sum (``normalize=False`` by default, as mergekit's
-``breadcrumbs_ties``).
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+``breadcrumbs_ties``).""",
     module=__name__,
 )

@@ -25,12 +25,7 @@ As mergekit's ``dare_linear``, except the random masks: they come from
 of its stream), so every backend and run gives the same masks for a seed, but not
 mergekit's (torch's global generator): parity with mergekit holds in distribution, and
 exactly at ``density=1``. mergekit's L1 rescale matches the paper's ``1 / density`` in
-expectation.
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+expectation.""",
     module=__name__,
 )
 
@@ -47,11 +42,6 @@ merge_dare_ties = register_task_vector_method(
 election and disjoint sum (``normalize=False`` by default, as mergekit's ``dare_ties``).
 
 Random masks from pymerge's counter-based stream, not mergekit's: parity in distribution,
-exact at ``density=1``.
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+exact at ``density=1``.""",
     module=__name__,
 )

@@ -21,12 +21,7 @@ As mergekit's ``della`` (``epsilon=0.15``; ``density +/- epsilon`` must lie in (
 except the random masks (pymerge's counter-based stream for ``seed``: parity with mergekit
 in distribution, exact at ``density=1``) and rows of one entry (probability ``density``;
 mergekit divides by zero). The paper rescales survivors by ``1 / p``; mergekit (and pymerge)
-rescale to the L1 norm.
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+rescale to the L1 norm.""",
     module=__name__,
 )
 
@@ -44,11 +39,6 @@ merge_della_linear = register_task_vector_method(
 task arithmetic (``normalize=False`` by default, as mergekit's ``della_linear``).
 
 Random masks from pymerge's counter-based stream: parity with mergekit in distribution,
-exact at ``density=1``.
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+exact at ``density=1``.""",
     module=__name__,
 )

@@ -20,11 +20,6 @@ merge_tensor = register_task_vector_method(
 
 As mergekit's ``task_arithmetic``: ``density`` and ``rescale`` are accepted and change
 nothing (no sparsification). With ``normalize=True``, weights summing to zero raise before
-any work (mergekit divides by 1).
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+any work (mergekit divides by 1).""",
     module=__name__,
 )

@@ -19,11 +19,6 @@ default) by the sum of the agreeing models' weights, to the base.
 
 As mergekit's ``ties``: weights apply before the sign election; ``density=1`` (the default)
 keeps everything; ``rescale=True`` rescales each trimmed vector to its L1 norm. The
-threshold is an exact radix select on the magnitudes (no sort).
-
-Differs from mergekit on purpose (see :mod:`pymerge.merge._sparsify`): ``weight`` defaults
-to 1; ties at a trimming boundary go by flat position; the task vector is rounded to the
-storage dtype and the rest computed in float32 (float64 for float64 inputs), rounded once;
-``int8_mask`` has no counterpart.""",
+threshold is an exact radix select on the magnitudes (no sort).""",
     module=__name__,
 )
